@@ -1,0 +1,217 @@
+"""The one backbone runner that every decoder, the vanilla baseline included, goes through.
+
+It drives the Hugging Face model's *own* decoder-layer modules (norms, attention, MLP)
+in a layer loop of ours, on our ``KVCache``. Owning the loop is what lets methods:
+
+* verify a token tree in one pass (float additive 4D mask + explicit position ids);
+* keep any subset of the step's tokens afterwards (``KVCache.keep``);
+* add *ephemeral* tokens at an intermediate layer that ride through the later layers
+  and are never committed (FIRP's pseudo hidden states);
+* skip chosen attention / MLP sublayers (self-speculative drafting).
+
+Because the baseline runs through exactly the same code, any speedup a method shows
+comes from the method and not from a faster cache or mask path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from methods.kv_cache import KVCache
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class Injection:
+    """Ephemeral tokens entering at ``layer`` (before that layer runs).
+
+    ``make(hidden)`` receives the hidden states of every token present at that point,
+    shape [1, n_cur, d], and returns ``(extra_hidden [1, m, d], extra_positions [m],
+    visible [m, n_cur + m] bool)``: which of this step's tokens (including earlier
+    ephemeral ones and the new ones themselves) each new token attends to. The cached
+    context is always visible; real tokens never see ephemeral ones.
+    """
+
+    layer: int
+    make: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class ForwardOutput:
+    """What one engine pass returns. ``hidden`` is after the final norm, real tokens first."""
+
+    logits: torch.Tensor | None
+    hidden: torch.Tensor
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class Engine:
+    """Batch-size-1 layer loop over a Llama-family model with a preallocated KV cache."""
+
+    def __init__(self, model: nn.Module, *, capacity: int = 512) -> None:
+        config = model.config
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model type {config.model_type!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        self.model = model.eval()
+        self.config = config
+        backbone = model.model
+        self.embed_tokens = backbone.embed_tokens
+        self.layers = list(backbone.layers)
+        self.norm = backbone.norm
+        self.lm_head = model.lm_head
+        self.rotary = backbone.rotary_emb
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.neg_inf = torch.finfo(self.dtype).min
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.cache = KVCache(
+            len(self.layers),
+            config.num_key_value_heads,
+            head_dim,
+            dtype=self.dtype,
+            device=self.device,
+            capacity=capacity,
+        )
+        # Rotary tables are a pure function of position for static RoPE variants, so
+        # they are computed once and indexed per step instead of recomputed per call.
+        self._rope_static = getattr(self.rotary, "rope_type", "default") != "dynamic"
+        self._cos = self._sin = None
+        self._ensure_rope(capacity)
+
+    # -- helpers --------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def _ensure_rope(self, positions: int) -> None:
+        if not self._rope_static or (self._cos is not None and self._cos.shape[0] >= positions):
+            return
+        size = max(positions, 2 * (0 if self._cos is None else self._cos.shape[0]), 512)
+        pos = torch.arange(size, device=self.device)[None]
+        probe = torch.empty(1, dtype=self.dtype, device=self.device)
+        cos, sin = self.rotary(probe, pos)
+        self._cos, self._sin = cos[0], sin[0]
+
+    def _rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rope_static:
+            return self._cos[position_ids][None], self._sin[position_ids][None]
+        probe = torch.empty(1, dtype=self.dtype, device=self.device)
+        return self.rotary(probe, position_ids[None])
+
+    def tree_bias(self, visible: torch.Tensor) -> torch.Tensor:
+        """Turn a bool visibility matrix [n, n] into the float additive mask block decoders cache."""
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        return torch.where(visible.to(self.device), zero, torch.tensor(self.neg_inf, dtype=self.dtype, device=self.device))
+
+    def _mask(self, n: int, past: int, step_bias: torch.Tensor | None) -> torch.Tensor | None:
+        if step_bias is None:
+            if n == 1:
+                return None  # one query sees the whole cache: no mask, fastest kernel
+            step_bias = torch.full((n, n), self.neg_inf, dtype=self.dtype, device=self.device).triu_(1)
+        mask = torch.zeros((n, past + n), dtype=self.dtype, device=self.device)
+        mask[:, past:] = step_bias
+        return mask[None, None]
+
+    def _extend_mask(
+        self, mask: torch.Tensor | None, n_cur: int, past: int, visible: torch.Tensor
+    ) -> torch.Tensor:
+        m = visible.shape[0]
+        total = past + n_cur + m
+        out = torch.full((n_cur + m, total), self.neg_inf, dtype=self.dtype, device=self.device)
+        if mask is None:  # the single real token saw everything before it
+            out[:n_cur, : past + n_cur] = 0
+        else:
+            out[:n_cur, : past + n_cur] = mask[0, 0]
+        out[n_cur:, :past] = 0
+        out[n_cur:, past:] = self.tree_bias(visible)
+        return out[None, None]
+
+    # -- the pass ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor | Sequence[int],
+        *,
+        position_ids: torch.Tensor | None = None,
+        step_bias: torch.Tensor | None = None,
+        logits_rows: slice | torch.Tensor | None = None,
+        want_logits: bool = True,
+        injections: Sequence[Injection] = (),
+        skip_attention: Collection[int] = (),
+        skip_mlp: Collection[int] = (),
+        capture: Collection[int] = (),
+        commit: bool = False,
+    ) -> ForwardOutput:
+        """Run the new tokens through the model after the committed cache.
+
+        ``step_bias`` is the float additive mask among the new tokens ([n, n]; causal if
+        omitted); ``position_ids`` default to consecutive positions. ``capture`` returns the
+        hidden states *entering* those layers (index ``num_layers`` = before the final norm).
+        The step's tokens stay pending unless ``commit``; use ``cache.keep`` for a branch.
+        """
+        if not isinstance(input_ids, torch.Tensor):
+            input_ids = torch.tensor(input_ids, dtype=torch.long)
+        input_ids = input_ids.to(self.device).view(-1)
+        n = input_ids.shape[0]
+        cache = self.cache
+        past = cache.length
+        if position_ids is None:
+            position_ids = torch.arange(past, past + n, device=self.device)
+        else:
+            position_ids = position_ids.to(self.device)
+        cache.reserve(past + n)
+        self._ensure_rope(past + n)
+
+        h = self.embed_tokens(input_ids[None])
+        mask = self._mask(n, past, step_bias)
+        rope = self._rope(position_ids)
+        by_layer = {inj.layer: inj for inj in injections}
+        captured: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            if i in capture:
+                captured[i] = h
+            inj = by_layer.get(i)
+            if inj is not None:
+                extra_h, extra_pos, visible = inj.make(h)
+                cache.reserve(past + h.shape[1] + extra_h.shape[1])
+                self._ensure_rope(int(extra_pos.max()) + 1)
+                mask = self._extend_mask(mask, h.shape[1], past, visible)
+                h = torch.cat([h, extra_h.to(h.dtype)], dim=1)
+                position_ids = torch.cat([position_ids, extra_pos.to(self.device)])
+                rope = self._rope(position_ids)
+            if i not in skip_attention:
+                attn, _ = layer.self_attn(
+                    hidden_states=layer.input_layernorm(h),
+                    position_embeddings=rope,
+                    attention_mask=mask,
+                    cache=cache,
+                )
+                h = h + attn
+            if i not in skip_mlp:
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if self.num_layers in capture:
+            captured[self.num_layers] = h
+        hidden = self.norm(h)[0]
+        logits = None
+        if want_logits:
+            rows = hidden if logits_rows is None else hidden[logits_rows]
+            logits = self.lm_head(rows).float()
+        if commit:
+            cache.commit(n)
+        return ForwardOutput(logits=logits, hidden=hidden, captured=captured)
+
+    def reset(self, capacity: int | None = None) -> None:
+        """Start a new sequence; ``capacity`` pre-sizes the cache so decoding never reallocates."""
+        self.cache.reset()
+        if capacity is not None:
+            self.cache.reserve(capacity)
+            self._ensure_rope(capacity)
+

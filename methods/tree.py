@@ -1,0 +1,101 @@
+"""Static token trees: everything about a tree shape that can be computed once.
+
+A tree is given as Medusa-style paths: each path lists, per depth, which top-k
+candidate of that depth it takes (``(0,)`` = top-1 at depth 1, ``(0, 2)`` = its third
+child). Node 0 is the root: the last committed token, fed again so that its logits
+give the bonus token. Everything a decoder needs per step (mask block, depths,
+root-to-leaf index paths) is a tensor built here once per shape, so the per-step code
+is a handful of tensor ops with no Python loop over nodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+Path = tuple[int, ...]
+
+
+@dataclass
+class Tree:
+    paths: list[Path]          # node i>0 is paths[i-1]; sorted by (depth, path)
+    parents: torch.Tensor      # [n] parent node index (root: -1)
+    depths: torch.Tensor       # [n] 0 for the root
+    visible: torch.Tensor      # [n, n] bool: node i attends to node j (ancestor or self)
+    retrieve: torch.Tensor     # [leaves, max_depth + 1] node indices root->leaf, padded with -1
+    candidate_index: torch.Tensor  # [n] index into [root, depth-1 top-k..., depth-2 top-k...]
+    topk: int
+
+    @property
+    def size(self) -> int:
+        return len(self.paths) + 1
+
+    @property
+    def draft_size(self) -> int:
+        """Draft tokens verified per step: every node but the root."""
+        return len(self.paths)
+
+    @property
+    def max_depth(self) -> int:
+        return int(self.depths.max())
+
+    @classmethod
+    def from_paths(cls, paths: Sequence[Sequence[int]]) -> Tree:
+        ordered = sorted({tuple(p) for p in paths}, key=lambda p: (len(p), p))
+        if any(len(p) == 0 for p in ordered):
+            raise ValueError("tree paths must be non-empty")
+        index = {p: i + 1 for i, p in enumerate(ordered)}
+        for p in ordered:
+            if len(p) > 1 and p[:-1] not in index:
+                raise ValueError(f"tree path {list(p)} has no parent path {list(p[:-1])}")
+        n = len(ordered) + 1
+        parents = [-1] + [index.get(p[:-1], 0) for p in ordered]
+        depths = [0] + [len(p) for p in ordered]
+        visible = torch.eye(n, dtype=torch.bool)
+        for i in range(1, n):  # once per shape, not per step
+            visible[i] |= visible[parents[i]]
+        prefixes = {p[:-1] for p in ordered}
+        leaves = [p for p in ordered if p not in prefixes]
+        max_depth = max(depths)
+        retrieve = torch.full((len(leaves), max_depth + 1), -1, dtype=torch.long)
+        for row, leaf in enumerate(leaves):
+            retrieve[row, 0] = 0
+            for d in range(1, len(leaf) + 1):
+                retrieve[row, d] = index[leaf[:d]]
+        topk = max(max(p) for p in ordered) + 1
+        candidate_index = [0] + [topk * (len(p) - 1) + p[-1] + 1 for p in ordered]
+        return cls(
+            paths=ordered,
+            parents=torch.tensor(parents),
+            depths=torch.tensor(depths),
+            visible=visible,
+            retrieve=retrieve,
+            candidate_index=torch.tensor(candidate_index),
+            topk=topk,
+        )
+
+    @classmethod
+    def from_topk(cls, per_depth: Sequence[int]) -> Tree:
+        """The full tree taking top-``k_d`` at each depth d (e.g. ``[3, 2, 1]``)."""
+        paths: list[Path] = []
+        frontier: list[Path] = [()]
+        for k in per_depth:
+            frontier = [p + (c,) for p in frontier for c in range(k)]
+            paths.extend(frontier)
+        return cls.from_paths(paths)
+
+    @classmethod
+    def from_parents(cls, parents: Sequence[int], choices: Sequence[int] | None = None) -> Tree:
+        """Build from a parent list (node 0 = root, parents[0] = -1), e.g. for random trees."""
+        paths: dict[int, Path] = {0: ()}
+        counters: dict[int, int] = {}
+        for i in range(1, len(parents)):
+            par = parents[i]
+            if not 0 <= par < i:
+                raise ValueError(f"node {i} has parent {par}; parents must precede children")
+            c = choices[i] if choices is not None else counters.get(par, 0)
+            counters[par] = counters.get(par, 0) + 1
+            paths[i] = paths[par] + (c,)
+        return cls.from_paths([paths[i] for i in range(1, len(parents))])

@@ -1,0 +1,106 @@
+"""Per-layer controls of the engine: ephemeral tokens, sublayer skipping, cache bookkeeping."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from methods.engine import Engine, Injection
+
+TOL = 1e-4
+PREFIX = [5, 17, 3, 44, 9, 60]
+
+
+def _seq(engine: Engine, ids, capture=()):
+    engine.reset()
+    return engine.forward(ids, commit=True, capture=capture)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_ephemeral_token_sees_context_and_real_tokens(tiny, layer):
+    engine = Engine(tiny)
+    a, b = 11, 23
+    ref = _seq(engine, PREFIX + [a, b], capture={layer})
+    h_b = ref.captured[layer][:, -1:]  # b's hidden state entering `layer`
+    pos_a = len(PREFIX)
+
+    def make(h):
+        return h_b, torch.tensor([pos_a + 1]), torch.tensor([[True, True]])
+
+    engine.reset()
+    engine.forward(PREFIX, commit=True)
+    out = engine.forward([a], injections=[Injection(layer, make)], commit=True)
+    # the real token is unaffected, the ephemeral one reproduces b, nothing extra is cached
+    assert (out.logits[0] - ref.logits[-2]).abs().max() < TOL
+    assert (out.logits[1] - ref.logits[-1]).abs().max() < TOL
+    assert engine.cache.length == len(PREFIX) + 1
+    nxt = engine.forward([b], commit=True).logits[-1]
+    assert (nxt - ref.logits[-1]).abs().max() < TOL
+
+
+def test_chained_ephemeral_tokens_at_two_layers(tiny):
+    """A second injection (deeper) attends to the first one; both reproduce real tokens."""
+    engine = Engine(tiny)
+    a, b, c = 11, 23, 31
+    ref = _seq(engine, PREFIX + [a, b, c], capture={1, 2})
+    h_b1 = ref.captured[1][:, -2:-1]
+    pos_a = len(PREFIX)
+    h_c_at_2 = ref.captured[2][:, -1:]
+
+    engine.reset()
+    engine.forward(PREFIX, commit=True)
+    inj1 = Injection(1, lambda h: (h_b1, torch.tensor([pos_a + 1]), torch.tensor([[True, True]])))
+    inj2 = Injection(2, lambda h: (h_c_at_2, torch.tensor([pos_a + 2]), torch.tensor([[True, True, True]])))
+    out = engine.forward([a], injections=[inj1, inj2], commit=True)
+    assert (out.logits[1] - ref.logits[-2]).abs().max() < TOL
+    assert (out.logits[2] - ref.logits[-1]).abs().max() < TOL
+    assert engine.cache.length == len(PREFIX) + 1
+
+
+def test_skipping_sublayers_equals_zeroed_sublayers(tiny):
+    engine = Engine(tiny)
+    ids = PREFIX + [7, 8]
+    engine.reset()
+    got = engine.forward(ids, skip_attention={1}, skip_mlp={0, 2}).logits
+
+    zeroed = copy.deepcopy(tiny)
+    layers = zeroed.model.layers
+    layers[1].self_attn.o_proj.weight.zero_()
+    if layers[1].self_attn.o_proj.bias is not None:
+        layers[1].self_attn.o_proj.bias.zero_()
+    layers[0].mlp.down_proj.weight.zero_()
+    layers[2].mlp.down_proj.weight.zero_()
+    ref = _seq(Engine(zeroed), ids).logits
+    assert (got - ref).abs().max() < TOL
+
+
+def test_engine_matches_transformers_forward(tiny):
+    ids = PREFIX + [1, 2, 3]
+    ref = tiny(torch.tensor([ids])).logits[0]
+    got = _seq(Engine(tiny), ids).logits
+    assert (got - ref).abs().max() < TOL
+
+
+def test_incremental_decode_matches_full_forward(tiny):
+    engine = Engine(tiny, capacity=4)
+    ids = PREFIX + [1, 2, 3, 4, 5]
+    full = _seq(engine, ids).logits
+    engine.reset()
+    engine.forward(ids[:3], commit=True)
+    rows = [engine.forward([t], commit=True).logits[-1] for t in ids[3:]]
+    assert (torch.stack(rows) - full[3:]).abs().max() < TOL
+
+
+def test_rollback_and_keep_bookkeeping(tiny):
+    engine = Engine(tiny)
+    engine.reset()
+    engine.forward(PREFIX, commit=True)
+    engine.cache.rollback(2)
+    assert engine.cache.length == len(PREFIX) - 2
+    with pytest.raises(ValueError):
+        engine.cache.rollback(100)
+    engine.forward([1, 2, 3])
+    engine.cache.keep([0, 2])
+    assert engine.cache.length == len(PREFIX)

@@ -1,0 +1,90 @@
+"""Property tests: tree verification on the engine equals running each branch alone.
+
+Random trees on tiny random Llama / Mistral / Qwen2 configs, float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from methods.engine import Engine
+from methods.tree import Tree
+
+TOL = 1e-4
+
+
+@st.composite
+def tree_case(draw):
+    n_nodes = draw(st.integers(1, 12))
+    parents = [-1] + [draw(st.integers(0, i - 1)) for i in range(1, n_nodes + 1)]
+    prefix = draw(st.lists(st.integers(0, 96), min_size=1, max_size=20))
+    tokens = draw(st.lists(st.integers(0, 96), min_size=n_nodes + 1, max_size=n_nodes + 1))
+    next_token = draw(st.integers(0, 96))
+    return parents, prefix, tokens, next_token
+
+
+def _tree_tokens(tree: Tree, parents_tokens: dict[tuple[int, ...], int], root: int) -> list[int]:
+    return [root] + [parents_tokens[p] for p in tree.paths]
+
+
+def _sequential_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
+    engine.reset()
+    return engine.forward(ids, commit=True).logits
+
+
+def _branch_case(parents, tokens):
+    tree = Tree.from_parents(parents)
+    # Tree.from_parents renumbers nodes by (depth, path); give each path a token.
+    token_of = {p: tokens[i + 1] for i, p in enumerate(tree.paths)}
+    return tree, [tokens[0]] + [token_of[p] for p in tree.paths]
+
+
+settings.register_profile("engine", max_examples=25, deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@settings(settings.get_profile("engine"))
+@given(case=tree_case())
+def test_tree_forward_matches_each_branch(tiny, case):
+    parents, prefix, tokens, _ = case
+    engine = Engine(tiny, capacity=16)  # small on purpose: exercises cache growth
+    tree, node_tokens = _branch_case(parents, tokens)
+
+    engine.reset()
+    engine.forward(prefix, commit=True)
+    past = engine.cache.length
+    out = engine.forward(
+        node_tokens,
+        position_ids=tree.depths + past,
+        step_bias=engine.tree_bias(tree.visible),
+    )
+    for row in tree.retrieve.tolist():
+        branch = [i for i in row if i >= 0]
+        ref = _sequential_logits(engine, prefix + [node_tokens[i] for i in branch])[len(prefix):]
+        got = out.logits[branch]
+        assert (got - ref).abs().max().item() < TOL
+
+
+@settings(settings.get_profile("engine"))
+@given(case=tree_case(), data=st.data())
+def test_keep_branch_then_continue_matches_sequential(tiny, case, data):
+    parents, prefix, tokens, next_token = case
+    engine = Engine(tiny, capacity=16)
+    tree, node_tokens = _branch_case(parents, tokens)
+    row = data.draw(st.sampled_from(tree.retrieve.tolist()))
+    branch = [i for i in row if i >= 0]
+    cut = data.draw(st.integers(1, len(branch)))  # accept a prefix of the branch
+    kept = branch[:cut]
+
+    engine.reset()
+    engine.forward(prefix, commit=True)
+    past = engine.cache.length
+    engine.forward(node_tokens, position_ids=tree.depths + past, step_bias=engine.tree_bias(tree.visible))
+    engine.cache.keep(kept)
+    got = engine.forward([next_token], commit=True).logits[-1]
+
+    seq = prefix + [node_tokens[i] for i in kept] + [next_token]
+    ref = _sequential_logits(engine, seq)[-1]
+    assert (got - ref).abs().max().item() < TOL
