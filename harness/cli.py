@@ -1,0 +1,122 @@
+"""``python -m harness``: run, list (and, as they land, report / check / train ...).
+
+User errors print one line and exit 2; tracebacks are reserved for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from harness.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line plus a pointer to --help (exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m harness", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = sub.add_parser("run", help="benchmark methods over task suites", description=(
+        "Decode every example with every method (interleaved per example), write results.jsonl + "
+        "manifest.json to the run folder, and print a summary. Rerunning the same command resumes."))
+    run.add_argument("--methods", type=_csv, default=["vanilla"], help="comma-separated methods (default: vanilla)")
+    run.add_argument("--tasks", type=_csv, default=["builtin"],
+                     help="comma-separated task suites, suite[:categories] (default: builtin)")
+    run.add_argument("--model", default="smollm2-135m",
+                     help="embedded model name, local Hugging Face folder, or hub id (default: smollm2-135m)")
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    run.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default: auto = "
+                     "float32 on CPU, bfloat16 on CUDA)")
+    run.add_argument("--max-new-tokens", type=_int, default=128, help="tokens to generate per turn (default: 128)")
+    run.add_argument("--limit", type=_int, default=None, help="examples per task (a seeded sample)")
+    run.add_argument("--seed", type=_int, default=0, help="seed for --limit sampling (default: 0)")
+    run.add_argument("--warmup", type=_int, default=1, help="uncounted warm-up rounds per method (default: 1)")
+    run.add_argument("--data-dir", default=None, help="folder with <suite>/<file> data (e.g. ../shared/data)")
+    run.add_argument("--out", default=None, help="run folder (default: runs/<model>-<dtype>-<config hash>)")
+    run.add_argument("--overwrite", action="store_true", help="discard results already in --out")
+
+    sub.add_parser("list", help="list methods, tasks and models")
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness.session import RunConfig, execute
+    from harness.summary import print_summary
+
+    config = RunConfig(
+        methods=args.methods, tasks=args.tasks, model=args.model, device=args.device, dtype=args.dtype,
+        max_new_tokens=args.max_new_tokens, limit=args.limit, seed=args.seed, warmup=args.warmup,
+        data_dir=args.data_dir, out=args.out, overwrite=args.overwrite,
+    )
+    out = execute(config)
+    print_summary(out)
+    return 0
+
+
+def cmd_list(_: argparse.Namespace) -> int:
+    from harness.models import EMBEDDED_MODELS
+    from methods.base import available_methods, get_method
+    from tasks.base import available_tasks, describe_task
+
+    print("Methods:")
+    for name in available_methods():
+        doc = (get_method(name).__doc__ or "").strip().splitlines()
+        print(f"  {name:<12} {doc[0] if doc else ''}")
+    print("Tasks:")
+    for name in available_tasks():
+        print(f"  {name:<12} {describe_task(name)}")
+    print("Models:")
+    for name, spec in EMBEDDED_MODELS.items():
+        print(f"  {name:<12} {spec.description} (default)")
+    print("  PATH_OR_ID   any local Hugging Face folder or hub id of type llama, mistral or qwen2")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_transformers()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _quiet_transformers() -> None:
+    """Library progress bars and advice would drown the harness's own progress output."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass

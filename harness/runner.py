@@ -1,0 +1,101 @@
+"""The runner's unit of work: a shard of examples through every method on one device.
+
+``run_shard`` is a plain function over plain inputs (examples, decoders, a sink), so a
+scheduler such as Ray can later spread shards over GPUs and machines unchanged. Methods
+are interleaved per example, and their order rotates from one example to the next, so
+slow machine drift and warm-cache effects fall on every method alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from harness.prompts import encode_conversation
+from harness.timing import timed
+from methods.base import Decoder
+from tasks.base import Example
+
+
+@dataclass
+class ShardSettings:
+    max_new_tokens: int
+    stop_ids: Sequence[int]
+    max_context: int | None  # prompts that cannot fit prompt + max_new_tokens are skipped
+
+
+def run_example(decoder: Decoder, example: Example, tokenizer: Any, settings: ShardSettings) -> dict[str, Any]:
+    """Decode every turn of ``example``; later turns follow this method's own earlier answers."""
+    device = decoder.engine.device
+    messages: list[dict[str, str]] = []
+    turns: list[dict[str, Any]] = []
+    for user_text in example.turns:
+        messages.append({"role": "user", "content": user_text})
+        prompt_ids = encode_conversation(tokenizer, messages)
+        if settings.max_context is not None and len(prompt_ids) + settings.max_new_tokens > settings.max_context:
+            return _record(example, decoder, turns, skipped=(
+                f"prompt of {len(prompt_ids)} tokens + {settings.max_new_tokens} new exceeds the "
+                f"model context of {settings.max_context}"))
+        gen, seconds = timed(
+            lambda: decoder.generate(prompt_ids, settings.max_new_tokens, settings.stop_ids), device
+        )
+        text = tokenizer.decode(gen.tokens, skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": text})
+        turns.append({
+            "prompt_tokens": len(prompt_ids),
+            "tokens": gen.tokens,
+            "text": text,
+            "wall_time": seconds,
+            "accepted": gen.accepted,
+            "draft_sizes": gen.draft_sizes,
+            "draft_time": sum(gen.draft_times) if gen.draft_times else None,
+            "verify_time": sum(gen.verify_times) if gen.verify_times else None,
+            "stopped_by": gen.stopped_by,
+            **({"extra": gen.extra} if gen.extra else {}),
+        })
+    return _record(example, decoder, turns)
+
+
+def _record(example: Example, decoder: Decoder, turns: list[dict[str, Any]], skipped: str | None = None) -> dict[str, Any]:
+    return {
+        "task": example.task,
+        "example_id": example.id,
+        "category": example.category,
+        "method": decoder.name,
+        "reference": example.reference,
+        "skipped": skipped,
+        "turns": turns,
+        "new_tokens": sum(len(t["tokens"]) for t in turns),
+        "target_forwards": sum(len(t["accepted"]) for t in turns),
+        "wall_time": sum(t["wall_time"] for t in turns),
+    }
+
+
+def warm_up(decoders: Sequence[Decoder], example: Example, tokenizer: Any, settings: ShardSettings, rounds: int) -> None:
+    """Uncounted generations first: allocator, kernels and caches settle before timing starts."""
+    short = ShardSettings(min(settings.max_new_tokens, 16), settings.stop_ids, settings.max_context)
+    warm = Example(example.id, example.category, example.turns[:1], task=example.task)
+    for _ in range(rounds):
+        for decoder in decoders:
+            run_example(decoder, warm, tokenizer, short)
+
+
+def run_shard(
+    examples: Sequence[Example],
+    decoders: Sequence[Decoder],
+    tokenizer: Any,
+    settings: ShardSettings,
+    emit: Callable[[dict[str, Any]], None],
+    done: Collection[tuple[str, str, str]] = (),
+    on_progress: Callable[[], None] | None = None,
+) -> None:
+    """Run every (example, method) not in ``done``, handing each finished record to ``emit``."""
+    for i, example in enumerate(examples):
+        shift = i % len(decoders)
+        for decoder in [*decoders[shift:], *decoders[:shift]]:
+            if (example.task, example.id, decoder.name) not in done:
+                emit(run_example(decoder, example, tokenizer, settings))
+            if on_progress is not None:
+                on_progress()
+

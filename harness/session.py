@@ -1,0 +1,203 @@
+"""The ``run`` command end to end: validate, load tasks and model, resume, run, summarise.
+
+All validation that can fail on user input happens *before* the model loads, so a typo
+costs a second, not a model load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UserError
+from harness.results import (
+    MANIFEST_FILE,
+    RESULTS_FILE,
+    ResultsWriter,
+    read_records,
+    record_key,
+    write_manifest,
+)
+from methods.base import UnknownMethodError, get_method
+from tasks.base import Example, TaskOptions, load_task, split_spec, task_hash
+
+
+@dataclass
+class RunConfig:
+    methods: list[str] = field(default_factory=lambda: ["vanilla"])
+    tasks: list[str] = field(default_factory=lambda: ["builtin"])
+    model: str = "smollm2-135m"
+    device: str = "auto"
+    dtype: str = "auto"
+    max_new_tokens: int = 128
+    limit: int | None = None
+    seed: int = 0
+    warmup: int = 1
+    data_dir: str | None = None
+    task_paths: dict[str, str] = field(default_factory=dict)
+    task_options: dict[str, Any] = field(default_factory=dict)
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    out: str | None = None
+    overwrite: bool = False
+    report: bool = True
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide what the results are; a resumed run must match them."""
+        keep = ("methods", "tasks", "model", "device", "dtype", "max_new_tokens", "limit", "seed",
+                "task_options", "method_options")
+        return {k: getattr(self, k) for k in keep}
+
+    def identity_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def validate(config: RunConfig) -> None:
+    if config.max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens must be a positive integer, got {config.max_new_tokens}")
+    if config.limit is not None and config.limit <= 0:
+        raise UserError(f"--limit must be a positive integer, got {config.limit}")
+    if not config.methods:
+        raise UserError("no methods given; pass --methods vanilla,... (see `python -m harness list`)")
+    if len(set(config.methods)) != len(config.methods):
+        raise UserError(f"--methods lists a method twice: {','.join(config.methods)}")
+    for name in config.methods:
+        try:
+            get_method(name)
+        except UnknownMethodError as exc:
+            raise UserError(str(exc)) from None
+    from harness.models import DTYPES
+
+    if config.dtype not in (*DTYPES, "auto"):
+        raise UserError(f"unknown dtype {config.dtype!r}; valid dtypes: {', '.join([*DTYPES, 'auto'])}")
+
+
+def load_examples(config: RunConfig) -> tuple[list[Example], dict[str, dict[str, Any]]]:
+    options = TaskOptions(
+        data_dir=Path(config.data_dir) if config.data_dir else None,
+        paths={k: Path(v) for k, v in config.task_paths.items()},
+        limit=config.limit,
+        seed=config.seed,
+        extra=config.task_options,
+    )
+    examples: list[Example] = []
+    info: dict[str, dict[str, Any]] = {}
+    for spec in config.tasks:
+        chosen = load_task(spec, options)
+        name, _ = split_spec(spec)
+        # Examples carry the full spec as their task so categories selections stay apart.
+        chosen = [Example(e.id, e.category, e.turns, e.reference, e.source, spec) for e in chosen]
+        examples.extend(chosen)
+        info[spec] = {"suite": name, "hash": task_hash(chosen), "examples": len(chosen),
+                      "source": chosen[0].source}
+    return examples, info
+
+
+def default_out_dir(config: RunConfig) -> Path:
+    slug = Path(config.model).name.replace(" ", "_") or "model"
+    return Path("runs") / f"{slug}-{config.dtype}-{config.identity_hash()}"
+
+
+def prepare_out_dir(config: RunConfig, out: Path) -> set[tuple[str, str, str]]:
+    """Create or reopen the run folder; return the keys already done (resume)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output directory {out}: {exc.strerror}; choose another --out") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"output directory {out} is not writable; choose another --out")
+    manifest_path = out / MANIFEST_FILE
+    results_path = out / RESULTS_FILE
+    if config.overwrite:
+        for p in (manifest_path, results_path):
+            p.unlink(missing_ok=True)
+        return set()
+    if manifest_path.exists():
+        try:
+            old = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            raise UserError(f"{manifest_path} is unreadable or corrupt; pass --overwrite to start afresh") from None
+        if old.get("config", {}).get("identity") != config.identity():
+            diff = sorted(k for k, v in config.identity().items()
+                          if old.get("config", {}).get("identity", {}).get(k) != v)
+            raise UserError(
+                f"{out} holds results of a different configuration (differs in: {', '.join(diff)}); "
+                "use another --out, or --overwrite to discard them"
+            )
+    elif results_path.exists():
+        raise UserError(f"{out} has {RESULTS_FILE} but no {MANIFEST_FILE}; use another --out or --overwrite")
+    return {record_key(r) for r in read_records(results_path, repair=True)}
+
+
+def execute(config: RunConfig) -> Path:
+    """Run the benchmark described by ``config``; returns the run folder."""
+    validate(config)
+    examples, task_info = load_examples(config)
+    out = Path(config.out) if config.out else default_out_dir(config)
+    done = prepare_out_dir(config, out)
+
+    from harness.environment import environment
+    from harness.models import load_model, resolve_device
+    from harness.prompts import stop_token_ids
+    from harness.runner import ShardSettings, run_shard, warm_up
+    from methods.engine import Engine
+
+    resolve_device(config.device)  # fail fast on CUDA-less machines, before loading anything
+    for name in config.methods:
+        get_method(name).check_ready(config.model)
+    model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype)
+    engine = Engine(model)
+    decoders = [get_method(name)(engine, **config.method_options.get(name, {})) for name in config.methods]
+    settings = ShardSettings(
+        max_new_tokens=config.max_new_tokens,
+        stop_ids=stop_token_ids(tokenizer, model),
+        max_context=getattr(model.config, "max_position_embeddings", None),
+    )
+    manifest = {
+        "config": {**asdict(config), "identity": config.identity()},
+        "model": {"name": config.model, "type": model.config.model_type,
+                  "layers": model.config.num_hidden_layers,
+                  "parameters": sum(p.numel() for p in model.parameters()),
+                  "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())},
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "tasks": task_info,
+        "methods": {d.name: d.describe() for d in decoders},
+        "environment": environment(engine.device),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "status": "running",
+    }
+    write_manifest(out, manifest)
+
+    todo = len(examples) * len(decoders)
+    print(f"Run folder: {out}  ({len(examples)} examples x {len(decoders)} methods, "
+          f"{len(done)} already done)", file=sys.stderr)
+    from tqdm import tqdm
+
+    completed = len(done)
+    try:
+        if completed < todo:
+            warm_up(decoders, examples[0], tokenizer, settings, config.warmup)
+        with ResultsWriter(out / RESULTS_FILE) as writer, tqdm(
+            total=todo, initial=0, desc="decoding", unit="gen", file=sys.stderr, dynamic_ncols=True
+        ) as bar:
+            def emit(record: dict[str, Any]) -> None:
+                nonlocal completed
+                writer.write(record)
+                completed += 1
+
+            run_shard(examples, decoders, tokenizer, settings, emit, done, on_progress=bar.update)
+    except KeyboardInterrupt:
+        manifest["status"] = "interrupted"
+        write_manifest(out, manifest)
+        print(f"\nInterrupted: {completed} of {todo} generations are saved in {out / RESULTS_FILE}; "
+              "rerun the same command to finish the rest.", file=sys.stderr)
+        raise SystemExit(130) from None
+    manifest["status"] = "complete"
+    manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_manifest(out, manifest)
+    return out

@@ -1,0 +1,49 @@
+"""The terminal summary printed at the end of ``run``."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from harness.metrics import records_frame, summarize
+from harness.results import RESULTS_FILE, read_records
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def print_summary(run_dir: Path, console: Console | None = None) -> None:
+    if console is None:  # a pipe or CI log would otherwise get rich's 80-column fallback
+        console = Console() if sys.stdout.isatty() else Console(width=140)
+    records = read_records(run_dir / RESULTS_FILE)
+    frame = records_frame(records)
+    skipped = sum(1 for r in records if r.get("skipped"))
+    if frame.empty:
+        console.print("No completed generations to summarise.")
+        return
+    table = Table(title=f"Summary: {run_dir}", title_justify="left")
+    for col in ("task", "method", "examples", "tokens/s", "speedup (geomean)", "speedup (total time)",
+                "mean acc. length", "draft size", "exact match"):
+        table.add_column(col, justify="left" if col in ("task", "method") else "right")
+    per_task = summarize(frame, by=("task", "method"))
+    overall = summarize(frame, by=("method",)).assign(task="all")
+    tasks = per_task.task.unique()
+    rows = [per_task, overall] if len(tasks) > 1 else [per_task]
+    for part in rows:
+        for r in part.itertuples():
+            table.add_row(
+                str(r.task), str(r.method), str(r.examples), _fmt(r.tokens_per_s, ".1f"),
+                _fmt(r.speedup_geomean, ".2f") + ("x" if not math.isnan(r.speedup_geomean) else ""),
+                _fmt(r.speedup_total_time, ".2f") + ("x" if not math.isnan(r.speedup_total_time) else ""),
+                _fmt(r.mean_accepted_length, ".2f"), _fmt(r.draft_size, ".1f"), _fmt(r.exact_match, ".0%"),
+            )
+        if part is not rows[-1]:
+            table.add_section()
+    console.print(table)
+    if skipped:
+        console.print(f"[yellow]{skipped} generation(s) skipped (prompt too long for the model context).[/]")

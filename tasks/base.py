@@ -1,0 +1,121 @@
+"""Examples, the task registry, deterministic selection and the content hash.
+
+Every method must see exactly the same examples, so selection is a pure function of
+(suite, source file, --limit, --seed) and every run records a hash of the examples it
+actually used; reports and checks refuse to compare runs whose hashes differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UserError
+
+
+@dataclass(frozen=True)
+class Example:
+    """One benchmark item. ``turns`` are user messages; later turns follow the model's own answers."""
+
+    id: str
+    category: str
+    turns: tuple[str, ...]
+    reference: str | None = None
+    source: str = ""
+    task: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["turns"] = list(self.turns)
+        return data
+
+
+@dataclass
+class TaskOptions:
+    """Where and how much to load; shared by every suite."""
+
+    data_dir: Path | None = None
+    paths: dict[str, Path] = field(default_factory=dict)  # suite -> explicit file
+    limit: int | None = None
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # suite-specific (jsonl field names, ...)
+
+
+# name -> module that registers it; imported only when the suite is used.
+BUILTIN_TASKS: dict[str, str] = {
+    "builtin": "tasks.builtin",
+}
+
+_REGISTRY: dict[str, Callable[[str | None, TaskOptions], list[Example]]] = {}
+_DESCRIPTIONS: dict[str, str] = {}
+
+
+def register_task(name: str, description: str = ""):
+    """Register ``loader(argument, options) -> examples`` under ``name`` (``--tasks name[:argument]``)."""
+
+    def wrap(fn: Callable[[str | None, TaskOptions], list[Example]]):
+        _REGISTRY[name] = fn
+        _DESCRIPTIONS[name] = description or (fn.__doc__ or "").strip().splitlines()[0]
+        return fn
+
+    return wrap
+
+
+def available_tasks() -> list[str]:
+    return sorted(set(BUILTIN_TASKS) | set(_REGISTRY))
+
+
+def describe_task(name: str) -> str:
+    _ensure_imported(name)
+    return _DESCRIPTIONS.get(name, "")
+
+
+def _ensure_imported(name: str) -> None:
+    if name not in _REGISTRY:
+        module = BUILTIN_TASKS.get(name)
+        if module is None:
+            raise UserError(f"unknown task {name!r}; valid tasks: {', '.join(available_tasks())}")
+        importlib.import_module(module)
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """``"spec_bench:math,coding"`` -> ``("spec_bench", "math,coding")``."""
+    name, sep, arg = spec.partition(":")
+    return name.strip(), (arg.strip() if sep else None)
+
+
+def load_task(spec: str, options: TaskOptions) -> list[Example]:
+    """Load and select the examples of one ``--tasks`` entry; errors are ``UserError``."""
+    name, arg = split_spec(spec)
+    _ensure_imported(name)
+    examples = _REGISTRY[name](arg, options)
+    examples = select(examples, options.limit, options.seed)
+    if not examples:
+        raise UserError(f"task {spec!r} selected no examples; check the file, categories and --limit")
+    return examples
+
+
+def select(examples: Sequence[Example], limit: int | None, seed: int) -> list[Example]:
+    """A seeded sample of ``limit`` examples, kept in source order (all of them without a limit).
+
+    Sampling (rather than taking the head) avoids the bias of files sorted by category;
+    the same seed gives the same subset on every machine and for every method.
+    """
+    if limit is None or limit >= len(examples):
+        return list(examples)
+    picked = sorted(random.Random(seed).sample(range(len(examples)), limit))
+    return [examples[i] for i in picked]
+
+
+def task_hash(examples: Sequence[Example], extra: Any = None) -> str:
+    """Content hash of the examples used (ids, turns, references) and any formatting inputs."""
+    payload = json.dumps(
+        {"examples": [e.to_json() for e in examples], "extra": extra}, sort_keys=True, ensure_ascii=False
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
