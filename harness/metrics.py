@@ -51,7 +51,8 @@ def summarize(frame: pd.DataFrame, by: tuple[str, ...] = ("method",)) -> pd.Data
     if frame.empty:
         return pd.DataFrame()
     keys = ["task", "example_id"]
-    base = frame[frame.method == BASELINE].set_index(keys)
+    base = frame.loc[frame.method == BASELINE, [*keys, "wall_time", "token_ids"]].rename(
+        columns={"wall_time": "wall_time_base", "token_ids": "token_ids_base"})
     out = []
     for group, sub in frame.groupby(list(by), sort=False):
         group = group if isinstance(group, tuple) else (group,)
@@ -65,7 +66,7 @@ def summarize(frame: pd.DataFrame, by: tuple[str, ...] = ("method",)) -> pd.Data
             mean_accepted_length=sub.new_tokens.sum() / forwards if forwards else float("nan"),
             draft_size=sub.draft_tokens.sum() / forwards if forwards else float("nan"),
         )
-        paired = sub.join(base[["wall_time", "token_ids"]], on=keys, rsuffix="_base", how="inner")
+        paired = sub.merge(base, on=keys, how="inner")
         if len(paired):
             row["speedup_geomean"] = geometric_mean(paired.wall_time_base / paired.wall_time)
             row["speedup_total_time"] = paired.wall_time_base.sum() / paired.wall_time.sum()

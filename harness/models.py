@@ -125,21 +125,31 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def model_source(name_or_path: str) -> str:
-    """Map a model argument to something ``from_pretrained`` accepts (folder or hub id)."""
+def check_model_name(name_or_path: str) -> None:
+    """Reject a model argument that cannot be anything loadable, before any slow work starts."""
     if name_or_path in EMBEDDED_MODELS:
-        return str(embedded_model_dir(name_or_path))
+        _gguf_path(EMBEDDED_MODELS[name_or_path])
+        return
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(f"{path} is not a Hugging Face model folder (no config.json)")
-        return str(path)
-    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
-        return name_or_path  # a hub id
+        return
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
+        return  # a hub id; whether it exists is known only when loading
     raise UserError(
         f"unknown model {name_or_path!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), "
         "not an existing folder, and not a hub id of the form owner/name"
     )
+
+
+def model_source(name_or_path: str) -> str:
+    """Map a model argument to something ``from_pretrained`` accepts (folder or hub id)."""
+    check_model_name(name_or_path)
+    if name_or_path in EMBEDDED_MODELS:
+        return str(embedded_model_dir(name_or_path))
+    path = Path(name_or_path).expanduser()
+    return str(path) if path.exists() else name_or_path
 
 
 def load_model(name_or_path: str, *, device: str = "auto", dtype: str = "auto"):

@@ -71,8 +71,10 @@ def validate(config: RunConfig) -> None:
             get_method(name)
         except UnknownMethodError as exc:
             raise UserError(str(exc)) from None
-    from harness.models import DTYPES
+    from harness.models import DTYPES, check_model_name, resolve_device
 
+    check_model_name(config.model)
+    resolve_device(config.device)  # fail fast on CUDA-less machines, before loading anything
     if config.dtype not in (*DTYPES, "auto"):
         raise UserError(f"unknown dtype {config.dtype!r}; valid dtypes: {', '.join([*DTYPES, 'auto'])}")
 
@@ -142,12 +144,11 @@ def execute(config: RunConfig) -> Path:
     done = prepare_out_dir(config, out)
 
     from harness.environment import environment
-    from harness.models import load_model, resolve_device
+    from harness.models import load_model
     from harness.prompts import stop_token_ids
     from harness.runner import ShardSettings, run_shard, warm_up
     from methods.engine import Engine
 
-    resolve_device(config.device)  # fail fast on CUDA-less machines, before loading anything
     for name in config.methods:
         get_method(name).check_ready(config.model)
     model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype)
