@@ -31,6 +31,16 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def _pairs(items: list[str], flag: str, shape: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{flag} expects {shape}, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m harness", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -51,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=_int, default=0, help="seed for --limit sampling (default: 0)")
     run.add_argument("--warmup", type=_int, default=1, help="uncounted warm-up rounds per method (default: 1)")
     run.add_argument("--data-dir", default=None, help="folder with <suite>/<file> data (e.g. ../shared/data)")
+    run.add_argument("--task-path", action="append", default=[], metavar="SUITE=FILE",
+                     help="a suite's data file in another layout (repeatable)")
+    run.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="suite options, e.g. xsum.max_words=400, jsonl.prompt=question (repeatable)")
     run.add_argument("--out", default=None, help="run folder (default: runs/<model>-<dtype>-<config hash>)")
     run.add_argument("--overwrite", action="store_true", help="discard results already in --out")
 
@@ -66,6 +80,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         methods=args.methods, tasks=args.tasks, model=args.model, device=args.device, dtype=args.dtype,
         max_new_tokens=args.max_new_tokens, limit=args.limit, seed=args.seed, warmup=args.warmup,
         data_dir=args.data_dir, out=args.out, overwrite=args.overwrite,
+        task_paths=_pairs(args.task_path, "--task-path", "SUITE=FILE"),
+        task_options=_pairs(args.task_option, "--task-option", "KEY=VALUE"),
     )
     out = execute(config)
     print_summary(out)

@@ -105,7 +105,7 @@ def default_out_dir(config: RunConfig) -> Path:
     return Path("runs") / f"{slug}-{config.dtype}-{config.identity_hash()}"
 
 
-def prepare_out_dir(config: RunConfig, out: Path) -> set[tuple[str, str, str]]:
+def prepare_out_dir(config: RunConfig, out: Path, task_info: dict[str, dict[str, Any]]) -> set[tuple[str, str, str]]:
     """Create or reopen the run folder; return the keys already done (resume)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -131,6 +131,12 @@ def prepare_out_dir(config: RunConfig, out: Path) -> set[tuple[str, str, str]]:
                 f"{out} holds results of a different configuration (differs in: {', '.join(diff)}); "
                 "use another --out, or --overwrite to discard them"
             )
+        old_hashes = {k: v.get("hash") for k, v in old.get("tasks", {}).items()}
+        if old_hashes and old_hashes != {k: v["hash"] for k, v in task_info.items()}:
+            raise UserError(
+                f"{out} holds results for different examples (task hash changed: the data files differ); "
+                "use another --out, or --overwrite to discard them"
+            )
     elif results_path.exists():
         raise UserError(f"{out} has {RESULTS_FILE} but no {MANIFEST_FILE}; use another --out or --overwrite")
     return {record_key(r) for r in read_records(results_path, repair=True)}
@@ -141,7 +147,7 @@ def execute(config: RunConfig) -> Path:
     validate(config)
     examples, task_info = load_examples(config)
     out = Path(config.out) if config.out else default_out_dir(config)
-    done = prepare_out_dir(config, out)
+    done = prepare_out_dir(config, out, task_info)
 
     from harness.environment import environment
     from harness.models import load_model

@@ -50,18 +50,35 @@ class TaskOptions:
 # name -> module that registers it; imported only when the suite is used.
 BUILTIN_TASKS: dict[str, str] = {
     "builtin": "tasks.builtin",
+    "xsum": "tasks.xsum",
+    "gsm8k": "tasks.gsm8k",
+    "mt_bench": "tasks.mt_bench",
+    "spec_bench": "tasks.spec_bench",
+    "jsonl": "tasks.jsonl",
 }
 
-_REGISTRY: dict[str, Callable[[str | None, TaskOptions], list[Example]]] = {}
-_DESCRIPTIONS: dict[str, str] = {}
+Loader = Callable[[str | None, TaskOptions], list[Example]]
 
 
-def register_task(name: str, description: str = ""):
-    """Register ``loader(argument, options) -> examples`` under ``name`` (``--tasks name[:argument]``)."""
+@dataclass(frozen=True)
+class TaskInfo:
+    loader: Loader
+    description: str
+    argument: str  # what ``suite:ARG`` means: "categories" (filter), "path", or "none"
 
-    def wrap(fn: Callable[[str | None, TaskOptions], list[Example]]):
-        _REGISTRY[name] = fn
-        _DESCRIPTIONS[name] = description or (fn.__doc__ or "").strip().splitlines()[0]
+
+_REGISTRY: dict[str, TaskInfo] = {}
+
+
+def register_task(name: str, description: str, argument: str = "categories"):
+    """Register ``loader(argument, options) -> examples`` under ``name`` (``--tasks name[:argument]``).
+
+    With ``argument="categories"`` the loader returns every example and ``load_task``
+    applies ``name:cat1,cat2`` itself, so every suite filters and reports alike.
+    """
+
+    def wrap(fn: Loader) -> Loader:
+        _REGISTRY[name] = TaskInfo(fn, description, argument)
         return fn
 
     return wrap
@@ -73,7 +90,7 @@ def available_tasks() -> list[str]:
 
 def describe_task(name: str) -> str:
     _ensure_imported(name)
-    return _DESCRIPTIONS.get(name, "")
+    return _REGISTRY[name].description
 
 
 def _ensure_imported(name: str) -> None:
@@ -94,11 +111,27 @@ def load_task(spec: str, options: TaskOptions) -> list[Example]:
     """Load and select the examples of one ``--tasks`` entry; errors are ``UserError``."""
     name, arg = split_spec(spec)
     _ensure_imported(name)
-    examples = _REGISTRY[name](arg, options)
+    info = _REGISTRY[name]
+    if arg is not None and info.argument == "none":
+        raise UserError(f"task {name!r} takes no argument; use --tasks {name}")
+    if arg is None and info.argument == "path":
+        raise UserError(f"task {name!r} needs a file: --tasks {name}:PATH")
+    examples = info.loader(arg if info.argument == "path" else None, options)
+    if arg is not None and info.argument == "categories":
+        examples = filter_categories(name, examples, arg)
     examples = select(examples, options.limit, options.seed)
     if not examples:
         raise UserError(f"task {spec!r} selected no examples; check the file, categories and --limit")
     return examples
+
+
+def filter_categories(name: str, examples: Sequence[Example], arg: str) -> list[Example]:
+    wanted = [c.strip() for c in arg.split(",") if c.strip()]
+    known = sorted({e.category for e in examples})
+    unknown = [c for c in wanted if c not in known]
+    if unknown:
+        raise UserError(f"unknown {name} category {', '.join(unknown)}; valid: {', '.join(known)}")
+    return [e for e in examples if e.category in wanted]
 
 
 def select(examples: Sequence[Example], limit: int | None, seed: int) -> list[Example]:

@@ -83,19 +83,9 @@ _PROMPTS: list[tuple[str, str, str | None]] = [
 
 
 @register_task("builtin", "12 prompts written for this project: summarization, math, chat (no files needed)")
-def load_builtin(arg: str | None, options: TaskOptions) -> list[Example]:
+def load_builtin(_: str | None, options: TaskOptions) -> list[Example]:
     """The built-in suite; ``builtin:math,chat`` selects categories."""
-    wanted = None if arg is None else {c.strip() for c in arg.split(",") if c.strip()}
-    examples = [
+    return [
         Example(id=f"builtin-{i:02d}", category=cat, turns=(text,), reference=ref, source="builtin", task="builtin")
         for i, (cat, text, ref) in enumerate(_PROMPTS)
     ]
-    if wanted is not None:
-        from harness.errors import UserError
-
-        known = {e.category for e in examples}
-        unknown = wanted - known
-        if unknown:
-            raise UserError(f"unknown builtin category {sorted(unknown)}; valid: {', '.join(sorted(known))}")
-        examples = [e for e in examples if e.category in wanted]
-    return examples

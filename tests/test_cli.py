@@ -39,7 +39,7 @@ BAD_INPUT = [
     (["run", "--max-new-tokens", "-5"], "--max-new-tokens must be a positive integer, got -5"),
     (["run", "--max-new-tokens", "lots"], "expected an integer, got 'lots'"),
     (["run", "--limit", "0"], "--limit must be a positive integer"),
-    (["run", "--tasks", "builtin:poetry"], "unknown builtin category ['poetry']"),
+    (["run", "--tasks", "builtin:poetry"], "unknown builtin category poetry; valid: chat, math, summarization"),
     (["run", "--methods", "vanilla,vanilla"], "lists a method twice"),
     (["run", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
 ]

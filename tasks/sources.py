@@ -1,0 +1,79 @@
+"""Finding and reading a suite's data: a local file first, else the canonical hub dataset.
+
+Local files are read in exactly the formats of the original releases (the layout of
+``../shared/data``). Every problem names the file and line, and says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UserError
+from tasks.base import TaskOptions
+
+
+def local_file(suite: str, filename: str, options: TaskOptions) -> Path | None:
+    """``--task-path suite=FILE`` wins, then ``--data-dir DIR`` as ``DIR/<suite>/<filename>``."""
+    if suite in options.paths:
+        path = options.paths[suite]
+        if not path.is_file():
+            raise UserError(f"{path}: no such file (given by --task-path {suite}=...)")
+        return path
+    if options.data_dir is not None:
+        path = options.data_dir / suite / filename
+        if not path.is_file():
+            raise UserError(
+                f"{path}: no such file; --data-dir expects {suite}/{filename} inside it "
+                f"(or pass --task-path {suite}=FILE)"
+            )
+        return path
+    return None
+
+
+def read_jsonl(path: Path, required: Sequence[str] = ()) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, object); a malformed line or a missing field is a ``UserError``."""
+    try:
+        fh = path.open(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    with fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            missing = [f for f in required if f not in row]
+            if missing:
+                raise UserError(
+                    f"{path}:{lineno}: missing field {', '.join(repr(m) for m in missing)} "
+                    f"(each line needs {', '.join(required)})"
+                )
+            yield lineno, row
+
+
+def hub_rows(suite: str, dataset: str, config: str | None, split: str, filename: str) -> list[dict[str, Any]]:
+    """Rows of a hub dataset, for users with a network; offline it says how to use a local file."""
+    hint = f"pass --data-dir DIR holding {suite}/{filename}, or --task-path {suite}=FILE"
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise UserError(f"task {suite!r} has no local file and the `datasets` package is missing; {hint} "
+                        "(or pip install datasets)") from None
+    try:
+        data = load_dataset(dataset, config, split=split)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "no data", with the cause shown
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not load hub dataset {dataset} for task {suite!r} ({first[:200]}). "
+                        f"Offline? {hint}") from None
+    return [dict(row) for row in data]
+
+
+def source_label(path: Path | None, dataset: str) -> str:
+    return str(path) if path is not None else f"hub:{dataset}"
