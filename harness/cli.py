@@ -69,6 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="discard results already in --out")
 
     sub.add_parser("list", help="list methods, tasks and models")
+
+    base = sub.add_parser("baseline", help="freeze a run's metrics as a regression baseline")
+    base.add_argument("run_dir", metavar="RUN_DIR")
+    base.add_argument("-o", "--output", required=True, metavar="FILE", help="baseline JSON to write")
+
+    check = sub.add_parser("check", help="compare a run to a baseline; exit 1 on regression", description=(
+        "Fails (exit 1) when mean accepted length, exact match or Rouge-2 drop beyond their tolerance, or "
+        "speedup falls below a fraction of the baseline's."))
+    check.add_argument("run_dir", metavar="RUN_DIR")
+    check.add_argument("--baseline", required=True, metavar="FILE")
+    check.add_argument("--tol-accepted-length", type=float, default=0.01, help="absolute drop allowed (0.01)")
+    check.add_argument("--tol-exact-match", type=float, default=0.0, help="absolute drop allowed (0.0)")
+    check.add_argument("--tol-rouge2", type=float, default=0.005, help="absolute drop allowed (0.005)")
+    check.add_argument("--speedup-floor", type=float, default=0.5,
+                       help="speedup must stay >= this fraction of the baseline's (0.5; timing is noisy)")
+    check.add_argument("--force", action="store_true", help="compare even if the task hashes differ")
     return parser
 
 
@@ -107,7 +123,44 @@ def cmd_list(_: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list}
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from harness.checks import write_baseline
+
+    baseline = write_baseline(Path(args.run_dir), Path(args.output))
+    print(f"Wrote {args.output}: {len(baseline['entries'])} method x task entries "
+          f"({baseline['model']}, {baseline['dtype']}, {baseline['device']})")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from harness.checks import Tolerances, compare, read_baseline
+
+    baseline = read_baseline(Path(args.baseline))
+    run_dir = Path(args.run_dir)
+    findings = compare(baseline, run_dir, Tolerances(
+        args.tol_accepted_length, args.tol_exact_match, args.tol_rouge2, args.speedup_floor), force=args.force)
+    table = Table(title=f"check {run_dir} against {args.baseline}", title_justify="left")
+    for col in ("method", "task", "metric", "baseline", "current", "limit", "status"):
+        table.add_column(col)
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    for f in findings:
+        table.add_row(f.method, f.task, f.metric, fmt(f.baseline), fmt(f.current), fmt(f.limit),
+                      "[green]ok[/]" if f.ok else "[bold red]REGRESSION[/]")
+    console = Console() if sys.stdout.isatty() else Console(width=140)
+    console.print(table)
+    failed = [f for f in findings if not f.ok]
+    print(f"{len(failed)} regression(s) in {len(findings)} checks" if failed else f"all {len(findings)} checks passed")
+    return 1 if failed else 0
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list, "baseline": cmd_baseline, "check": cmd_check}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

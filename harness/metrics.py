@@ -6,18 +6,47 @@ Definitions follow Spec-Bench where one exists:
   included, so vanilla is exactly 1.0;
 * draft size = draft tokens verified per target forward pass;
 * speedup = vanilla wall time / method wall time on the same example in the same run,
-  aggregated as a geometric mean (per-example ratios) and as a total-time ratio.
+  aggregated as a geometric mean of per-example ratios (with a bootstrap 95% interval)
+  and, separately labelled, as a total-time ratio;
+* memory bandwidth (as gpt-fast reports it) = weight bytes x target forwards / time.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 BASELINE = "vanilla"
+_NUMERIC = re.compile(r"^-?[\d,]*\.?\d+$")
+
+
+@lru_cache(maxsize=1)
+def _scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge2"], use_stemmer=True)
+
+
+def rouge2(prediction: str, reference: str) -> float:
+    """Rouge-2 F1 with stemming (rouge-score); two empty texts count as identical."""
+    if not prediction.strip() and not reference.strip():
+        return 1.0
+    return _scorer().score(reference, prediction)["rouge2"].fmeasure
+
+
+def is_text_reference(reference: object) -> bool:
+    """Rouge makes sense against prose, not against a bare number (GSM8K's reference)."""
+    return isinstance(reference, str) and bool(reference.strip()) and not _NUMERIC.match(reference.strip())
+
+
+def is_numeric_reference(reference: object) -> bool:
+    return isinstance(reference, str) and bool(_NUMERIC.match(reference.strip()))
 
 
 def records_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
@@ -27,51 +56,129 @@ def records_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
         if r.get("skipped"):
             continue
         turns = r["turns"]
+        draft_times = [t.get("draft_time") for t in turns]
+        verify_times = [t.get("verify_time") for t in turns]
         rows.append({
             "task": r["task"],
             "example_id": r["example_id"],
             "category": r.get("category"),
             "method": r["method"],
+            "reference": r.get("reference"),
             "new_tokens": r["new_tokens"],
             "wall_time": r["wall_time"],
             "target_forwards": r["target_forwards"],
             "draft_tokens": sum(sum(t["draft_sizes"]) for t in turns),
+            "draft_time": sum(draft_times) if all(x is not None for x in draft_times) and turns else np.nan,
+            "verify_time": sum(verify_times) if all(x is not None for x in verify_times) and turns else np.nan,
+            "accepted": [a for t in turns for a in t["accepted"]],
+            "draft_sizes": [d for t in turns for d in t["draft_sizes"]],
             "token_ids": tuple(tok for t in turns for tok in t["tokens"]),
+            "text": "\n\n".join(t["text"] for t in turns),
         })
     return pd.DataFrame(rows)
 
 
 def geometric_mean(values: Iterable[float]) -> float:
-    vals = [v for v in values if v > 0 and math.isfinite(v)]
-    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else float("nan")
+    vals = np.asarray([v for v in values if v > 0 and math.isfinite(v)], dtype=float)
+    return float(np.exp(np.log(vals).mean())) if len(vals) else float("nan")
 
 
-def summarize(frame: pd.DataFrame, by: tuple[str, ...] = ("method",)) -> pd.DataFrame:
-    """Per-group totals and ratios; speedups are paired with vanilla on the same examples."""
+def bootstrap_geomean_ci(values: Sequence[float], *, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the geometric mean (seeded: reports are reproducible)."""
+    logs = np.log(np.asarray([v for v in values if v > 0 and math.isfinite(v)], dtype=float))
+    if len(logs) == 0:
+        return float("nan"), float("nan")
+    if len(logs) == 1:
+        return float(np.exp(logs[0])), float(np.exp(logs[0]))
+    rng = np.random.default_rng(seed)
+    means = logs[rng.integers(0, len(logs), size=(resamples, len(logs)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(np.exp(lo)), float(np.exp(hi))
+
+
+def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """Index of the first differing token (or the shorter length), None when identical."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def acceptance_by_depth(accepted: Iterable[int], draft_sizes: Iterable[int], max_depth: int = 8) -> list[float]:
+    """P(draft token at depth d accepted | depth d-1 accepted), over steps that drafted.
+
+    Depth 1 is the first draft token after the real one. A method that never accepts a
+    draft gives 0.0 at depth 1 and NaN beyond (no step ever got that deep).
+    """
+    acc = np.asarray([a - 1 for a, d in zip(accepted, draft_sizes) if d > 0], dtype=int)
+    rates = []
+    for depth in range(1, max_depth + 1):
+        reached = (acc >= depth - 1).sum()
+        rates.append(float((acc >= depth).sum() / reached) if reached else float("nan"))
+    return rates
+
+
+def paired_with_baseline(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each row joined with the vanilla row of the same example (inner join)."""
+    keys = ["task", "example_id"]
+    base = frame.loc[frame.method == BASELINE, [*keys, "wall_time", "token_ids", "text"]].rename(
+        columns={"wall_time": "wall_time_base", "token_ids": "token_ids_base", "text": "text_base"})
+    return frame.merge(base, on=keys, how="inner")
+
+
+def summarize(frame: pd.DataFrame, by: tuple[str, ...] = ("method",), weight_bytes: int | None = None) -> pd.DataFrame:
+    """Per-group metrics; speedups and exact match are paired with vanilla on the same examples."""
     if frame.empty:
         return pd.DataFrame()
-    keys = ["task", "example_id"]
-    base = frame.loc[frame.method == BASELINE, [*keys, "wall_time", "token_ids"]].rename(
-        columns={"wall_time": "wall_time_base", "token_ids": "token_ids_base"})
+    paired_all = paired_with_baseline(frame)
     out = []
     for group, sub in frame.groupby(list(by), sort=False):
         group = group if isinstance(group, tuple) else (group,)
         row: dict[str, Any] = dict(zip(by, group))
-        time_total = sub.wall_time.sum()
-        forwards = sub.target_forwards.sum()
+        time_total = float(sub.wall_time.sum())
+        forwards = int(sub.target_forwards.sum())
+        new = int(sub.new_tokens.sum())
         row.update(
             examples=len(sub),
-            new_tokens=int(sub.new_tokens.sum()),
-            tokens_per_s=sub.new_tokens.sum() / time_total if time_total > 0 else float("nan"),
-            mean_accepted_length=sub.new_tokens.sum() / forwards if forwards else float("nan"),
-            draft_size=sub.draft_tokens.sum() / forwards if forwards else float("nan"),
+            new_tokens=new,
+            wall_time=time_total,
+            tokens_per_s=new / time_total if time_total > 0 else float("nan"),
+            mean_accepted_length=new / forwards if forwards else float("nan"),
+            draft_size=float(sub.draft_tokens.sum()) / forwards if forwards else float("nan"),
+            draft_time_share=float(sub.draft_time.sum() / time_total) if sub.draft_time.notna().all() and time_total else float("nan"),
+            bandwidth_gb_s=(weight_bytes * forwards / time_total / 1e9) if weight_bytes and time_total else float("nan"),
         )
-        paired = sub.merge(base, on=keys, how="inner")
+        depth = acceptance_by_depth([a for x in sub.accepted for a in x], [d for x in sub.draft_sizes for d in x])
+        row["acceptance_by_depth"] = depth
+        mask = np.ones(len(paired_all), dtype=bool)
+        for k, v in zip(by, group):
+            mask &= (paired_all[k] == v).to_numpy()
+        paired = paired_all[mask]
         if len(paired):
-            row["speedup_geomean"] = geometric_mean(paired.wall_time_base / paired.wall_time)
-            row["speedup_total_time"] = paired.wall_time_base.sum() / paired.wall_time.sum()
+            ratios = (paired.wall_time_base / paired.wall_time).tolist()
+            row["speedup_geomean"] = geometric_mean(ratios)
+            row["speedup_ci_low"], row["speedup_ci_high"] = bootstrap_geomean_ci(ratios)
+            row["speedup_total_time"] = float(paired.wall_time_base.sum() / paired.wall_time.sum())
             row["exact_match"] = float((paired.token_ids == paired.token_ids_base).mean())
+            row["rouge2_vs_vanilla"] = float(np.mean([rouge2(a, b) for a, b in zip(paired.text, paired.text_base)]))
         else:
-            row["speedup_geomean"] = row["speedup_total_time"] = row["exact_match"] = float("nan")
+            for k in ("speedup_geomean", "speedup_ci_low", "speedup_ci_high", "speedup_total_time",
+                      "exact_match", "rouge2_vs_vanilla"):
+                row[k] = float("nan")
+        texts = sub[sub.reference.map(is_text_reference)]
+        row["rouge2"] = (float(np.mean([rouge2(t, r) for t, r in zip(texts.text, texts.reference)]))
+                         if len(texts) else float("nan"))
+        row["answer_accuracy"] = _answer_accuracy(sub)
         out.append(row)
     return pd.DataFrame(out)
+
+
+def _answer_accuracy(sub: pd.DataFrame) -> float:
+    """GSM8K-style accuracy over rows whose reference is a bare number."""
+    from tasks.gsm8k import extract_answer, normalize_number
+
+    numeric = sub[sub.reference.map(is_numeric_reference)]
+    if not len(numeric):
+        return float("nan")
+    hits = [extract_answer(t) == normalize_number(str(r)) for t, r in zip(numeric.text, numeric.reference)]
+    return float(np.mean(hits))

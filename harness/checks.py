@@ -1,0 +1,137 @@
+"""Regression checks for CI: ``baseline`` freezes a run's metrics, ``check`` compares a run to it.
+
+Deterministic metrics (mean accepted length, exact match, Rouge-2) are exact on CPU in
+float32, so their default tolerances are tight. Timing is noisy on shared machines, so
+speedup only has to stay above a loose fraction of the baseline's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UserError
+from harness.metrics import records_frame, summarize
+from harness.results import RESULTS_FILE, read_manifest, read_records
+
+FORMAT = "specdec-harness-baseline/1"
+METRICS = ("mean_accepted_length", "exact_match", "rouge2", "speedup_geomean")
+
+
+def run_metrics(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(manifest, per method x task metric rows) of a run folder."""
+    manifest = read_manifest(run_dir)
+    frame = records_frame(read_records(run_dir / RESULTS_FILE))
+    if frame.empty:
+        raise UserError(f"{run_dir} has no completed generations; finish the run first")
+    rows = summarize(frame, by=("method", "task")).to_dict("records")
+    return manifest, rows
+
+
+def _identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    config = manifest.get("config", {})
+    return {
+        "model": config.get("model"),
+        "dtype": manifest.get("dtype"),
+        "device": manifest.get("environment", {}).get("device"),
+        "task_hashes": {k: v.get("hash") for k, v in manifest.get("tasks", {}).items()},
+    }
+
+
+def write_baseline(run_dir: Path, out: Path) -> dict[str, Any]:
+    manifest, rows = run_metrics(run_dir)
+    baseline = {
+        "format": FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "source_run": str(run_dir),
+        **_identity(manifest),
+        "entries": [
+            {"method": r["method"], "task": r["task"], **{m: _clean(r[m]) for m in METRICS}} for r in rows
+        ],
+    }
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(baseline, indent=2) + "\n")
+    except OSError as exc:
+        raise UserError(f"cannot write baseline {out}: {exc.strerror}") from None
+    return baseline
+
+
+def _clean(value: Any) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def read_baseline(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise UserError(f"cannot read baseline {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}: corrupted baseline ({exc.msg}); regenerate it with "
+                        "`python -m harness baseline RUN_DIR -o FILE`") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), list):
+        raise UserError(f"{path} is not a specdec-harness baseline (format {FORMAT}); regenerate it with "
+                        "`python -m harness baseline RUN_DIR -o FILE`")
+    for i, entry in enumerate(data["entries"]):
+        if not isinstance(entry, dict) or not {"method", "task"} <= entry.keys():
+            raise UserError(f"{path}: entry {i} lacks 'method'/'task'; regenerate the baseline")
+    return data
+
+
+@dataclass
+class Tolerances:
+    accepted_length: float = 0.01   # absolute drop allowed in mean accepted length
+    exact_match: float = 0.0        # absolute drop allowed in exact-match rate
+    rouge2: float = 0.005           # absolute drop allowed in Rouge-2
+    speedup_floor: float = 0.5      # speedup must stay >= this fraction of the baseline's
+
+
+@dataclass
+class Finding:
+    method: str
+    task: str
+    metric: str
+    baseline: float | None
+    current: float | None
+    limit: float | None
+    ok: bool
+
+
+def compare(baseline: dict[str, Any], run_dir: Path, tol: Tolerances, *, force: bool = False) -> list[Finding]:
+    manifest, rows = run_metrics(run_dir)
+    ident = _identity(manifest)
+    for key in ("model", "dtype", "device"):
+        if baseline.get(key) != ident[key]:
+            raise UserError(
+                f"{run_dir} was run with {key} {ident[key]!r} but the baseline is for {baseline.get(key)!r}; "
+                "compare like with like, or write a new baseline"
+            )
+    if not force and baseline.get("task_hashes") != ident["task_hashes"]:
+        raise UserError(f"{run_dir} used different examples than the baseline (task hashes differ); "
+                        "rerun with the baseline's task settings, or pass --force")
+    current = {(r["method"], r["task"]): r for r in rows}
+    findings: list[Finding] = []
+    for entry in baseline["entries"]:
+        key = (entry["method"], entry["task"])
+        row = current.get(key)
+        if row is None:
+            findings.append(Finding(*key, "present in run", None, None, None, False))
+            continue
+        checks = [
+            ("mean_accepted_length", lambda b: b - tol.accepted_length),
+            ("exact_match", lambda b: b - tol.exact_match),
+            ("rouge2", lambda b: b - tol.rouge2),
+            ("speedup_geomean", lambda b: b * tol.speedup_floor),
+        ]
+        for metric, limit_of in checks:
+            base, cur = entry.get(metric), _clean(row.get(metric))
+            if base is None:
+                continue
+            limit = limit_of(base)
+            ok = cur is not None and cur >= limit - 1e-12
+            findings.append(Finding(*key, metric, base, cur, limit, ok))
+    return findings

@@ -1,0 +1,48 @@
+"""Our own CI gate: a small deterministic suite (default model, CPU, float32, every method)
+checked against the baseline committed in ``tests/baselines``. A change that lowers any
+method's acceptance, exact match or Rouge-2 fails here.
+
+Refresh the baseline deliberately (after an intended change), then commit it:
+
+    python -m harness run --methods vanilla --tasks builtin --limit 6 --max-new-tokens 24 \
+        --dtype float32 --device cpu --out runs/ci --overwrite
+    python -m harness baseline runs/ci -o tests/baselines/smollm2-135m-cpu-float32.json
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+
+pytestmark = pytest.mark.slow
+BASELINE = Path(__file__).parent / "baselines" / "smollm2-135m-cpu-float32.json"
+METHODS = "vanilla"
+RUN = ["run", "--methods", METHODS, "--tasks", "builtin", "--limit", "6", "--max-new-tokens", "24",
+       "--dtype", "float32", "--device", "cpu"]
+
+
+def test_ci_suite_matches_committed_baseline(tmp_path, capsys):
+    out = tmp_path / "ci"
+    assert main([*RUN, "--out", str(out)]) == 0
+    code = main(["check", str(out), "--baseline", str(BASELINE)])
+    report = capsys.readouterr().out
+    assert code == 0, report
+    assert "all" in report and "checks passed" in report
+
+
+def test_check_fails_on_lowered_acceptance(tmp_path, capsys):
+    """The gate really bites: a baseline demanding more than the run delivers fails with exit 1."""
+    import json
+
+    out = tmp_path / "ci"
+    assert main([*RUN, "--out", str(out)]) == 0
+    data = json.loads(BASELINE.read_text())
+    for entry in data["entries"]:
+        entry["mean_accepted_length"] += 0.5
+    strict = tmp_path / "strict.json"
+    strict.write_text(json.dumps(data))
+    assert main(["check", str(out), "--baseline", str(strict)]) == 1
+    assert "REGRESSION" in capsys.readouterr().out
