@@ -41,6 +41,18 @@ def _pairs(items: list[str], flag: str, shape: str) -> dict[str, str]:
     return out
 
 
+def _method_options(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    options: dict[str, dict[str, str]] = {}
+    for key, value in _pairs(args.method_option, "--method-option", "METHOD.KEY=VALUE").items():
+        method, sep, name = key.partition(".")
+        if not sep or not name:
+            raise UserError(f"--method-option expects METHOD.KEY=VALUE, got {key}={value}")
+        options.setdefault(method, {})[name] = value
+    if args.medusa_tree:
+        options.setdefault("medusa", {})["tree"] = args.medusa_tree
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m harness", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -65,10 +77,31 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a suite's data file in another layout (repeatable)")
     run.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                      help="suite options, e.g. xsum.max_words=400, jsonl.prompt=question (repeatable)")
+    run.add_argument("--method-option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                     help="method settings, e.g. medusa.heads=DIR, firp.tree=3x2x1 (repeatable)")
+    run.add_argument("--medusa-tree", default=None, help="Medusa tree: top-k per depth (4x2x1) or JSON paths/file")
     run.add_argument("--out", default=None, help="run folder (default: runs/<model>-<dtype>-<config hash>)")
     run.add_argument("--overwrite", action="store_true", help="discard results already in --out")
 
     sub.add_parser("list", help="list methods, tasks and models")
+
+    tr = sub.add_parser("train", help="train draft heads (medusa, firp) on the frozen model", description=(
+        "Self-distils the model on the training prompts (its own greedy answers), caches frozen-model features, "
+        "trains the heads with resumable checkpoints, and writes safetensors + config.json to --out."))
+    tr.add_argument("method", help="medusa or firp")
+    tr.add_argument("--model", default="smollm2-135m")
+    tr.add_argument("--data", nargs="+", default=[], metavar="FILE", help="training JSONL files (never eval files)")
+    tr.add_argument("--out", required=True, metavar="DIR")
+    tr.add_argument("--dtype", default="bfloat16", help="frozen model dtype for distillation (default bfloat16)")
+    tr.add_argument("--limit", type=_int, default=1200, help="training prompts (default 1200)")
+    tr.add_argument("--max-new-tokens", type=_int, default=96, help="self-distilled answer length (default 96)")
+    tr.add_argument("--epochs", type=_int, default=2)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--batch", type=_int, default=4, help="sequences per optimiser step (default 4)")
+    tr.add_argument("--seed", type=_int, default=0)
+    tr.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="method settings, e.g. heads=3, layout=shared|upstream, tree=4x2x1, layers=10")
+    tr.add_argument("--allow-eval-data", action="store_true", help="permit training on evaluation files")
 
     base = sub.add_parser("baseline", help="freeze a run's metrics as a regression baseline")
     base.add_argument("run_dir", metavar="RUN_DIR")
@@ -98,6 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, out=args.out, overwrite=args.overwrite,
         task_paths=_pairs(args.task_path, "--task-path", "SUITE=FILE"),
         task_options=_pairs(args.task_option, "--task-option", "KEY=VALUE"),
+        method_options=_method_options(args),
     )
     out = execute(config)
     print_summary(out)
@@ -160,7 +194,21 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "baseline": cmd_baseline, "check": cmd_check}
+def cmd_train(args: argparse.Namespace) -> int:
+    from harness.training.common import TrainConfig
+    from harness.training.run import train
+
+    if args.epochs <= 0 or args.batch <= 0 or args.limit <= 0 or args.max_new_tokens <= 0:
+        raise UserError("--epochs, --batch, --limit and --max-new-tokens must be positive integers")
+    config = TrainConfig(method=args.method, model=args.model, data=args.data, out=args.out, dtype=args.dtype,
+                         limit=args.limit, max_new_tokens=args.max_new_tokens, epochs=args.epochs, lr=args.lr,
+                         batch_sequences=args.batch, seed=args.seed, allow_eval_data=args.allow_eval_data,
+                         options=_pairs(args.option, "--option", "KEY=VALUE"))
+    train(config)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "train": cmd_train, "list": cmd_list, "baseline": cmd_baseline, "check": cmd_check}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -156,10 +156,11 @@ def execute(config: RunConfig) -> Path:
     from methods.engine import Engine
 
     for name in config.methods:
-        get_method(name).check_ready(config.model)
+        get_method(name).check_ready(config.model, config.method_options.get(name, {}))
     model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype)
     engine = Engine(model)
-    decoders = [get_method(name)(engine, **config.method_options.get(name, {})) for name in config.methods]
+    decoders = [get_method(name)(engine, model_name=config.model, **config.method_options.get(name, {}))
+                for name in config.methods]
     settings = ShardSettings(
         max_new_tokens=config.max_new_tokens,
         stop_ids=stop_token_ids(tokenizer, model),

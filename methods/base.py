@@ -22,6 +22,7 @@ from methods.engine import Engine
 # name -> module that registers it. Adding a method = adding a file and a line here.
 BUILTIN_METHODS: dict[str, str] = {
     "vanilla": "methods.vanilla",
+    "medusa": "methods.medusa",
 }
 
 _REGISTRY: dict[str, type[Decoder]] = {}
@@ -94,13 +95,14 @@ class Decoder(ABC):
 
     name: ClassVar[str] = "?"
 
-    def __init__(self, engine: Engine, **options: Any) -> None:
+    def __init__(self, engine: Engine, model_name: str = "", **options: Any) -> None:
         self.engine = engine
+        self.model_name = model_name
         self.options = options
 
     @classmethod
-    def check_ready(cls, model_name: str) -> None:
-        """Raise ``harness.errors.UserError`` early if the method lacks something (trained heads)."""
+    def check_ready(cls, model_name: str, options: dict[str, Any]) -> None:
+        """Raise ``harness.errors.UserError`` before the model loads if the method lacks something."""
 
     def describe(self) -> dict[str, Any]:
         """The method's configuration, recorded in the results manifest."""

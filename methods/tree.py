@@ -99,3 +99,31 @@ class Tree:
             counters[par] = counters.get(par, 0) + 1
             paths[i] = paths[par] + (c,)
         return cls.from_paths([paths[i] for i in range(1, len(parents))])
+
+
+class TreeVerifier:
+    """Per-decoder, per-device constants of a tree, and greedy acceptance without Python loops over nodes."""
+
+    def __init__(self, tree: Tree, engine) -> None:
+        self.tree = tree
+        device = engine.device
+        self.depths = tree.depths.to(device)
+        self.bias = engine.tree_bias(tree.visible)
+        self.candidate_index = tree.candidate_index.to(device)
+        retrieve = tree.retrieve.to(device)
+        self.valid = retrieve[:, 1:] >= 0
+        self.child = retrieve[:, 1:].clamp(min=0)
+        self.parent = retrieve[:, :-1].clamp(min=0)
+        self.retrieve = retrieve
+
+    def accept(self, node_tokens: torch.Tensor, logits: torch.Tensor) -> tuple[list[int], int, torch.Tensor]:
+        """Longest root-to-leaf prefix whose drafts equal the target's greedy choices.
+
+        Returns (accepted node indices, root first; the bonus token; greedy ids of all nodes).
+        """
+        greedy = logits.argmax(dim=-1)
+        match = (node_tokens[self.child] == greedy[self.parent]) & self.valid
+        lengths = match.to(torch.int32).cumprod(dim=1).sum(dim=1)
+        best = int(lengths.argmax())
+        nodes = self.retrieve[best, : int(lengths[best]) + 1].tolist()
+        return nodes, int(greedy[nodes[-1]]), greedy

@@ -104,3 +104,43 @@ def test_config_mismatch_refuses_to_mix_results(capsys, tmp_path):
     (out / "manifest.json").write_text(json.dumps({"config": {"identity": {"max_new_tokens": 1}}}))
     code, err = run_cli(["run", "--out", str(out)], capsys)
     assert code == 2 and "different configuration" in err and "--overwrite" in err
+
+
+def _fake_run(path, model="smollm2-135m", dtype="float32"):
+    """A minimal hand-made run folder: enough for baseline/check, no model needed."""
+    path.mkdir(parents=True)
+    manifest = {"config": {"model": model}, "dtype": dtype, "environment": {"device": "cpu"},
+                "tasks": {"builtin": {"hash": "abc"}}}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    turn = {"tokens": [1, 2, 3], "text": "a b c", "wall_time": 0.5, "accepted": [1, 1, 1],
+            "draft_sizes": [0, 0, 0], "draft_time": None, "verify_time": None}
+    rec = {"task": "builtin", "example_id": "x", "category": "chat", "method": "vanilla", "reference": None,
+           "turns": [turn], "new_tokens": 3, "target_forwards": 3, "wall_time": 0.5}
+    (path / "results.jsonl").write_text(json.dumps(rec) + "\n")
+    return path
+
+
+def test_check_refuses_run_of_another_model(capsys, tmp_path):
+    base_run = _fake_run(tmp_path / "a")
+    assert main(["baseline", str(base_run), "-o", str(tmp_path / "b.json")]) == 0
+    other = _fake_run(tmp_path / "other", model="someorg/other-model")
+    code, err = run_cli(["check", str(other), "--baseline", str(tmp_path / "b.json")], capsys)
+    assert code == 2 and "model 'someorg/other-model' but the baseline is for 'smollm2-135m'" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", "corrupted baseline"),
+    ('{"format": "something else"}', "is not a specdec-harness baseline"),
+])
+def test_check_with_corrupted_baseline(capsys, tmp_path, content, message):
+    run = _fake_run(tmp_path / "a")
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    code, err = run_cli(["check", str(run), "--baseline", str(bad)], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_check_on_a_folder_that_is_not_a_run(capsys, tmp_path):
+    code, err = run_cli(["check", str(tmp_path), "--baseline", str(tmp_path / "b.json")], capsys)
+    assert code == 2 and ("not a run directory" in err or "cannot read baseline" in err)

@@ -1,0 +1,126 @@
+"""Self-distillation data for draft heads (Medusa, FIRP): the model's own greedy answers.
+
+Draft heads should predict what *this* model will say, so the training text is the
+model's greedy continuation of training prompts, not the dataset's human answers.
+Generation is batched for speed (left padding, ``model.generate``); because batched
+low-precision generation can disagree with a teacher-forced pass on a few percent of
+tokens, training targets are always taken from a teacher-forced pass over the final
+sequence (see ``teacher_features``), which is exactly what verification will check.
+
+Only training files are accepted: evaluation files (XSum/GSM8K test, MT-bench) are
+refused, so shipped heads can never have seen a benchmark prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.errors import UserError
+from harness.prompts import encode_conversation
+from tasks.sources import read_jsonl
+
+EVAL_FILES = ("xsum/test.jsonl", "gsm8k/test.jsonl", "mt_bench/question.jsonl", "spec_bench/question.jsonl")
+
+
+def prompt_from_row(row: dict[str, Any]) -> str | None:
+    """One user prompt from a row of a known training format."""
+    if "passage" in row and "question" in row:  # BoolQ
+        question = str(row["question"]).strip().rstrip("?") + "?"
+        return f"{row['passage']}\n\nBased on the passage above, {question[0].lower() + question[1:]}"
+    if "question" in row:  # GSM8K train
+        return str(row["question"])
+    if "prompt" in row:
+        return str(row["prompt"])
+    if isinstance(row.get("turns"), list) and row["turns"]:
+        return str(row["turns"][0])
+    return None
+
+
+def load_prompts(files: Sequence[Path], *, limit: int | None, seed: int, allow_eval: bool = False) -> list[str]:
+    prompts: list[str] = []
+    for path in files:
+        posix = Path(path).resolve().as_posix()
+        if not allow_eval and any(posix.endswith(e) for e in EVAL_FILES):
+            raise UserError(f"{path} is an evaluation file; train only on training data "
+                            "(e.g. gsm8k/train.jsonl, boolq/dev.jsonl), or pass --allow-eval-data")
+        if not Path(path).is_file():
+            raise UserError(f"{path}: no such file")
+        for lineno, row in read_jsonl(Path(path)):
+            text = prompt_from_row(row)
+            if text is None:
+                raise UserError(f"{path}:{lineno}: no prompt field (expected question, passage+question, "
+                                "prompt or turns)")
+            prompts.append(text)
+    random.Random(seed).shuffle(prompts)  # mix the files so every batch and the val split see both
+    return prompts[:limit] if limit else prompts
+
+
+@torch.no_grad()
+def generate_continuations(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
+                           batch_size: int, max_prompt_tokens: int, stop_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """[{"ids": prompt + greedy answer, "prompt_len": n}], generated in left-padded batches."""
+    from tqdm import tqdm
+
+    encoded = [encode_conversation(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    encoded = [e for e in encoded if len(e) <= max_prompt_tokens]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths pad less
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stop = set(stop_ids)
+    data: list[dict[str, Any]] = []
+    for start in tqdm(range(0, len(order), batch_size), desc="self-distilling", file=sys.stderr):
+        idx = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]):] = 1
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                             eos_token_id=sorted(stop))
+        for row, i in enumerate(idx):
+            answer = out[row, width:].tolist()
+            cut = next((j + 1 for j, tok in enumerate(answer) if tok in stop), len(answer))
+            if cut:
+                data.append({"ids": encoded[i] + answer[:cut], "prompt_len": len(encoded[i])})
+    return data
+
+
+def distill_cache_path(model_name: str, files: Sequence[Path], settings: dict[str, Any]) -> Path:
+    from harness.models import cache_root
+
+    key = json.dumps({"model": model_name, "files": [str(Path(f).resolve()) for f in files], **settings},
+                     sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_root() / "distill" / f"{Path(model_name).name}-{digest}.pt"
+
+
+def self_distilled_sequences(model: Any, tokenizer: Any, model_name: str, files: Sequence[Path], *,
+                             limit: int | None, seed: int, max_new_tokens: int, batch_size: int = 16,
+                             max_prompt_tokens: int = 320, allow_eval: bool = False) -> list[dict[str, Any]]:
+    """Cached list of {"ids", "prompt_len"}; the cache key covers the files and every setting."""
+    from harness.prompts import stop_token_ids
+
+    settings = {"limit": limit, "seed": seed, "max_new_tokens": max_new_tokens,
+                "max_prompt_tokens": max_prompt_tokens, "dtype": str(model.dtype)}
+    path = distill_cache_path(model_name, files, settings)
+    if path.is_file():
+        print(f"Using cached self-distilled data {path}", file=sys.stderr)
+        return torch.load(path)
+    prompts = load_prompts(files, limit=limit, seed=seed, allow_eval=allow_eval)
+    data = generate_continuations(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
+                                  stop_ids=stop_token_ids(tokenizer, model))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(data, tmp)
+    tmp.replace(path)
+    return data

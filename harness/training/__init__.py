@@ -1,0 +1,1 @@
+"""Training of draft heads (``python -m harness train METHOD``) on the frozen base model."""

@@ -1,0 +1,145 @@
+"""What every head trainer shares: self-distilled data, cached frozen-model features,
+a train/validation split, the LR schedule, progress, and resumable checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.errors import UserError
+
+
+@dataclass
+class TrainConfig:
+    method: str
+    model: str = "smollm2-135m"
+    data: list[str] = field(default_factory=list)
+    out: str = ""
+    dtype: str = "bfloat16"          # of the frozen model while distilling / caching features
+    limit: int | None = 1200         # training prompts
+    max_new_tokens: int = 96         # length of the self-distilled answers
+    epochs: int = 2
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    batch_sequences: int = 4
+    val_fraction: float = 0.05
+    seed: int = 0
+    checkpoint_every: int = 50
+    allow_eval_data: bool = False
+    options: dict[str, Any] = field(default_factory=dict)  # method-specific
+
+
+def split_train_val(items: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, int(len(items) * fraction))
+    return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to zero (what worked in the prototypes)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def cached_features(model: Any, data: list[dict[str, Any]], layers: Sequence[int], cache_key: str,
+                    batch_size: int = 8) -> list[dict[int, torch.Tensor]]:
+    """Hidden states of the frozen model per sequence, at HF ``hidden_states`` indices ``layers``
+    (0 = embeddings, i = after layer i, -1 = after the final norm), stored in bfloat16.
+
+    Computed once and kept on disk: training then costs only the head's own layers.
+    """
+    from tqdm import tqdm
+
+    from harness.models import cache_root
+
+    digest = hashlib.sha256(json.dumps([cache_key, list(layers), len(data)]).encode()).hexdigest()[:12]
+    path = cache_root() / "features" / f"{digest}.pt"
+    if path.is_file():
+        print(f"Using cached features {path}", file=sys.stderr)
+        return torch.load(path)
+    order = sorted(range(len(data)), key=lambda i: len(data[i]["ids"]))
+    feats: list[dict[int, torch.Tensor]] = [{} for _ in data]
+    for start in tqdm(range(0, len(order), batch_size), desc="caching frozen-model features", file=sys.stderr):
+        idx = order[start:start + batch_size]
+        width = max(len(data[i]["ids"]) for i in idx)
+        ids = torch.zeros((len(idx), width), dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):  # right padding: causal positions before the pad are exact
+            n = len(data[i]["ids"])
+            ids[row, :n] = torch.tensor(data[i]["ids"])
+            mask[row, :n] = 1
+        out = model.model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                          output_hidden_states=True)
+        for row, i in enumerate(idx):
+            n = len(data[i]["ids"])
+            feats[i] = {layer: out.hidden_states[layer][row, :n].to("cpu", torch.bfloat16).clone() for layer in layers}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(feats, tmp)
+    tmp.replace(path)
+    return feats
+
+
+class Checkpointer:
+    """Resumable training: state every N steps, atomically replaced."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / "checkpoint.pt"
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        try:
+            return torch.load(self.path, weights_only=False)
+        except Exception:  # noqa: BLE001 - a torn checkpoint means "start over", with a warning
+            print(f"warning: {self.path} is unreadable; starting from scratch", file=sys.stderr)
+            return None
+
+    def save(self, state: dict[str, Any]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.path)
+
+
+def prepare_out(out: str) -> Path:
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to --out {out}: {exc.strerror}; choose another folder") from None
+    return path
+
+
+def write_result(out: Path, config: TrainConfig, state: dict[str, torch.Tensor], meta: dict[str, Any],
+                 filename: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(out / filename))
+    meta = {**meta, "train_config": asdict(config),
+            "command": "python -m harness train " + config.method + " " + " ".join(sys.argv[3:])}
+    (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+class Stopwatch:
+    def __init__(self, already: float = 0.0) -> None:
+        self.start = time.perf_counter() - already
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start

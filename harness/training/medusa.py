@@ -1,0 +1,144 @@
+"""``python -m harness train medusa``: Medusa-1 heads on the frozen model's last hidden state.
+
+Self-distillation: the targets are the base model's own next-token distributions,
+recomputed from cached final hidden states (one frozen LM-head matmul), and the loss is
+KL(base || head) summed over heads. Head k at position t learns the base distribution
+at position t+k, i.e. token t+k+1.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from harness.training.common import (
+    Checkpointer,
+    Stopwatch,
+    TrainConfig,
+    cached_features,
+    lr_at,
+    prepare_out,
+    split_train_val,
+    write_result,
+)
+from methods.medusa import MedusaHeads
+
+
+def _positions(item: dict[str, Any]) -> tuple[int, int]:
+    """Answer positions: from the last prompt token (which predicts the first answer token) on."""
+    return max(0, item["prompt_len"] - 1), len(item["ids"])
+
+
+def head_losses(heads: MedusaHeads, lm_head: torch.nn.Module, hidden: torch.Tensor, start: int,
+                need_stats: bool = False) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    """Sum over heads of KL(base at t+k || head k at t), for t in [start, T-k)."""
+    T = hidden.shape[0]
+    with torch.no_grad():
+        teacher = F.log_softmax(lm_head(hidden).float(), dim=-1)  # [T, V]: base's next-token dist per position
+    total = hidden.new_zeros((), dtype=torch.float32)
+    stats = []
+    for k in range(1, heads.num_heads + 1):
+        src = hidden[start:T - k]
+        if src.shape[0] == 0:
+            stats.append({"n": 0, "top1": 0.0, "top3": 0.0})
+            continue
+        logits = heads.heads[k - 1](src)
+        logits = lm_head(logits) if heads.layout == "shared" else logits
+        log_q = F.log_softmax(logits.float(), dim=-1)
+        target = teacher[start + k:T]
+        total = total + F.kl_div(log_q, target, log_target=True, reduction="batchmean")
+        if need_stats:
+            with torch.no_grad():
+                want = target.argmax(-1)
+                top3 = log_q.topk(3, dim=-1).indices
+                stats.append({"n": int(want.numel()), "top1": float((top3[:, 0] == want).sum()),
+                              "top3": float((top3 == want[:, None]).any(-1).sum())})
+    return total, stats
+
+
+@torch.no_grad()
+def evaluate(heads: MedusaHeads, lm_head: torch.nn.Module, data: list, feats: list) -> dict[str, Any]:
+    agg = [{"n": 0, "top1": 0.0, "top3": 0.0} for _ in range(heads.num_heads)]
+    for item, feat in zip(data, feats):
+        start, _ = _positions(item)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, stats = head_losses(heads, lm_head, feat[-1].float(), start, need_stats=True)
+        for a, s in zip(agg, stats):
+            for key in a:
+                a[key] += s[key]
+    return {f"head{k + 1}": {"top1": a["top1"] / max(1, a["n"]), "top3": a["top3"] / max(1, a["n"]),
+                             "positions": a["n"]} for k, a in enumerate(agg)}
+
+
+def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, Any]], data_key: str) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    out = prepare_out(config.out)
+    num_heads = int(config.options.get("heads", 3))
+    layout = config.options.get("layout", "shared")
+    feats = cached_features(model, data, [-1], data_key)
+    train_idx, val_idx = split_train_val(list(range(len(data))), config.val_fraction, config.seed)
+    cfg = model.config
+    lm_head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+    lm_head.weight.data.copy_(model.lm_head.weight.data.float())
+    lm_head.requires_grad_(False)
+    heads = MedusaHeads(cfg.hidden_size, cfg.vocab_size, num_heads, layout)
+    if layout == "upstream":  # per-head LM heads start from the base LM head, as upstream does
+        for head in heads.heads:
+            head[1].weight.data.copy_(lm_head.weight.data)
+    params = [p for p in heads.parameters()]
+    opt = torch.optim.Adam(params, lr=config.lr)
+    steps_per_epoch = (len(train_idx) + config.batch_sequences - 1) // config.batch_sequences
+    total = steps_per_epoch * config.epochs
+    ckpt = Checkpointer(out)
+    state = ckpt.load()
+    step, elapsed = 0, 0.0
+    if state is not None:
+        heads.load_state_dict(state["heads"])
+        opt.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed"]
+        print(f"Resuming from {ckpt.path} at step {step}/{total}", file=sys.stderr)
+    clock = Stopwatch(elapsed)
+    bar = tqdm(total=total, initial=step, desc="training medusa heads", file=sys.stderr, dynamic_ncols=True)
+    while step < total:
+        epoch, pos = divmod(step, steps_per_epoch)
+        order = list(train_idx)
+        random.Random(config.seed + epoch).shuffle(order)
+        batch = order[pos * config.batch_sequences:(pos + 1) * config.batch_sequences]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, config.lr, config.warmup_steps)
+        opt.zero_grad()
+        loss_sum = 0.0
+        for i in batch:
+            start, _ = _positions(data[i])
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss, _ = head_losses(heads, lm_head, feats[i][-1].float(), start)
+            (loss / len(batch)).backward()
+            loss_sum += float(loss.detach())
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum / len(batch):.3f}")
+        if step % config.checkpoint_every == 0 or step == total:
+            ckpt.save({"heads": heads.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                       "elapsed": clock.elapsed()})
+    bar.close()
+    val = evaluate(heads, lm_head, [data[i] for i in val_idx], [feats[i] for i in val_idx])
+    for name, acc in val.items():
+        print(f"  {name}: top-1 {acc['top1']:.1%}  top-3 {acc['top3']:.1%}  ({acc['positions']} val positions)",
+              file=sys.stderr)
+    meta = {"method": "medusa", "model": config.model, "num_heads": num_heads, "layout": layout,
+            "default_tree": config.options.get("tree", "4x2x1"), "val_accuracy": val,
+            "train_time_s": round(clock.elapsed(), 1), "train_sequences": len(train_idx),
+            "val_sequences": len(val_idx)}
+    write_result(out, config, heads.upstream_state_dict(), meta, "heads.safetensors")
+    print(f"Wrote {out / 'heads.safetensors'} and {out / 'config.json'} "
+          f"(training {clock.elapsed() / 60:.1f} min)", file=sys.stderr)
+    return meta
+
+

@@ -1,0 +1,117 @@
+"""Medusa: tree buffers against the medusa-llm oracle, checkpoint layouts, and losslessness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from methods.engine import Engine
+from methods.medusa import MedusaDecoder, MedusaHeads, load_heads, parse_tree
+from methods.tree import Tree
+from methods.vanilla import VanillaDecoder
+
+
+@pytest.mark.parametrize("per_depth", [[3], [3, 2], [1, 3, 2, 1], [4, 2, 1], [2, 2, 2, 2]])
+def test_tree_matches_medusa_llm_buffers(per_depth):
+    utils = pytest.importorskip("medusa.model.utils", reason="medusa-llm is a test dependency")
+    ref = utils.generate_medusa_buffers([1, *per_depth], device="cpu")
+    tree = Tree.from_topk(per_depth)
+    assert torch.equal(ref["medusa_attn_mask"][0, 0].bool(), tree.visible)
+    assert ref["medusa_position_ids"] == tree.depths.tolist() if isinstance(ref["medusa_position_ids"], list) \
+        else torch.equal(torch.as_tensor(ref["medusa_position_ids"]), tree.depths)
+    # tree_indices point into [root, head0 top-k, head1 top-k, ...]: compare as (depth, choice)
+    offsets = [0, 1]
+    for k in per_depth:
+        offsets.append(offsets[-1] + k)
+    def as_depth_choice(flat: int) -> tuple[int, int]:
+        if flat == 0:
+            return 0, 0
+        depth = max(d for d in range(1, len(offsets) - 1) if offsets[d] <= flat)
+        return depth, flat - offsets[depth]
+    ours = [(0, 0)] + [(len(p), p[-1]) for p in tree.paths]
+    assert [as_depth_choice(int(i)) for i in ref["tree_indices"]] == ours
+    assert {tuple(r) for r in ref["retrieve_indices"].tolist()} == {tuple(r) for r in tree.retrieve.tolist()}
+
+
+def test_parse_tree_forms(tmp_path):
+    assert parse_tree("3x2x1").draft_size == 3 + 6 + 6
+    assert parse_tree("[[0], [1], [0, 0]]").draft_size == 3
+    f = tmp_path / "t.json"
+    f.write_text("[[0], [0, 0], [0, 0, 0]]")
+    assert parse_tree(str(f)).max_depth == 3
+
+
+def _random_heads(model, num_heads: int, layout: str, seed: int = 0) -> MedusaHeads:
+    cfg = model.config
+    heads = MedusaHeads(cfg.hidden_size, cfg.vocab_size, num_heads, layout)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return heads
+
+
+@pytest.mark.parametrize("layout", ["shared", "upstream"])
+def test_checkpoint_round_trip(tmp_path, layout):
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    heads = _random_heads(model, 3, layout)
+    path = tmp_path / "medusa_lm_head.safetensors"
+    save_file({f"medusa_head.{k}" if layout == "upstream" else k: v.contiguous()
+               for k, v in heads.upstream_state_dict().items()}, str(path))
+    loaded, _ = load_heads(path, model.config.hidden_size, model.config.vocab_size)
+    assert loaded.layout == layout and loaded.num_heads == 3
+    h = torch.randn(2, model.config.hidden_size)
+    assert torch.allclose(loaded(h, model.lm_head), heads(h, model.lm_head))
+    if layout == "upstream":
+        assert set(heads.upstream_state_dict()) == {f"{k}.{s}" for k in range(3)
+                                                    for s in ("0.linear.weight", "0.linear.bias", "1.weight")}
+
+
+def _decoder_with(engine, heads, tree, tmp_path):
+    import json
+
+    folder = tmp_path / "heads"
+    folder.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in heads.upstream_state_dict().items()}, str(folder / "heads.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"default_tree": tree}))
+    return MedusaDecoder(engine, heads=str(folder))
+
+
+@pytest.mark.parametrize("tree", ["1x1x1", "3x2x1", "[[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]"])
+@pytest.mark.parametrize("layout", ["shared", "upstream"])
+def test_medusa_is_lossless_on_tiny_model(tiny, tree, layout, tmp_path):
+    engine = Engine(tiny)
+    decoder = _decoder_with(engine, _random_heads(tiny, 3, layout), tree, tmp_path)
+    vanilla = VanillaDecoder(engine)
+    for seed in range(3):
+        prompt = torch.randint(0, 97, (6,), generator=torch.Generator().manual_seed(seed)).tolist()
+        ref = vanilla.generate(prompt, 30)
+        got = decoder.generate(prompt, 30)
+        assert got.tokens == ref.tokens
+        assert sum(got.accepted) == len(got.tokens) and len(got.accepted) == len(got.draft_sizes)
+
+
+def test_medusa_accepts_when_heads_are_oracles(tmp_path):
+    """A repetitive model makes the heads' guesses right: acceptance must exceed 1 token/step."""
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    engine = Engine(model)
+    heads = MedusaHeads(model.config.hidden_size, model.config.vocab_size, 3, "shared")  # zero init: copies base guess
+    decoder = _decoder_with(engine, heads, "1x1x1", tmp_path)
+    ref = VanillaDecoder(engine).generate([1, 2, 3], 40)
+    got = decoder.generate([1, 2, 3], 40)
+    assert got.tokens == ref.tokens
+    assert got.mean_accepted_length() >= 1.0
+
+
+def test_medusa_stops_at_stop_token(tiny, tmp_path):
+    engine = Engine(tiny)
+    decoder = _decoder_with(engine, _random_heads(tiny, 3, "shared"), "2x2x1", tmp_path)
+    free = VanillaDecoder(engine).generate([4, 5, 6], 20).tokens
+    stop = free[5]
+    got = decoder.generate([4, 5, 6], 20, stop=[stop])
+    assert got.tokens == free[: free.index(stop) + 1] and got.stopped_by == "eos"
