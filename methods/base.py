@@ -23,6 +23,7 @@ from methods.engine import Engine
 BUILTIN_METHODS: dict[str, str] = {
     "vanilla": "methods.vanilla",
     "medusa": "methods.medusa",
+    "firp": "methods.firp",
 }
 
 _REGISTRY: dict[str, type[Decoder]] = {}

@@ -52,3 +52,22 @@ def test_medusa_training_writes_heads_and_resumes(tmp_path, tiny_data, layout):
     engine = Engine(model)
     got = MedusaDecoder(engine, heads=str(out)).generate([1, 2, 3], 20).tokens
     assert got == VanillaDecoder(engine).generate([1, 2, 3], 20).tokens
+
+
+def test_firp_training_writes_maps_and_loss_drops(tmp_path, tiny_data):
+    from harness.training import firp
+    from methods.engine import Engine
+    from methods.firp import FirpDecoder
+    from methods.vanilla import VanillaDecoder
+
+    model = tiny_model("llama")
+    out = tmp_path / "firp"
+    cfg = TrainConfig(method="firp", out=str(out), epochs=2, batch_sequences=4, checkpoint_every=2, lr=3e-3,
+                      options={"K": 2, "layers": "1", "tree": "2x1", "anchors_per_seq": 8})
+    meta = firp.train(cfg, model, None, tiny_data, "tiny-firp")
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["layers"] == [1, 1] and saved["mode"] == "serialized"
+    assert set(meta["val_accuracy"]) == {"step1", "step2"}
+    engine = Engine(model)
+    got = FirpDecoder(engine, weights=str(out)).generate([1, 2, 3], 20).tokens
+    assert got == VanillaDecoder(engine).generate([1, 2, 3], 20).tokens

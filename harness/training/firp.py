@@ -1,0 +1,207 @@
+"""``python -m harness train firp``: the K maps W_k of FIRP on the frozen model.
+
+Whole sequences at once: the frozen model's hidden states at layer l_1 are cached; each
+training sequence then runs the later layers over [real tokens + K pseudo tokens per
+anchor] with one custom float mask (pseudo (t,k) sees real tokens <= t and, serialized,
+its own chain's earlier steps), positions t+k. The pseudo chains are built by exactly
+the same ``methods.firp.injections`` closures that inference uses, so training and
+decoding cannot drift apart. Loss: KL(base distribution at real position t+k || pseudo
+(t,k) decoded by the final norm and LM head), summed over k.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from harness.training.common import (
+    Checkpointer,
+    Stopwatch,
+    TrainConfig,
+    cached_features,
+    lr_at,
+    prepare_out,
+    split_train_val,
+    write_result,
+)
+from methods.firp import FirpMaps, build_plan, injections
+
+
+def pseudo_forward(model: Any, maps: FirpMaps, h_start: torch.Tensor, anchors: torch.Tensor,
+                   capture: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run layers l_1..L over a sequence's real states [T, D] plus the anchors' chains.
+
+    Returns the pseudo tokens' final (normed) hidden states [K, a, D], step-major, and, if
+    ``capture``, every layer's full hidden states (for the analysis of pseudo vs real).
+    """
+    backbone = model.model
+    T = h_start.shape[0]
+    causal = torch.ones((T, T), dtype=torch.bool).tril()
+    plan = build_plan(maps, causal[anchors], anchors.tolist())
+    injs = {inj.layer: inj for inj in injections(maps, plan, anchors, h_start.device)}
+    h = h_start[None]
+    pos = torch.arange(T)
+    visible = causal
+    neg = torch.finfo(torch.float32).min
+    mask = rope = None
+    captured = []
+    for i in range(maps.layers[0], len(backbone.layers)):
+        inj = injs.get(i)
+        if inj is not None:
+            extra, extra_pos, vis = inj.make(h)
+            n_cur, m = h.shape[1], extra.shape[1]
+            grown = torch.zeros((n_cur + m, n_cur + m), dtype=torch.bool)
+            grown[:n_cur, :n_cur] = visible
+            grown[n_cur:] = vis
+            visible = grown
+            h = torch.cat([h, extra.to(h.dtype)], dim=1)
+            pos = torch.cat([pos, extra_pos.cpu()])
+            mask = rope = None
+        if mask is None:
+            mask = torch.where(visible, 0.0, neg)[None, None].to(h.dtype)
+            rope = backbone.rotary_emb(h, pos[None])
+        if capture:
+            captured.append(h[0])
+        layer = backbone.layers[i]
+        attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), position_embeddings=rope,
+                                  attention_mask=mask, cache=None)
+        h = h + attn
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    final = backbone.norm(h)[0, T:]
+    return final.view(maps.K, len(anchors), -1), captured
+
+
+def anchor_positions(item: dict[str, Any], K: int, limit: int | None, rng: random.Random) -> list[int]:
+    """Answer positions whose K targets all lie inside the sequence (optionally a random subset)."""
+    first, last = max(0, item["prompt_len"] - 1), len(item["ids"]) - 1 - K
+    anchors = list(range(first, last + 1))
+    if limit and len(anchors) > limit:
+        anchors = sorted(rng.sample(anchors, limit))
+    return anchors
+
+
+def firp_loss(model: Any, lm_head: torch.nn.Module, maps: FirpMaps, feats: dict[int, torch.Tensor],
+              anchors: list[int], need_stats: bool = False) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    idx = torch.tensor(anchors)
+    pseudo, _ = pseudo_forward(model, maps, feats[maps.layers[0]].float(), idx)
+    final = feats[-1].float()
+    total = pseudo.new_zeros((), dtype=torch.float32)
+    stats = []
+    for k in range(maps.K):
+        with torch.no_grad():
+            teacher = F.log_softmax(lm_head(final[idx + k + 1]).float(), dim=-1)
+        log_q = F.log_softmax(lm_head(pseudo[k]).float(), dim=-1)
+        total = total + F.kl_div(log_q, teacher, log_target=True, reduction="batchmean")
+        if need_stats:
+            want = teacher.argmax(-1)
+            top3 = log_q.topk(3, dim=-1).indices
+            stats.append({"n": len(anchors), "top1": float((top3[:, 0] == want).sum()),
+                          "top3": float((top3 == want[:, None]).any(-1).sum())})
+    return total, stats
+
+
+@torch.no_grad()
+def evaluate(model, lm_head, maps, data, feats, anchors_per_seq: int | None) -> dict[str, Any]:
+    agg = [{"n": 0, "top1": 0.0, "top3": 0.0} for _ in range(maps.K)]
+    rng = random.Random(0)
+    for item, feat in zip(data, feats):
+        anchors = anchor_positions(item, maps.K, anchors_per_seq, rng)
+        if not anchors:
+            continue
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, stats = firp_loss(model, lm_head, maps, feat, anchors, need_stats=True)
+        for a, s in zip(agg, stats):
+            for key in a:
+                a[key] += s[key]
+    return {f"step{k + 1}": {"top1": a["top1"] / max(1, a["n"]), "top3": a["top3"] / max(1, a["n"]),
+                             "positions": a["n"]} for k, a in enumerate(agg)}
+
+
+def parse_layers(value: Any, K: int, num_layers: int) -> list[int]:
+    if isinstance(value, str):
+        parts = [int(x) for x in value.replace("x", ",").split(",") if x.strip()]
+    elif isinstance(value, int):
+        parts = [value]
+    else:
+        parts = list(value)
+    layers = parts * K if len(parts) == 1 else parts
+    if len(layers) != K or not all(0 < x < num_layers for x in layers):
+        raise ValueError(f"layers must be one value or K={K} values in 1..{num_layers - 1}, got {value!r}")
+    return layers
+
+
+def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, Any]], data_key: str) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from harness.errors import UserError
+
+    out = prepare_out(config.out)
+    opts = config.options
+    K = int(opts.get("K", 3))
+    try:
+        layers = parse_layers(opts.get("layers", 10), K, model.config.num_hidden_layers)
+        maps = FirpMaps(model.config.hidden_size, layers, opts.get("mode", "serialized"), opts.get("input", "prev"))
+    except ValueError as exc:
+        raise UserError(f"bad FIRP option: {exc}") from None
+    anchors_per_seq = int(opts.get("anchors_per_seq", 48))
+    feats = cached_features(model, data, [layers[0], -1], data_key)
+    model.float()  # the frozen layers run under bf16 autocast; fp32 masters keep W_k's gradients exact
+    model.requires_grad_(False)
+    train_idx, val_idx = split_train_val(list(range(len(data))), config.val_fraction, config.seed)
+    lm_head = model.lm_head
+    opt = torch.optim.Adam(maps.parameters(), lr=config.lr)
+    steps_per_epoch = (len(train_idx) + config.batch_sequences - 1) // config.batch_sequences
+    total = steps_per_epoch * config.epochs
+    ckpt = Checkpointer(out)
+    state = ckpt.load()
+    step, elapsed = 0, 0.0
+    if state is not None:
+        maps.load_state_dict(state["maps"])
+        opt.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed"]
+        print(f"Resuming from {ckpt.path} at step {step}/{total}", file=sys.stderr)
+    clock = Stopwatch(elapsed)
+    bar = tqdm(total=total, initial=step, desc="training FIRP maps", file=sys.stderr, dynamic_ncols=True)
+    while step < total:
+        epoch, pos = divmod(step, steps_per_epoch)
+        order = list(train_idx)
+        random.Random(config.seed + epoch).shuffle(order)
+        batch = order[pos * config.batch_sequences:(pos + 1) * config.batch_sequences]
+        rng = random.Random(config.seed * 1_000_003 + step)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, config.lr, config.warmup_steps)
+        opt.zero_grad()
+        loss_sum, used = 0.0, 0
+        for i in batch:
+            anchors = anchor_positions(data[i], K, anchors_per_seq, rng)
+            if not anchors:
+                continue
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss, _ = firp_loss(model, lm_head, maps, feats[i], anchors)
+            (loss / len(batch)).backward()
+            loss_sum += float(loss.detach())
+            used += 1
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum / max(1, used):.3f}")
+        if step % config.checkpoint_every == 0 or step == total:
+            ckpt.save({"maps": maps.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                       "elapsed": clock.elapsed()})
+    bar.close()
+    val = evaluate(model, lm_head, maps, [data[i] for i in val_idx], [feats[i] for i in val_idx], anchors_per_seq)
+    for name, acc in val.items():
+        print(f"  {name}: top-1 {acc['top1']:.1%}  top-3 {acc['top3']:.1%}  ({acc['positions']} val positions)",
+              file=sys.stderr)
+    meta = {"method": "firp", "model": config.model, **maps.config(), "K": K,
+            "default_tree": opts.get("tree", "3x2x1"), "val_accuracy": val,
+            "train_time_s": round(clock.elapsed(), 1), "train_sequences": len(train_idx),
+            "val_sequences": len(val_idx), "anchors_per_seq": anchors_per_seq}
+    write_result(out, config, maps.state_dict(), meta, "firp.safetensors")
+    print(f"Wrote {out / 'firp.safetensors'} and {out / 'config.json'} "
+          f"(training {clock.elapsed() / 60:.1f} min)", file=sys.stderr)
+    return meta

@@ -1,0 +1,101 @@
+"""FIRP: inference chains equal the training forward, pseudo tokens never persist, and
+decoding is lossless for every option combination."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from harness.training.firp import parse_layers, pseudo_forward
+from methods.engine import Engine
+from methods.firp import FirpDecoder, FirpMaps, build_plan, injections
+from methods.vanilla import VanillaDecoder
+from tests.conftest import tiny_model
+
+
+def _random_maps(model, layers, mode="serialized", input="prev", seed=0, scale=0.3) -> FirpMaps:
+    maps = FirpMaps(model.config.hidden_size, layers, mode, input)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in maps.maps:
+            m.weight.add_(torch.randn(m.weight.shape, generator=g) * scale)
+    return maps
+
+
+@pytest.mark.parametrize("layers,mode,input", [
+    ([1, 1, 1], "serialized", "prev"),
+    ([1, 1, 1], "parallel", "prev"),
+    ([1, 2, 2], "serialized", "prev+anchor"),
+    ([2, 2], "parallel", "prev+anchor"),
+])
+def test_engine_chains_equal_training_forward(layers, mode, input):
+    model = tiny_model("llama")
+    maps = _random_maps(model, layers, mode, input)
+    prompt = [5, 9, 14, 3, 77, 21, 8]
+    n = len(prompt)
+    engine = Engine(model)
+    engine.reset()
+    plan = build_plan(maps, torch.ones((1, n), dtype=torch.bool), [n - 1])
+    out = engine.forward(prompt, injections=injections(maps, plan, torch.tensor([n - 1]), engine.device), commit=True)
+    assert engine.cache.length == n  # pseudo tokens are never committed
+    got = out.hidden[n:].view(maps.K, 1, -1)
+
+    with torch.no_grad():
+        hs = model.model(torch.tensor([prompt]), output_hidden_states=True).hidden_states
+        ref, _ = pseudo_forward(model, maps, hs[layers[0]][0], torch.tensor([n - 1]))
+    assert (got - ref).abs().max() < 1e-4
+    # several anchors at once (training) equal one anchor at a time (inference)
+    with torch.no_grad():
+        multi, _ = pseudo_forward(model, maps, hs[layers[0]][0], torch.tensor([2, 4, n - 1]))
+    assert (multi[:, 2:3] - ref).abs().max() < 1e-4
+
+
+def _decoder(engine, maps, tmp_path, tree, chains="all"):
+    folder = tmp_path / "firp"
+    folder.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in maps.state_dict().items()}, str(folder / "firp.safetensors"))
+    (folder / "config.json").write_text(json.dumps({**maps.config(), "default_tree": tree}))
+    return FirpDecoder(engine, weights=str(folder), chains=chains)
+
+
+CASES = [
+    ([1, 1, 1], "serialized", "prev", "3x2x1", "all"),
+    ([1, 1, 1], "parallel", "prev", "2x2x2", "all"),
+    ([1, 2, 2], "serialized", "prev+anchor", "[[0], [1], [0, 0], [0, 0, 0]]", "all"),
+    ([2, 2, 2], "serialized", "prev", "3x2x1", "spine"),
+    ([1, 1], "serialized", "prev", "1x1", "spine"),
+]
+
+
+@pytest.mark.parametrize("layers,mode,input,tree,chains", CASES)
+def test_firp_is_lossless_on_tiny_models(tiny, tmp_path, layers, mode, input, tree, chains):
+    engine = Engine(tiny)
+    decoder = _decoder(engine, _random_maps(tiny, layers, mode, input), tmp_path, tree, chains)
+    vanilla = VanillaDecoder(engine)
+    for seed in range(3):
+        prompt = torch.randint(0, 97, (5 + seed,), generator=torch.Generator().manual_seed(seed)).tolist()
+        ref = vanilla.generate(prompt, 30)
+        got = decoder.generate(prompt, 30)
+        assert got.tokens == ref.tokens
+        assert sum(got.accepted) == len(got.tokens)
+
+
+def test_identity_maps_on_repetitive_model_accept_drafts(tmp_path):
+    """Untrained (identity) maps still give valid, lossless decoding and record per-step stats."""
+    model = tiny_model("qwen2")
+    engine = Engine(model)
+    maps = FirpMaps(model.config.hidden_size, [1, 1, 1])
+    decoder = _decoder(engine, maps, tmp_path, "2x1x1")
+    got = decoder.generate([1, 2, 3, 4], 25)
+    assert got.tokens == VanillaDecoder(engine).generate([1, 2, 3, 4], 25).tokens
+    assert len(got.draft_sizes) == len(got.accepted) and got.draft_sizes[0] == 0
+
+
+def test_parse_layers():
+    assert parse_layers("10", 3, 30) == [10, 10, 10]
+    assert parse_layers("10,15,20", 3, 30) == [10, 15, 20]
+    with pytest.raises(ValueError):
+        parse_layers("10,15", 3, 30)
