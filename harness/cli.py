@@ -103,6 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="method settings, e.g. heads=3, layout=shared|upstream, tree=4x2x1, layers=10")
     tr.add_argument("--allow-eval-data", action="store_true", help="permit training on evaluation files")
 
+    rep = sub.add_parser("report", help="write RUN_DIR/report.html (run does this automatically)")
+    rep.add_argument("run_dir", metavar="RUN_DIR")
+    rep.add_argument("-o", "--output", default=None, metavar="FILE", help="default: RUN_DIR/report.html")
+
+    cmp_ = sub.add_parser("compare", help="HTML diff of two runs with regressions highlighted")
+    cmp_.add_argument("run_a", metavar="RUN_A")
+    cmp_.add_argument("run_b", metavar="RUN_B")
+    cmp_.add_argument("-o", "--output", default="compare.html", metavar="FILE")
+    cmp_.add_argument("--force", action="store_true", help="compare even if models or task hashes differ")
+
     base = sub.add_parser("baseline", help="freeze a run's metrics as a regression baseline")
     base.add_argument("run_dir", metavar="RUN_DIR")
     base.add_argument("-o", "--output", required=True, metavar="FILE", help="baseline JSON to write")
@@ -135,6 +145,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     out = execute(config)
     print_summary(out)
+    from reports.html import build_report
+
+    print(f"Report: {build_report(out)}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from reports.html import build_report
+
+    print(f"Report: {build_report(Path(args.run_dir), Path(args.output) if args.output else None)}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from reports.compare import build_comparison
+
+    out = build_comparison(Path(args.run_a), Path(args.run_b), Path(args.output), force=args.force)
+    print(f"Comparison: {out}")
     return 0
 
 
@@ -208,7 +240,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "list": cmd_list, "baseline": cmd_baseline, "check": cmd_check}
+COMMANDS = {"run": cmd_run, "train": cmd_train, "report": cmd_report, "compare": cmd_compare, "list": cmd_list, "baseline": cmd_baseline, "check": cmd_check}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

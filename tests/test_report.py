@@ -1,0 +1,112 @@
+"""Reports: metrics on hand-made results (edge cases included) and a real headless browser."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from harness.metrics import acceptance_by_depth, bootstrap_geomean_ci, first_divergence, records_frame, rouge2, summarize
+from reports.html import build_report
+
+
+def _turn(tokens, accepted, drafts, text, t):
+    return {"tokens": tokens, "text": text, "wall_time": t, "accepted": accepted, "draft_sizes": drafts,
+            "draft_time": 0.01 * len(accepted) if any(drafts) else None,
+            "verify_time": 0.02 * len(accepted) if any(drafts) else None, "prompt_tokens": 5}
+
+
+def _record(method, ex, turn, task="builtin", category="chat", reference=None):
+    return {"task": task, "example_id": ex, "category": category, "method": method, "reference": reference,
+            "turns": [turn], "new_tokens": len(turn["tokens"]), "target_forwards": len(turn["accepted"]),
+            "wall_time": turn["wall_time"], "skipped": None}
+
+
+def make_run(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    recs = [
+        _record("vanilla", "a", _turn([1, 2, 3, 4], [1, 1, 1, 1], [0, 0, 0, 0], "the cat sat down", 1.0),
+                reference="the cat sat down", category="summarization"),
+        _record("medusa", "a", _turn([1, 2, 3, 4], [1, 3], [0, 6], "the cat sat down", 0.5),
+                reference="the cat sat down", category="summarization"),
+        _record("vanilla", "b", _turn([5, 6, 7], [1, 1, 1], [0, 0, 0], "answer is 7", 0.8), reference="7",
+                category="math"),
+        _record("medusa", "b", _turn([5, 6, 9], [1, 1, 1], [0, 6, 6], "answer is 9", 1.0), reference="7",
+                category="math"),
+        _record("vanilla", "c", _turn([], [], [], "", 0.1)),  # zero new tokens
+        _record("medusa", "c", _turn([], [], [], "", 0.1)),
+    ]
+    (path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    manifest = {"config": {"model": "smollm2-135m", "max_new_tokens": 4}, "dtype": "float32", "status": "complete",
+                "started": "now", "model": {"weight_bytes": 1000},
+                "environment": {"device": "cpu", "cpu": "test cpu", "torch_threads": 2, "gpu": None},
+                "tasks": {"builtin": {"hash": "h"}}}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def test_metrics_on_hand_made_results(tmp_path):
+    frame = records_frame(json.loads(l) for l in (make_run(tmp_path / "r") / "results.jsonl").read_text().splitlines())
+    s = summarize(frame, by=("method",), weight_bytes=1000).set_index("method")
+    assert s.loc["vanilla", "mean_accepted_length"] == pytest.approx(7 / 7)
+    assert s.loc["medusa", "mean_accepted_length"] == pytest.approx(7 / 5)
+    assert s.loc["medusa", "draft_size"] == pytest.approx(18 / 5)
+    assert s.loc["medusa", "exact_match"] == pytest.approx(2 / 3)
+    # per-prompt ratios 2.0, 0.8, 1.0 -> geometric mean
+    assert s.loc["medusa", "speedup_geomean"] == pytest.approx((2.0 * 0.8 * 1.0) ** (1 / 3))
+    assert s.loc["medusa", "speedup_total_time"] == pytest.approx(1.9 / 1.6)
+    assert s.loc["vanilla", "rouge2"] == pytest.approx(1.0)
+    assert s.loc["medusa", "answer_accuracy"] == 0.0 and s.loc["vanilla", "answer_accuracy"] == 1.0
+    assert s.loc["vanilla", "bandwidth_gb_s"] == pytest.approx(1000 * 7 / 1.9 / 1e9)
+
+
+def test_metric_edge_cases():
+    assert acceptance_by_depth([1, 1, 1], [0, 3, 3])[0] == 0.0  # never accepts a draft
+    assert math.isnan(acceptance_by_depth([1, 1, 1], [0, 3, 3])[1])
+    assert acceptance_by_depth([1, 3, 2], [0, 3, 3])[:2] == [1.0, 0.5]
+    assert acceptance_by_depth([1], [0]) == [float("nan")] * 8 or all(math.isnan(x) for x in acceptance_by_depth([1], [0]))
+    assert bootstrap_geomean_ci([2.0]) == (2.0, 2.0)  # a single example
+    lo, hi = bootstrap_geomean_ci([1.0, 2.0, 4.0])
+    assert 1.0 <= lo <= 2.0 <= hi <= 4.0
+    assert first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert first_divergence([1, 2, 3], [1, 5, 3]) == 1 and first_divergence([1, 2], [1, 2, 3]) == 2
+    assert rouge2("", "") == 1.0 and rouge2("the cat sat", "the cat sat") == 1.0
+
+
+def test_report_is_self_contained(tmp_path):
+    out = build_report(make_run(tmp_path / "run"))
+    page = out.read_text()
+    assert page.count("<svg") >= 4 and "<script" not in page
+    for needle in ('src="http', 'href="http', "@import", "url(http"):
+        assert needle not in page
+    assert 'class="summary"' in page and "diverges at token 2" in page and '<mark class="diverge">' in page
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_report_in_headless_chromium(tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    out = build_report(make_run(tmp_path / "run"))
+    errors: list[str] = []
+    requests: list[str] = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(out.as_uri())
+        assert page.locator("table.summary tbody tr").count() >= 2
+        assert page.locator("figure.chart svg").count() == 4
+        assert page.locator("details.example").count() == 3
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        browser.close()
+    assert errors == []
+    assert all(u.startswith("file://") for u in requests), requests
+    assert (tmp_path / "report.png").stat().st_size > 10_000
