@@ -18,6 +18,7 @@ from harness.errors import UserError
 
 RESULTS_FILE = "results.jsonl"
 MANIFEST_FILE = "manifest.json"
+DIVERGENCES_FILE = "divergences.jsonl"
 
 
 def record_key(record: dict[str, Any]) -> tuple[str, str, str]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from harness.errors import UserError
 from harness.results import (
+    DIVERGENCES_FILE,
     MANIFEST_FILE,
     RESULTS_FILE,
     ResultsWriter,
@@ -205,6 +206,10 @@ def execute(config: RunConfig) -> Path:
         print(f"\nInterrupted: {completed} of {todo} generations are saved in {out / RESULTS_FILE}; "
               "rerun the same command to finish the rest.", file=sys.stderr)
         raise SystemExit(130) from None
+    from harness.divergence import find_divergences
+
+    divergences = find_divergences(read_records(out / RESULTS_FILE), examples, engine, tokenizer)
+    (out / DIVERGENCES_FILE).write_text("".join(json.dumps(d) + "\n" for d in divergences))
     manifest["status"] = "complete"
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_manifest(out, manifest)

@@ -13,7 +13,7 @@ import pandas as pd
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from harness.metrics import BASELINE, first_divergence, records_frame, summarize
-from harness.results import RESULTS_FILE, read_manifest, read_records
+from harness.results import DIVERGENCES_FILE, RESULTS_FILE, read_manifest, read_records
 from reports import plots
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -124,8 +124,12 @@ def build_report(run_dir: Path, out: Path | None = None) -> Path:
         categories = [{"task": r.task, "category": r.category, "method": r.method,
                        "speedup": _num(r.speedup_geomean, ".2f", "x"), "mal": _num(r.mean_accepted_length, ".2f"),
                        "exact": _num(r.exact_match, ".0%")} for r in cat.itertuples()]
+    divergences = []
+    div_path = run_dir / DIVERGENCES_FILE
+    if div_path.is_file():
+        divergences = [json.loads(line) for line in div_path.read_text().splitlines() if line.strip()]
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "jinja"]))
-    page = env.get_template("report.html.jinja").render(
+    page = env.get_template("report.html.jinja").render(divergences=divergences,
         run_dir=str(run_dir), manifest=manifest, rows=summary_rows(summary) if not summary.empty else [],
         charts=charts, categories=categories, examples=drilldown(frame, records),
         skipped=sum(1 for r in records if r.get("skipped")),
