@@ -127,3 +127,49 @@ class TreeVerifier:
         best = int(lengths.argmax())
         nodes = self.retrieve[best, : int(lengths[best]) + 1].tolist()
         return nodes, int(greedy[nodes[-1]]), greedy
+
+
+# -- choosing trees from measured acceptance ------------------------------------------------
+def path_counts(ranks: torch.Tensor, max_rank: int = 10) -> dict[Path, int]:
+    """How often each path would be accepted, from per-position ranks.
+
+    ``ranks[i, d]`` is the rank of the true (greedy) token among draft depth d+1's
+    candidates at position i. Position i accepts path (c_1..c_d) iff its ranks start with
+    exactly that prefix; a rank >= ``max_rank`` ends the prefix.
+    """
+    counts: dict[Path, int] = {}
+    for row in ranks.tolist():
+        prefix: Path = ()
+        for r in row:
+            if r >= max_rank:
+                break
+            prefix = prefix + (int(r),)
+            counts[prefix] = counts.get(prefix, 0) + 1
+    return counts
+
+
+def best_tree_paths(ranks: torch.Tensor, size: int, max_rank: int = 10) -> list[Path]:
+    """The ``size`` draft nodes with the highest acceptance frequency.
+
+    The expected accepted length of a tree is 1 + sum over its nodes of P(node accepted),
+    and P(child) <= P(parent), so the best tree of a given size is simply the top-``size``
+    paths by frequency (ties broken towards shallower, lower-rank paths, which keeps the
+    set prefix-closed).
+    """
+    counts = path_counts(ranks, max_rank)
+    ordered = sorted(counts, key=lambda p: (-counts[p], len(p), p))
+    chosen: list[Path] = []
+    have: set[Path] = set()
+    for p in ordered:
+        if len(chosen) >= size:
+            break
+        if len(p) == 1 or p[:-1] in have:
+            chosen.append(p)
+            have.add(p)
+    return chosen
+
+
+def expected_accepted_length(ranks: torch.Tensor, paths: list[Path], max_rank: int = 10) -> float:
+    """Teacher-forced mean accepted length of a tree: 1 + mean number of accepted drafts."""
+    counts = path_counts(ranks, max_rank)
+    return 1.0 + sum(counts.get(tuple(p), 0) for p in paths) / max(1, ranks.shape[0])

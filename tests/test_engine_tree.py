@@ -88,3 +88,16 @@ def test_keep_branch_then_continue_matches_sequential(tiny, case, data):
     seq = prefix + [node_tokens[i] for i in kept] + [next_token]
     ref = _sequential_logits(engine, seq)[-1]
     assert (got - ref).abs().max().item() < TOL
+
+
+def test_best_tree_and_expected_length():
+    from methods.tree import best_tree_paths, expected_accepted_length
+
+    ranks = torch.tensor([[0, 0, 0], [0, 1, 0], [1, 0, 5], [0, 0, 12], [3, 0, 0]])
+    chain = [(0,), (0, 0), (0, 0, 0)]
+    assert expected_accepted_length(ranks, chain) == 1 + (3 + 2 + 1) / 5
+    best = best_tree_paths(ranks, 3)
+    assert best[0] == (0,) and set(best) <= {(0,), (0, 0), (1,), (0, 1), (0, 0, 0)}
+    assert expected_accepted_length(ranks, best) >= expected_accepted_length(ranks, chain) - 1e-9
+    tree = Tree.from_paths(best)  # prefix-closed: builds
+    assert tree.draft_size == 3

@@ -28,6 +28,7 @@ from harness.training.common import (
     split_train_val,
     write_result,
 )
+from harness.training.medusa import tree_search, tree_search_default
 from methods.firp import FirpMaps, build_plan, injections
 
 
@@ -100,7 +101,8 @@ def firp_loss(model: Any, lm_head: torch.nn.Module, maps: FirpMaps, feats: dict[
             want = teacher.argmax(-1)
             top3 = log_q.topk(3, dim=-1).indices
             stats.append({"n": len(anchors), "top1": float((top3[:, 0] == want).sum()),
-                          "top3": float((top3 == want[:, None]).any(-1).sum())})
+                          "top3": float((top3 == want[:, None]).any(-1).sum()),
+                          "ranks": (log_q > log_q.gather(1, want[:, None])).sum(-1)})
     return total, stats
 
 
@@ -108,6 +110,7 @@ def firp_loss(model: Any, lm_head: torch.nn.Module, maps: FirpMaps, feats: dict[
 def evaluate(model, lm_head, maps, data, feats, anchors_per_seq: int | None) -> dict[str, Any]:
     agg = [{"n": 0, "top1": 0.0, "top3": 0.0} for _ in range(maps.K)]
     rng = random.Random(0)
+    ranks = []
     for item, feat in zip(data, feats):
         anchors = anchor_positions(item, maps.K, anchors_per_seq, rng)
         if not anchors:
@@ -117,8 +120,10 @@ def evaluate(model, lm_head, maps, data, feats, anchors_per_seq: int | None) -> 
         for a, s in zip(agg, stats):
             for key in a:
                 a[key] += s[key]
-    return {f"step{k + 1}": {"top1": a["top1"] / max(1, a["n"]), "top3": a["top3"] / max(1, a["n"]),
-                             "positions": a["n"]} for k, a in enumerate(agg)}
+        ranks.append(torch.stack([s["ranks"] for s in stats], dim=1))
+    accuracy = {f"step{k + 1}": {"top1": a["top1"] / max(1, a["n"]), "top3": a["top3"] / max(1, a["n"]),
+                                 "positions": a["n"]} for k, a in enumerate(agg)}
+    return accuracy, (torch.cat(ranks) if ranks else torch.zeros((0, maps.K), dtype=torch.long))
 
 
 def parse_layers(value: Any, K: int, num_layers: int) -> list[int]:
@@ -193,12 +198,14 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
             ckpt.save({"maps": maps.state_dict(), "optimizer": opt.state_dict(), "step": step,
                        "elapsed": clock.elapsed()})
     bar.close()
-    val = evaluate(model, lm_head, maps, [data[i] for i in val_idx], [feats[i] for i in val_idx], anchors_per_seq)
+    val, ranks = evaluate(model, lm_head, maps, [data[i] for i in val_idx], [feats[i] for i in val_idx],
+                          anchors_per_seq)
     for name, acc in val.items():
         print(f"  {name}: top-1 {acc['top1']:.1%}  top-3 {acc['top3']:.1%}  ({acc['positions']} val positions)",
               file=sys.stderr)
     meta = {"method": "firp", "model": config.model, **maps.config(), "K": K,
-            "default_tree": opts.get("tree", "3x2x1"), "val_accuracy": val,
+            "default_tree": opts.get("tree") or tree_search_default(ranks, int(opts.get("tree_size", 4))),
+            "tree_search": tree_search(ranks), "val_accuracy": val,
             "train_time_s": round(clock.elapsed(), 1), "train_sequences": len(train_idx),
             "val_sequences": len(val_idx), "anchors_per_seq": anchors_per_seq}
     write_result(out, config, maps.state_dict(), meta, "firp.safetensors")

@@ -27,6 +27,25 @@ from harness.training.common import (
     write_result,
 )
 from methods.medusa import MedusaHeads
+from methods.tree import best_tree_paths, expected_accepted_length
+
+
+def tree_search(ranks: torch.Tensor, sizes=(1, 2, 3, 4, 6, 8, 12, 16, 20, 30)) -> list[dict[str, Any]]:
+    """Teacher-forced mean accepted length of the best tree of each size, on validation positions."""
+    out = []
+    for size in sizes:
+        paths = best_tree_paths(ranks, size)
+        out.append({"size": len(paths), "expected_accepted_length": round(expected_accepted_length(ranks, paths), 4),
+                    "paths": [list(p) for p in paths]})
+    depth = ranks.shape[1]
+    chain = [tuple([0] * d) for d in range(1, depth + 1)]
+    out.append({"size": len(chain), "name": "chain", "paths": [list(p) for p in chain],
+                "expected_accepted_length": round(expected_accepted_length(ranks, chain), 4)})
+    return out
+
+
+def tree_search_default(ranks: torch.Tensor, size: int) -> list[list[int]]:
+    return [list(p) for p in best_tree_paths(ranks, size)]
 
 
 def _positions(item: dict[str, Any]) -> tuple[int, int]:
@@ -45,7 +64,7 @@ def head_losses(heads: MedusaHeads, lm_head: torch.nn.Module, hidden: torch.Tens
     for k in range(1, heads.num_heads + 1):
         src = hidden[start:T - k]
         if src.shape[0] == 0:
-            stats.append({"n": 0, "top1": 0.0, "top3": 0.0})
+            stats.append({"n": 0, "top1": 0.0, "top3": 0.0, "ranks": torch.zeros(0, dtype=torch.long)})
             continue
         logits = heads.heads[k - 1](src)
         logits = lm_head(logits) if heads.layout == "shared" else logits
@@ -56,14 +75,16 @@ def head_losses(heads: MedusaHeads, lm_head: torch.nn.Module, hidden: torch.Tens
             with torch.no_grad():
                 want = target.argmax(-1)
                 top3 = log_q.topk(3, dim=-1).indices
+                rank = (log_q > log_q.gather(1, want[:, None])).sum(-1)
                 stats.append({"n": int(want.numel()), "top1": float((top3[:, 0] == want).sum()),
-                              "top3": float((top3 == want[:, None]).any(-1).sum())})
+                              "top3": float((top3 == want[:, None]).any(-1).sum()), "ranks": rank})
     return total, stats
 
 
 @torch.no_grad()
 def evaluate(heads: MedusaHeads, lm_head: torch.nn.Module, data: list, feats: list) -> dict[str, Any]:
     agg = [{"n": 0, "top1": 0.0, "top3": 0.0} for _ in range(heads.num_heads)]
+    ranks = []
     for item, feat in zip(data, feats):
         start, _ = _positions(item)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -71,8 +92,12 @@ def evaluate(heads: MedusaHeads, lm_head: torch.nn.Module, data: list, feats: li
         for a, s in zip(agg, stats):
             for key in a:
                 a[key] += s[key]
-    return {f"head{k + 1}": {"top1": a["top1"] / max(1, a["n"]), "top3": a["top3"] / max(1, a["n"]),
-                             "positions": a["n"]} for k, a in enumerate(agg)}
+        n = min(len(s["ranks"]) for s in stats)  # positions where every head has a target
+        if n:
+            ranks.append(torch.stack([s["ranks"][:n] for s in stats], dim=1))
+    accuracy = {f"head{k + 1}": {"top1": a["top1"] / max(1, a["n"]), "top3": a["top3"] / max(1, a["n"]),
+                                 "positions": a["n"]} for k, a in enumerate(agg)}
+    return accuracy, (torch.cat(ranks) if ranks else torch.zeros((0, heads.num_heads), dtype=torch.long))
 
 
 def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, Any]], data_key: str) -> dict[str, Any]:
@@ -128,12 +153,13 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
             ckpt.save({"heads": heads.state_dict(), "optimizer": opt.state_dict(), "step": step,
                        "elapsed": clock.elapsed()})
     bar.close()
-    val = evaluate(heads, lm_head, [data[i] for i in val_idx], [feats[i] for i in val_idx])
+    val, ranks = evaluate(heads, lm_head, [data[i] for i in val_idx], [feats[i] for i in val_idx])
     for name, acc in val.items():
         print(f"  {name}: top-1 {acc['top1']:.1%}  top-3 {acc['top3']:.1%}  ({acc['positions']} val positions)",
               file=sys.stderr)
     meta = {"method": "medusa", "model": config.model, "num_heads": num_heads, "layout": layout,
-            "default_tree": config.options.get("tree", "4x2x1"), "val_accuracy": val,
+            "default_tree": config.options.get("tree") or tree_search_default(ranks, int(config.options.get("tree_size", 12))),
+            "tree_search": tree_search(ranks), "val_accuracy": val,
             "train_time_s": round(clock.elapsed(), 1), "train_sequences": len(train_idx),
             "val_sequences": len(val_idx)}
     write_result(out, config, heads.upstream_state_dict(), meta, "heads.safetensors")
