@@ -24,6 +24,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "vanilla": "methods.vanilla",
     "medusa": "methods.medusa",
     "firp": "methods.firp",
+    "pld": "methods.pld",
 }
 
 _REGISTRY: dict[str, type[Decoder]] = {}

@@ -144,3 +144,13 @@ def test_check_with_corrupted_baseline(capsys, tmp_path, content, message):
 def test_check_on_a_folder_that_is_not_a_run(capsys, tmp_path):
     code, err = run_cli(["check", str(tmp_path), "--baseline", str(tmp_path / "b.json")], capsys)
     assert code == 2 and ("not a run directory" in err or "cannot read baseline" in err)
+
+
+@pytest.mark.parametrize("method,command", [("medusa", "harness train medusa"), ("firp", "harness train firp")])
+def test_missing_trained_heads_names_the_train_command(method, command, capsys, tmp_path):
+    folder = tmp_path / "some-model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    code, err = run_cli(["run", "--methods", f"vanilla,{method}", "--model", str(folder),
+                         "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and command in err and len(err.strip().splitlines()) == 1

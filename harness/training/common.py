@@ -58,40 +58,48 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
 def cached_features(model: Any, data: list[dict[str, Any]], layers: Sequence[int], cache_key: str,
                     batch_size: int = 8) -> list[dict[int, torch.Tensor]]:
     """Hidden states of the frozen model per sequence, at HF ``hidden_states`` indices ``layers``
-    (0 = embeddings, i = after layer i, -1 = after the final norm), stored in bfloat16.
+    (0 = embeddings, i = entering layer i, -1 = after the final norm), stored in bfloat16.
 
-    Computed once and kept on disk: training then costs only the head's own layers.
+    Computed once and kept on disk, one file per layer, so trainers that need different
+    layers share one pass and training then costs only the head's own layers.
     """
     from tqdm import tqdm
 
     from harness.models import cache_root
 
-    digest = hashlib.sha256(json.dumps([cache_key, list(layers), len(data)]).encode()).hexdigest()[:12]
-    path = cache_root() / "features" / f"{digest}.pt"
-    if path.is_file():
-        print(f"Using cached features {path}", file=sys.stderr)
-        return torch.load(path)
-    order = sorted(range(len(data)), key=lambda i: len(data[i]["ids"]))
-    feats: list[dict[int, torch.Tensor]] = [{} for _ in data]
-    for start in tqdm(range(0, len(order), batch_size), desc="caching frozen-model features", file=sys.stderr):
-        idx = order[start:start + batch_size]
-        width = max(len(data[i]["ids"]) for i in idx)
-        ids = torch.zeros((len(idx), width), dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):  # right padding: causal positions before the pad are exact
-            n = len(data[i]["ids"])
-            ids[row, :n] = torch.tensor(data[i]["ids"])
-            mask[row, :n] = 1
-        out = model.model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                          output_hidden_states=True)
-        for row, i in enumerate(idx):
-            n = len(data[i]["ids"])
-            feats[i] = {layer: out.hidden_states[layer][row, :n].to("cpu", torch.bfloat16).clone() for layer in layers}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(feats, tmp)
-    tmp.replace(path)
-    return feats
+    def path_of(layer: int) -> Path:
+        digest = hashlib.sha256(json.dumps([cache_key, int(layer), len(data)]).encode()).hexdigest()[:12]
+        return cache_root() / "features" / f"{digest}-layer{layer}.pt"
+
+    missing = [layer for layer in layers if not path_of(layer).is_file()]
+    if missing:
+        order = sorted(range(len(data)), key=lambda i: len(data[i]["ids"]))
+        fresh: dict[int, list[torch.Tensor | None]] = {layer: [None] * len(data) for layer in missing}
+        for start in tqdm(range(0, len(order), batch_size), desc="caching frozen-model features", file=sys.stderr):
+            idx = order[start:start + batch_size]
+            width = max(len(data[i]["ids"]) for i in idx)
+            ids = torch.zeros((len(idx), width), dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):  # right padding: causal positions before the pad are exact
+                n = len(data[i]["ids"])
+                ids[row, :n] = torch.tensor(data[i]["ids"])
+                mask[row, :n] = 1
+            out = model.model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                              output_hidden_states=True)
+            for row, i in enumerate(idx):
+                n = len(data[i]["ids"])
+                for layer in missing:
+                    fresh[layer][i] = out.hidden_states[layer][row, :n].to("cpu", torch.bfloat16).clone()
+        for layer, tensors in fresh.items():
+            path = path_of(layer)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(tensors, tmp)
+            tmp.replace(path)
+    else:
+        print(f"Using cached features for layers {list(layers)}", file=sys.stderr)
+    per_layer = {layer: torch.load(path_of(layer)) for layer in layers}
+    return [{layer: per_layer[layer][i] for layer in layers} for i in range(len(data))]
 
 
 class Checkpointer:
