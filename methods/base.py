@@ -25,6 +25,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "medusa": "methods.medusa",
     "firp": "methods.firp",
     "pld": "methods.pld",
+    "self_spec": "methods.self_spec",
 }
 
 _REGISTRY: dict[str, type[Decoder]] = {}

@@ -1,0 +1,59 @@
+"""Self-speculative decoding: lossless for any skip set; transformers' early-exit assistant as oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from methods.engine import Engine
+from methods.self_spec import SelfSpeculativeDecoder, load_skip_set
+from methods.vanilla import VanillaDecoder
+
+
+@pytest.mark.parametrize("skip,threshold,adaptive", [
+    ({"attention": [1], "mlp": [2]}, 0.0, False),
+    ({"attention": [0, 2], "mlp": []}, 0.3, True),
+    ({"attention": [], "mlp": [0, 1, 2]}, 0.9, True),
+])
+def test_self_spec_is_lossless_on_tiny_models(tiny, skip, threshold, adaptive):
+    engine = Engine(tiny)
+    decoder = SelfSpeculativeDecoder(engine, skip=skip, threshold=threshold, adaptive=adaptive, max_draft=5)
+    vanilla = VanillaDecoder(engine)
+    for seed in range(3):
+        prompt = torch.randint(0, 97, (6,), generator=torch.Generator().manual_seed(seed)).tolist()
+        ref = vanilla.generate(prompt, 25).tokens
+        got = decoder.generate(prompt, 25)
+        assert got.tokens == ref
+        assert sum(got.accepted) == len(got.tokens)
+
+
+def test_no_skipping_accepts_every_confident_draft(tiny):
+    engine = Engine(tiny)
+    decoder = SelfSpeculativeDecoder(engine, skip={"attention": [], "mlp": []}, threshold=0.0, adaptive=False,
+                                     max_draft=4)
+    got = decoder.generate([1, 2, 3], 21)
+    assert got.tokens == VanillaDecoder(engine).generate([1, 2, 3], 21).tokens
+    assert all(a == d + 1 for a, d in zip(got.accepted[1:-1], got.draft_sizes[1:-1]))
+
+
+def test_load_skip_set_forms(tmp_path):
+    f = tmp_path / "s.json"
+    f.write_text('{"attention": [3, 1], "mlp": [2]}')
+    assert load_skip_set(str(f)) == {"attention": [1, 3], "mlp": [2]}
+    assert load_skip_set('{"mlp": [5]}') == {"attention": [], "mlp": [5]}
+
+
+@pytest.mark.slow
+def test_early_exit_skip_set_matches_transformers_assistant_early_exit(smollm):
+    from harness.prompts import encode_conversation, stop_token_ids
+
+    model, tok = smollm
+    exit_layer = 20
+    skip = {"attention": list(range(exit_layer, 30)), "mlp": list(range(exit_layer, 30))}
+    decoder = SelfSpeculativeDecoder(Engine(model), skip=skip, threshold=0.0, adaptive=False, max_draft=5)
+    stop = stop_token_ids(tok, model)
+    prompt = encode_conversation(tok, [{"role": "user", "content": "List three uses of a paperclip."}])
+    ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=32, do_sample=False, assistant_early_exit=exit_layer, eos_token_id=stop)
+    got = decoder.generate(prompt, 32, stop)
+    assert got.tokens == ref[0, len(prompt):].tolist()
