@@ -103,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="method settings, e.g. heads=3, layout=shared|upstream, tree=4x2x1, layers=10")
     tr.add_argument("--allow-eval-data", action="store_true", help="permit training on evaluation files")
 
+    tune = sub.add_parser("tune", help="search self_spec's skip set (Bayesian optimisation of tokens/s)")
+    tune.add_argument("method", help="self_spec")
+    tune.add_argument("--model", default="smollm2-135m")
+    tune.add_argument("--data", nargs="+", default=[], metavar="FILE", help="training JSONL files (never eval files)")
+    tune.add_argument("--out", default="skip.json", metavar="FILE")
+    tune.add_argument("--dtype", default="float32")
+    tune.add_argument("--trials", type=_int, default=30)
+    tune.add_argument("--prompts", type=_int, default=6)
+    tune.add_argument("--max-new-tokens", type=_int, default=32)
+    tune.add_argument("--seed", type=_int, default=0)
+
     rep = sub.add_parser("report", help="write RUN_DIR/report.html (run does this automatically)")
     rep.add_argument("run_dir", metavar="RUN_DIR")
     rep.add_argument("-o", "--output", default=None, metavar="FILE", help="default: RUN_DIR/report.html")
@@ -148,6 +159,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from reports.html import build_report
 
     print(f"Report: {build_report(out)}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from harness.tuning import TuneConfig, tune_self_spec
+
+    if args.method != "self_spec":
+        raise UserError(f"nothing to tune for method {args.method!r}; tunable: self_spec")
+    if args.trials <= 0 or args.prompts <= 0 or args.max_new_tokens <= 0:
+        raise UserError("--trials, --prompts and --max-new-tokens must be positive integers")
+    tune_self_spec(TuneConfig(model=args.model, data=args.data, out=args.out, dtype=args.dtype, trials=args.trials,
+                              prompts=args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed))
     return 0
 
 
@@ -240,7 +263,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "report": cmd_report, "compare": cmd_compare, "list": cmd_list, "baseline": cmd_baseline, "check": cmd_check}
+COMMANDS = {"run": cmd_run, "train": cmd_train, "tune": cmd_tune, "report": cmd_report, "compare": cmd_compare, "list": cmd_list, "baseline": cmd_baseline, "check": cmd_check}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
