@@ -26,6 +26,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "firp": "methods.firp",
     "pld": "methods.pld",
     "self_spec": "methods.self_spec",
+    "lookahead": "methods.lookahead",
 }
 
 _REGISTRY: dict[str, type[Decoder]] = {}

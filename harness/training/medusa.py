@@ -57,8 +57,8 @@ def head_losses(heads: MedusaHeads, lm_head: torch.nn.Module, hidden: torch.Tens
                 need_stats: bool = False) -> tuple[torch.Tensor, list[dict[str, float]]]:
     """Sum over heads of KL(base at t+k || head k at t), for t in [start, T-k)."""
     T = hidden.shape[0]
-    with torch.no_grad():
-        teacher = F.log_softmax(lm_head(hidden).float(), dim=-1)  # [T, V]: base's next-token dist per position
+    with torch.no_grad():  # base next-token dists, only where some head needs them: positions start+1..T-1
+        teacher = F.log_softmax(lm_head(hidden[start + 1:]).float(), dim=-1)
     total = hidden.new_zeros((), dtype=torch.float32)
     stats = []
     for k in range(1, heads.num_heads + 1):
@@ -69,7 +69,7 @@ def head_losses(heads: MedusaHeads, lm_head: torch.nn.Module, hidden: torch.Tens
         logits = heads.heads[k - 1](src)
         logits = lm_head(logits) if heads.layout == "shared" else logits
         log_q = F.log_softmax(logits.float(), dim=-1)
-        target = teacher[start + k:T]
+        target = teacher[k - 1:]
         total = total + F.kl_div(log_q, target, log_target=True, reduction="batchmean")
         if need_stats:
             with torch.no_grad():
