@@ -86,6 +86,16 @@ class FirpMaps(nn.Module):
     def config(self) -> dict[str, Any]:
         return {"layers": self.layers, "mode": self.mode, "input": self.input}
 
+    def truncated(self, steps: int) -> FirpMaps:
+        """The first ``steps`` maps (sharing parameters): pseudo steps deeper than the tree are never read."""
+        if steps >= self.K:
+            return self
+        view = FirpMaps.__new__(FirpMaps)
+        nn.Module.__init__(view)
+        view.layers, view.mode, view.input = self.layers[:steps], self.mode, self.input
+        view.maps = nn.ModuleList(list(self.maps)[:steps])
+        return view
+
 
 @dataclass
 class ChainPlan:
@@ -204,6 +214,8 @@ class FirpDecoder(Decoder):
         if chains not in ("all", "spine"):
             raise UserError(f"firp.chains must be 'all' or 'spine', got {chains!r}")
         self.verifier = TreeVerifier(self.tree, engine)
+        self.trained_K = self.maps.K
+        self.maps = self.maps.truncated(self.tree.max_depth)
         if chains == "all":
             anchors = list(range(self.tree.size))
         else:
@@ -221,7 +233,8 @@ class FirpDecoder(Decoder):
                             + TRAIN_HINT.format(model=model_name) + " and pass --method-option firp.weights=DIR")
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), **self.maps.config(), "K": self.maps.K, "draft_size": self.tree.draft_size,
+        return {**super().describe(), **self.maps.config(), "K": self.trained_K, "steps_used": self.maps.K,
+                "draft_size": self.tree.draft_size,
                 "pseudo_tokens_per_step": len(self.plan.anchors) * self.maps.K,
                 "tree_paths": [list(p) for p in self.tree.paths]}
 

@@ -67,6 +67,7 @@ CASES = [
     ([1, 2, 2], "serialized", "prev+anchor", "[[0], [1], [0, 0], [0, 0, 0]]", "all"),
     ([2, 2, 2], "serialized", "prev", "3x2x1", "spine"),
     ([1, 1], "serialized", "prev", "1x1", "spine"),
+    ([1, 2, 2], "serialized", "prev", "2x2", "all"),  # tree shallower than K: chains truncated
 ]
 
 
