@@ -4,7 +4,7 @@ method's acceptance, exact match or Rouge-2 fails here.
 
 Refresh the baseline deliberately (after an intended change), then commit it:
 
-    python -m harness run --methods vanilla --tasks builtin --limit 6 --max-new-tokens 24 \
+    python -m harness run --methods vanilla,medusa,firp,pld,lookahead,self_spec --tasks builtin --limit 6 --max-new-tokens 24 \
         --dtype float32 --device cpu --out runs/ci --overwrite
     python -m harness baseline runs/ci -o tests/baselines/smollm2-135m-cpu-float32.json
 """
@@ -19,7 +19,7 @@ from harness.cli import main
 
 pytestmark = pytest.mark.slow
 BASELINE = Path(__file__).parent / "baselines" / "smollm2-135m-cpu-float32.json"
-METHODS = "vanilla"
+METHODS = "vanilla,medusa,firp,pld,lookahead,self_spec"
 RUN = ["run", "--methods", METHODS, "--tasks", "builtin", "--limit", "6", "--max-new-tokens", "24",
        "--dtype", "float32", "--device", "cpu"]
 
