@@ -15,7 +15,7 @@ import time
 import torch
 
 from harness.models import load_model
-from harness.prompts import encode_conversation, stop_token_ids
+from harness.prompts import encode_conversation
 from methods.engine import Engine
 from methods.vanilla import VanillaDecoder
 from tasks.builtin import _PROMPTS

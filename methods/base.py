@@ -86,6 +86,14 @@ class Generation:
     stopped_by: str = "length"  # "length" | "eos"
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def add_step(self, new: list[int], draft_size: int, draft_time: float, verify_time: float) -> None:
+        """Record one target forward that committed ``new`` tokens after verifying ``draft_size`` drafts."""
+        self.tokens.extend(new)
+        self.accepted.append(len(new))
+        self.draft_sizes.append(draft_size)
+        self.draft_times.append(draft_time)
+        self.verify_times.append(verify_time)
+
     @property
     def target_forwards(self) -> int:
         return len(self.accepted)

@@ -37,7 +37,7 @@ from harness.errors import UserError
 from methods.base import Decoder, Generation, register_method, truncate_at_stop
 from methods.engine import Engine, Injection
 from methods.medusa import parse_tree
-from methods.tree import Tree, TreeVerifier
+from methods.tree import TreeVerifier
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TRAIN_HINT = ("python -m harness train firp --model {model} --data ../shared/data/gsm8k/train.jsonl "
@@ -283,11 +283,7 @@ class FirpDecoder(Decoder):
                 draft_size = self.tree.draft_size
             t2 = self._now()
             new, hit = truncate_at_stop(new, stop, max_new_tokens - len(gen.tokens))
-            gen.tokens.extend(new)
-            gen.accepted.append(len(new))
-            gen.draft_sizes.append(draft_size)
-            gen.draft_times.append(t1 - t0)
-            gen.verify_times.append(t2 - t1)
+            gen.add_step(new, draft_size, t1 - t0, t2 - t1)
             done = hit
             hidden, root, chain_rows = out.hidden, bonus, plan_rows
         gen.stopped_by = "eos" if done else "length"

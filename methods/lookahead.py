@@ -147,11 +147,7 @@ class LookaheadDecoder(Decoder):
                 levels = levels + [last]
             t2 = self._now()
             new, done = truncate_at_stop(new, stop, max_new_tokens - len(gen.tokens))
-            gen.tokens.extend(new)
-            gen.accepted.append(len(new))
-            gen.draft_sizes.append(len(tokens) - 1)
-            gen.draft_times.append(t1 - t0)
-            gen.verify_times.append(t2 - t1)
+            gen.add_step(new, len(tokens) - 1, t1 - t0, t2 - t1)
             root = new[-1]
         gen.stopped_by = "eos" if done else "length"
         return gen

@@ -178,11 +178,7 @@ class MedusaDecoder(Decoder):
             new = node_tokens[nodes[1:]].tolist() + [bonus]
             t2 = self._now()
             new, hit = truncate_at_stop(new, stop, max_new_tokens - len(gen.tokens))
-            gen.tokens.extend(new)
-            gen.accepted.append(len(new))
-            gen.draft_sizes.append(self.tree.draft_size)
-            gen.draft_times.append(t1 - t0)
-            gen.verify_times.append(t2 - t1)
+            gen.add_step(new, self.tree.draft_size, t1 - t0, t2 - t1)
             done = hit
             hidden, root = out.hidden[nodes[-1]], bonus
         gen.stopped_by = "eos" if done else "length"

@@ -114,11 +114,7 @@ class SelfSpeculativeDecoder(Decoder):
                 rate = 0.9 * rate + 0.1 * ((len(new) - 1) / len(drafts))
                 threshold = min(0.99, threshold + 0.05) if rate < self.target_acceptance else max(0.05, threshold - 0.05)
             new, done = truncate_at_stop(new, stop, max_new_tokens - len(gen.tokens))
-            gen.tokens.extend(new)
-            gen.accepted.append(len(new))
-            gen.draft_sizes.append(len(drafts))
-            gen.draft_times.append(t1 - t0)
-            gen.verify_times.append(t2 - t1)
+            gen.add_step(new, len(drafts), t1 - t0, t2 - t1)
             root = new[-1]
         gen.stopped_by = "eos" if done else "length"
         return gen

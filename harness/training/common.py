@@ -9,7 +9,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,6 +143,55 @@ def write_result(out: Path, config: TrainConfig, state: dict[str, torch.Tensor],
     meta = {**meta, "train_config": asdict(config),
             "command": "python -m harness train " + config.method + " " + " ".join(sys.argv[3:])}
     (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def optimise(config: TrainConfig, module: torch.nn.Module, train_idx: list[int],
+             loss_of: Callable[[int, random.Random], torch.Tensor | None], out: Path, desc: str) -> float:
+    """The loop both trainers share: Adam, warm-up + cosine LR, seeded shuffles, resumable checkpoints.
+
+    ``loss_of(i, rng)`` returns sequence i's loss (or None to skip it); gradients are averaged
+    over the sequences of a step. Returns the training wall time, resumed time included.
+    """
+    from tqdm import tqdm
+
+    opt = torch.optim.Adam(module.parameters(), lr=config.lr)
+    steps_per_epoch = (len(train_idx) + config.batch_sequences - 1) // config.batch_sequences
+    total = steps_per_epoch * config.epochs
+    ckpt = Checkpointer(out)
+    state = ckpt.load()
+    step, elapsed = 0, 0.0
+    if state is not None:
+        module.load_state_dict(state["weights"])
+        opt.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed"]
+        print(f"Resuming from {ckpt.path} at step {step}/{total}", file=sys.stderr)
+    clock = Stopwatch(elapsed)
+    bar = tqdm(total=total, initial=step, desc=desc, file=sys.stderr, dynamic_ncols=True)
+    while step < total:
+        epoch, pos = divmod(step, steps_per_epoch)
+        order = list(train_idx)
+        random.Random(config.seed + epoch).shuffle(order)
+        batch = order[pos * config.batch_sequences:(pos + 1) * config.batch_sequences]
+        rng = random.Random(config.seed * 1_000_003 + step)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, config.lr, config.warmup_steps)
+        opt.zero_grad()
+        losses = []
+        for i in batch:
+            loss = loss_of(i, rng)
+            if loss is None:
+                continue
+            (loss / len(batch)).backward()
+            losses.append(float(loss.detach()))
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(losses) / max(1, len(losses)):.3f}")
+        if step % config.checkpoint_every == 0 or step == total:
+            ckpt.save({"weights": module.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                       "elapsed": clock.elapsed()})
+    bar.close()
+    return clock.elapsed()
 
 
 class Stopwatch:

@@ -18,16 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from harness.training.common import (
-    Checkpointer,
-    Stopwatch,
-    TrainConfig,
-    cached_features,
-    lr_at,
-    prepare_out,
-    split_train_val,
-    write_result,
-)
+from harness.training.common import TrainConfig, cached_features, optimise, prepare_out, split_train_val, write_result
 from harness.training.medusa import tree_search, tree_search_default
 from methods.firp import FirpMaps, build_plan, injections
 
@@ -140,8 +131,6 @@ def parse_layers(value: Any, K: int, num_layers: int) -> list[int]:
 
 
 def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, Any]], data_key: str) -> dict[str, Any]:
-    from tqdm import tqdm
-
     from harness.errors import UserError
 
     out = prepare_out(config.out)
@@ -158,46 +147,14 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
     model.requires_grad_(False)
     train_idx, val_idx = split_train_val(list(range(len(data))), config.val_fraction, config.seed)
     lm_head = model.lm_head
-    opt = torch.optim.Adam(maps.parameters(), lr=config.lr)
-    steps_per_epoch = (len(train_idx) + config.batch_sequences - 1) // config.batch_sequences
-    total = steps_per_epoch * config.epochs
-    ckpt = Checkpointer(out)
-    state = ckpt.load()
-    step, elapsed = 0, 0.0
-    if state is not None:
-        maps.load_state_dict(state["maps"])
-        opt.load_state_dict(state["optimizer"])
-        step, elapsed = state["step"], state["elapsed"]
-        print(f"Resuming from {ckpt.path} at step {step}/{total}", file=sys.stderr)
-    clock = Stopwatch(elapsed)
-    bar = tqdm(total=total, initial=step, desc="training FIRP maps", file=sys.stderr, dynamic_ncols=True)
-    while step < total:
-        epoch, pos = divmod(step, steps_per_epoch)
-        order = list(train_idx)
-        random.Random(config.seed + epoch).shuffle(order)
-        batch = order[pos * config.batch_sequences:(pos + 1) * config.batch_sequences]
-        rng = random.Random(config.seed * 1_000_003 + step)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, config.lr, config.warmup_steps)
-        opt.zero_grad()
-        loss_sum, used = 0.0, 0
-        for i in batch:
-            anchors = anchor_positions(data[i], K, anchors_per_seq, rng)
-            if not anchors:
-                continue
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss, _ = firp_loss(model, lm_head, maps, feats[i], anchors)
-            (loss / len(batch)).backward()
-            loss_sum += float(loss.detach())
-            used += 1
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum / max(1, used):.3f}")
-        if step % config.checkpoint_every == 0 or step == total:
-            ckpt.save({"maps": maps.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                       "elapsed": clock.elapsed()})
-    bar.close()
+    def loss_of(i: int, rng: random.Random) -> torch.Tensor | None:
+        anchors = anchor_positions(data[i], K, anchors_per_seq, rng)
+        if not anchors:
+            return None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return firp_loss(model, lm_head, maps, feats[i], anchors)[0]
+
+    elapsed = optimise(config, maps, train_idx, loss_of, out, "training FIRP maps")
     val, ranks = evaluate(model, lm_head, maps, [data[i] for i in val_idx], [feats[i] for i in val_idx],
                           anchors_per_seq)
     for name, acc in val.items():
@@ -206,9 +163,9 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
     meta = {"method": "firp", "model": config.model, **maps.config(), "K": K,
             "default_tree": opts.get("tree") or tree_search_default(ranks, int(opts.get("tree_size", 4))),
             "tree_search": tree_search(ranks), "val_accuracy": val,
-            "train_time_s": round(clock.elapsed(), 1), "train_sequences": len(train_idx),
+            "train_time_s": round(elapsed, 1), "train_sequences": len(train_idx),
             "val_sequences": len(val_idx), "anchors_per_seq": anchors_per_seq}
     write_result(out, config, maps.state_dict(), meta, "firp.safetensors")
     print(f"Wrote {out / 'firp.safetensors'} and {out / 'config.json'} "
-          f"(training {clock.elapsed() / 60:.1f} min)", file=sys.stderr)
+          f"(training {elapsed / 60:.1f} min)", file=sys.stderr)
     return meta

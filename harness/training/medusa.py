@@ -16,16 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from harness.training.common import (
-    Checkpointer,
-    Stopwatch,
-    TrainConfig,
-    cached_features,
-    lr_at,
-    prepare_out,
-    split_train_val,
-    write_result,
-)
+from harness.training.common import TrainConfig, cached_features, optimise, prepare_out, split_train_val, write_result
 from methods.medusa import MedusaHeads
 from methods.tree import best_tree_paths, expected_accepted_length
 
@@ -101,8 +92,6 @@ def evaluate(heads: MedusaHeads, lm_head: torch.nn.Module, data: list, feats: li
 
 
 def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, Any]], data_key: str) -> dict[str, Any]:
-    from tqdm import tqdm
-
     out = prepare_out(config.out)
     num_heads = int(config.options.get("heads", 3))
     layout = config.options.get("layout", "shared")
@@ -116,43 +105,13 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
     if layout == "upstream":  # per-head LM heads start from the base LM head, as upstream does
         for head in heads.heads:
             head[1].weight.data.copy_(lm_head.weight.data)
-    params = [p for p in heads.parameters()]
-    opt = torch.optim.Adam(params, lr=config.lr)
-    steps_per_epoch = (len(train_idx) + config.batch_sequences - 1) // config.batch_sequences
-    total = steps_per_epoch * config.epochs
-    ckpt = Checkpointer(out)
-    state = ckpt.load()
-    step, elapsed = 0, 0.0
-    if state is not None:
-        heads.load_state_dict(state["heads"])
-        opt.load_state_dict(state["optimizer"])
-        step, elapsed = state["step"], state["elapsed"]
-        print(f"Resuming from {ckpt.path} at step {step}/{total}", file=sys.stderr)
-    clock = Stopwatch(elapsed)
-    bar = tqdm(total=total, initial=step, desc="training medusa heads", file=sys.stderr, dynamic_ncols=True)
-    while step < total:
-        epoch, pos = divmod(step, steps_per_epoch)
-        order = list(train_idx)
-        random.Random(config.seed + epoch).shuffle(order)
-        batch = order[pos * config.batch_sequences:(pos + 1) * config.batch_sequences]
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, config.lr, config.warmup_steps)
-        opt.zero_grad()
-        loss_sum = 0.0
-        for i in batch:
-            start, _ = _positions(data[i])
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss, _ = head_losses(heads, lm_head, feats[i][-1].float(), start)
-            (loss / len(batch)).backward()
-            loss_sum += float(loss.detach())
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum / len(batch):.3f}")
-        if step % config.checkpoint_every == 0 or step == total:
-            ckpt.save({"heads": heads.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                       "elapsed": clock.elapsed()})
-    bar.close()
+
+    def loss_of(i: int, rng: random.Random) -> torch.Tensor:
+        start = _positions(data[i])[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return head_losses(heads, lm_head, feats[i][-1].float(), start)[0]
+
+    elapsed = optimise(config, heads, train_idx, loss_of, out, "training medusa heads")
     val, ranks = evaluate(heads, lm_head, [data[i] for i in val_idx], [feats[i] for i in val_idx])
     for name, acc in val.items():
         print(f"  {name}: top-1 {acc['top1']:.1%}  top-3 {acc['top3']:.1%}  ({acc['positions']} val positions)",
@@ -160,11 +119,11 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
     meta = {"method": "medusa", "model": config.model, "num_heads": num_heads, "layout": layout,
             "default_tree": config.options.get("tree") or tree_search_default(ranks, int(config.options.get("tree_size", 12))),
             "tree_search": tree_search(ranks), "val_accuracy": val,
-            "train_time_s": round(clock.elapsed(), 1), "train_sequences": len(train_idx),
+            "train_time_s": round(elapsed, 1), "train_sequences": len(train_idx),
             "val_sequences": len(val_idx)}
     write_result(out, config, heads.upstream_state_dict(), meta, "heads.safetensors")
     print(f"Wrote {out / 'heads.safetensors'} and {out / 'config.json'} "
-          f"(training {clock.elapsed() / 60:.1f} min)", file=sys.stderr)
+          f"(training {elapsed / 60:.1f} min)", file=sys.stderr)
     return meta
 
 
