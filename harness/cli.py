@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, default=1e-3)
     tr.add_argument("--batch", type=_int, default=4, help="sequences per optimiser step (default 4)")
     tr.add_argument("--seed", type=_int, default=0)
+    tr.add_argument("--max-steps", type=_int, default=None, help="stop after this many optimiser steps")
     tr.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="method settings, e.g. heads=3, layout=shared|upstream, tree=4x2x1, layers=10")
     tr.add_argument("--allow-eval-data", action="store_true", help="permit training on evaluation files")
@@ -113,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--prompts", type=_int, default=6)
     tune.add_argument("--max-new-tokens", type=_int, default=32)
     tune.add_argument("--seed", type=_int, default=0)
+
+    ana = sub.add_parser("analyze", help="FIRP analysis: pseudo vs real hidden states by layer, per-step accuracy")
+    ana.add_argument("method", help="firp")
+    ana.add_argument("--model", default="smollm2-135m")
+    ana.add_argument("--weights", default=None, metavar="DIR", help="FIRP maps (default: the shipped ones)")
+    ana.add_argument("--compare", default=None, metavar="DIR", help="a second set of maps, e.g. parallel mode")
+    ana.add_argument("--data", nargs="+", default=[], metavar="FILE", help="the training files (validation split)")
+    ana.add_argument("--sequences", type=_int, default=24)
+    ana.add_argument("--out", default="firp_analysis.json", metavar="FILE",
+                     help="JSON output; put it in a run folder to show it in that run's report")
 
     rep = sub.add_parser("report", help="write RUN_DIR/report.html (run does this automatically)")
     rep.add_argument("run_dir", metavar="RUN_DIR")
@@ -171,6 +182,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise UserError("--trials, --prompts and --max-new-tokens must be positive integers")
     tune_self_spec(TuneConfig(model=args.model, data=args.data, out=args.out, dtype=args.dtype, trials=args.trials,
                               prompts=args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed))
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from harness.analysis import analyze_firp
+
+    if args.method != "firp":
+        raise UserError(f"nothing to analyze for method {args.method!r}; supported: firp")
+    analyze_firp(args.model, args.weights, args.compare, args.data, args.out, args.sequences)
     return 0
 
 
@@ -258,12 +278,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(method=args.method, model=args.model, data=args.data, out=args.out, dtype=args.dtype,
                          limit=args.limit, max_new_tokens=args.max_new_tokens, epochs=args.epochs, lr=args.lr,
                          batch_sequences=args.batch, seed=args.seed, allow_eval_data=args.allow_eval_data,
+                         max_steps=args.max_steps,
                          options=_pairs(args.option, "--option", "KEY=VALUE"))
     train(config)
     return 0
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "tune": cmd_tune, "report": cmd_report, "compare": cmd_compare, "list": cmd_list, "baseline": cmd_baseline, "check": cmd_check}
+COMMANDS = {"run": cmd_run, "train": cmd_train, "tune": cmd_tune, "analyze": cmd_analyze, "report": cmd_report, "compare": cmd_compare, "list": cmd_list, "baseline": cmd_baseline, "check": cmd_check}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -128,8 +128,11 @@ def build_report(run_dir: Path, out: Path | None = None) -> Path:
     div_path = run_dir / DIVERGENCES_FILE
     if div_path.is_file():
         divergences = [json.loads(line) for line in div_path.read_text().splitlines() if line.strip()]
+    firp_analysis = None
+    if (run_dir / "firp_analysis.json").is_file():
+        firp_analysis = json.loads((run_dir / "firp_analysis.json").read_text())
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "jinja"]))
-    page = env.get_template("report.html.jinja").render(divergences=divergences,
+    page = env.get_template("report.html.jinja").render(divergences=divergences, firp_analysis=firp_analysis,
         run_dir=str(run_dir), manifest=manifest, rows=summary_rows(summary) if not summary.empty else [],
         charts=charts, categories=categories, examples=drilldown(frame, records),
         skipped=sum(1 for r in records if r.get("skipped")),

@@ -100,3 +100,17 @@ def test_parse_layers():
     assert parse_layers("10,15,20", 3, 30) == [10, 15, 20]
     with pytest.raises(ValueError):
         parse_layers("10,15", 3, 30)
+
+
+def test_analysis_reports_cosine_by_layer_and_accuracy():
+    from harness.analysis import analyze_maps
+
+    model = tiny_model("llama")
+    maps = _random_maps(model, [1, 1])
+    g = torch.Generator().manual_seed(1)
+    data = [{"ids": torch.randint(0, 97, (20,), generator=g).tolist(), "prompt_len": 6} for _ in range(3)]
+    result = analyze_maps(model, maps, data, anchors_per_seq=5)
+    assert result["positions"] == 15
+    cos = result["cosine_by_layer"]["step1"]
+    assert list(cos) == ["1", "2", "final"] and all(-1.0 <= v <= 1.0 for v in cos.values())
+    assert 0.0 <= result["accuracy"]["step2"]["top1"] <= result["accuracy"]["step2"]["top3"] <= 1.0

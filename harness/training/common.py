@@ -35,6 +35,7 @@ class TrainConfig:
     val_fraction: float = 0.05
     seed: int = 0
     checkpoint_every: int = 50
+    max_steps: int | None = None     # stop early (ablations at a fixed budget)
     allow_eval_data: bool = False
     options: dict[str, Any] = field(default_factory=dict)  # method-specific
 
@@ -157,6 +158,8 @@ def optimise(config: TrainConfig, module: torch.nn.Module, train_idx: list[int],
     opt = torch.optim.Adam(module.parameters(), lr=config.lr)
     steps_per_epoch = (len(train_idx) + config.batch_sequences - 1) // config.batch_sequences
     total = steps_per_epoch * config.epochs
+    if config.max_steps:
+        total = min(total, config.max_steps)
     ckpt = Checkpointer(out)
     state = ckpt.load()
     step, elapsed = 0, 0.0
