@@ -11,18 +11,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import math
+
 import torch
 
 from harness.metrics import BASELINE, first_divergence
 from harness.prompts import encode_conversation
 from tasks.base import Example
 
-TIE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.05}
+TIE_FLOOR = {torch.float32: 1e-3, torch.bfloat16: 0.0, torch.float16: 0.0}
+ULPS = 4  # a gap of a few units in the last place of the logit is rounding, not a decision
+
+
+def tie_tolerance(dtype: torch.dtype, magnitude: float) -> float:
+    """Gaps up to ``ULPS`` ulps of ``dtype`` at the logits' magnitude (or a floor) count as ties."""
+    bits = {torch.bfloat16: 7, torch.float16: 10}.get(dtype, 23)
+    ulp = 2.0 ** (math.floor(math.log2(max(abs(magnitude), 1e-30))) - bits)
+    return max(TIE_FLOOR.get(dtype, 1e-3), ULPS * ulp)
 
 
 def find_divergences(records: Sequence[dict[str, Any]], examples: Sequence[Example], engine: Any, tokenizer: Any,
                      tolerance: float | None = None) -> list[dict[str, Any]]:
-    tol = TIE_TOLERANCE.get(engine.dtype, 1e-3) if tolerance is None else tolerance
     by_key = {(e.task, e.id): e for e in examples}
     vanilla = {(r["task"], r["example_id"]): r for r in records if r["method"] == BASELINE and not r.get("skipped")}
     found = []
@@ -49,10 +58,11 @@ def find_divergences(records: Sequence[dict[str, Any]], examples: Sequence[Examp
                 v_tok, m_tok = theirs["tokens"][pos], ours["tokens"][pos]
                 top2 = torch.topk(logits, 2).values
                 gap = float(logits[v_tok] - logits[m_tok])
+                tol = tie_tolerance(engine.dtype, float(top2[0])) if tolerance is None else tolerance
                 entry.update(vanilla_token=v_tok, method_token=m_tok, top2_gap=float(top2[0] - top2[1]),
                              chosen_gap=gap, near_tie=abs(gap) < tol, tolerance=tol)
             else:  # one output is a prefix of the other (e.g. a stop token accepted in a block)
-                entry.update(near_tie=False, note="length differs", tolerance=tol)
+                entry.update(near_tie=False, note="length differs", tolerance=tolerance)
             found.append(entry)
             break
     return found

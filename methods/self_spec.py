@@ -110,9 +110,13 @@ class SelfSpeculativeDecoder(Decoder):
             t1 = self._now()
             new, _ = verify_chain(engine, root, drafts)
             t2 = self._now()
-            if drafts and self.adaptive:
-                rate = 0.9 * rate + 0.1 * ((len(new) - 1) / len(drafts))
-                threshold = min(0.99, threshold + 0.05) if rate < self.target_acceptance else max(0.05, threshold - 0.05)
+            if self.adaptive:
+                if drafts:
+                    rate = 0.9 * rate + 0.1 * ((len(new) - 1) / len(drafts))
+                    raise_it = rate < self.target_acceptance
+                else:  # nothing passed the threshold: no evidence of bad drafts, so probe lower
+                    raise_it = False
+                threshold = min(0.99, threshold + 0.05) if raise_it else max(0.05, threshold - 0.05)
             new, done = truncate_at_stop(new, stop, max_new_tokens - len(gen.tokens))
             gen.add_step(new, len(drafts), t1 - t0, t2 - t1)
             root = new[-1]
