@@ -173,6 +173,16 @@ def summarize(frame: pd.DataFrame, by: tuple[str, ...] = ("method",), weight_byt
     return pd.DataFrame(out)
 
 
+def in_run_order(summary: pd.DataFrame, methods: list[str] | None) -> pd.DataFrame:
+    """Rows in task order of first appearance, then in the run's --methods order (vanilla first)."""
+    if summary.empty:
+        return summary
+    tasks = list(dict.fromkeys(summary.task)) if "task" in summary else []
+    methods = list(methods or []) + [m for m in dict.fromkeys(summary.method) if m not in (methods or [])]
+    key = summary.apply(lambda r: (tasks.index(r.task) if tasks else 0, methods.index(r.method)), axis=1)
+    return summary.assign(_key=key).sort_values("_key", kind="stable").drop(columns="_key").reset_index(drop=True)
+
+
 def _answer_accuracy(sub: pd.DataFrame) -> float:
     """GSM8K-style accuracy over rows whose reference is a bare number."""
     from tasks.gsm8k import extract_answer, normalize_number

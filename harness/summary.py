@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from harness.metrics import records_frame, summarize
+from harness.metrics import in_run_order, records_frame, summarize
 from harness.results import RESULTS_FILE, read_records
 
 
@@ -30,8 +30,9 @@ def print_summary(run_dir: Path, console: Console | None = None) -> None:
     for col in ("task", "method", "examples", "tokens/s", "speedup (geomean)", "speedup (total time)",
                 "mean acc. length", "draft size", "exact match"):
         table.add_column(col, justify="left" if col in ("task", "method") else "right")
-    per_task = summarize(frame, by=("task", "method"))
-    overall = summarize(frame, by=("method",)).assign(task="all")
+    methods = list(dict.fromkeys(["vanilla", *frame.method]))
+    per_task = in_run_order(summarize(frame, by=("task", "method")), methods)
+    overall = in_run_order(summarize(frame, by=("method",)).assign(task="all"), methods)
     tasks = per_task.task.unique()
     rows = [per_task, overall] if len(tasks) > 1 else [per_task]
     for part in rows:

@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from harness.metrics import BASELINE, first_divergence, records_frame, summarize
+from harness.metrics import BASELINE, first_divergence, in_run_order, records_frame, summarize
 from harness.results import DIVERGENCES_FILE, RESULTS_FILE, read_manifest, read_records
 from reports import plots
 
@@ -107,6 +107,7 @@ def build_report(run_dir: Path, out: Path | None = None) -> Path:
         per_task = summarize(frame, by=("task", "method"), weight_bytes=weight_bytes)
         overall = summarize(frame, by=("method",), weight_bytes=weight_bytes).assign(task="all")
         summary = pd.concat([per_task, overall], ignore_index=True) if per_task.task.nunique() > 1 else per_task
+        summary = in_run_order(summary, manifest.get("config", {}).get("methods"))
     charts = {}
     if not summary.empty:
         by_task = summary[summary.task != "all"] if (summary.task == "all").any() else summary
@@ -120,7 +121,8 @@ def build_report(run_dir: Path, out: Path | None = None) -> Path:
         }
     categories = {}
     if not frame.empty and frame.groupby("task").category.nunique().max() > 1:
-        cat = summarize(frame, by=("task", "category", "method"), weight_bytes=weight_bytes)
+        cat = in_run_order(summarize(frame, by=("task", "category", "method"), weight_bytes=weight_bytes),
+                           manifest.get("config", {}).get("methods"))
         categories = [{"task": r.task, "category": r.category, "method": r.method,
                        "speedup": _num(r.speedup_geomean, ".2f", "x"), "mal": _num(r.mean_accepted_length, ".2f"),
                        "exact": _num(r.exact_match, ".0%")} for r in cat.itertuples()]
