@@ -22,8 +22,11 @@ ARGS = ["run", "--methods", "vanilla", "--tasks", "builtin", "--max-new-tokens",
 
 def _start(out: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # A shell's background jobs inherit SIGINT as ignored (and Python then keeps ignoring it);
+    # restore the default so the Ctrl-C test means the same wherever the suite runs.
     return subprocess.Popen([sys.executable, "-m", "harness", *ARGS, "--out", str(out)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_records(path: Path, n: int, proc: subprocess.Popen, timeout: float = 180) -> None:
