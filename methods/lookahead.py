@@ -107,11 +107,8 @@ class LookaheadDecoder(Decoder):
             bias_full, off_full = self._layouts[n_lv]
             n_la = 1 + n_lv * W
             n = n_la + len(guesses) * g_len
-            if len(guesses) < G:  # fewer guesses than the layout holds: drop the unused rows/columns
-                keep = torch.arange(n, device=engine.device)
-                bias, offsets = bias_full[keep][:, keep], off_full[keep]
-            else:
-                bias, offsets = bias_full, off_full
+            # guesses sit last in the layout, so fewer guesses is just a leading square of it
+            bias, offsets = bias_full[:n, :n], off_full[:n]
             tokens = [root] + [t for lv in levels for t in lv] + [t for g in guesses for t in g]
             t1 = self._now()
             past = engine.cache.length
