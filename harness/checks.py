@@ -18,7 +18,8 @@ from harness.errors import UserError
 from harness.metrics import records_frame, summarize
 from harness.results import RESULTS_FILE, read_manifest, read_records
 
-FORMAT = "specdec-harness-baseline/1"
+# /2: speedup is the per-token ratio (method tokens/s / vanilla tokens/s); /1 divided wall times.
+FORMAT = "specdec-harness-baseline/2"
 METRICS = ("mean_accepted_length", "exact_match", "rouge2", "speedup_geomean")
 
 
@@ -73,6 +74,10 @@ def read_baseline(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}:{exc.lineno}: corrupted baseline ({exc.msg}); regenerate it with "
                         "`python -m harness baseline RUN_DIR -o FILE`") from None
+    if isinstance(data, dict) and data.get("format") == "specdec-harness-baseline/1":
+        raise UserError(f"{path} is a baseline of the old format (speedup as a ratio of wall times); its speedups "
+                        "do not compare with today's per-token speedups: regenerate it with "
+                        "`python -m harness baseline RUN_DIR -o FILE`")
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), list):
         raise UserError(f"{path} is not a specdec-harness baseline (format {FORMAT}); regenerate it with "
                         "`python -m harness baseline RUN_DIR -o FILE`")

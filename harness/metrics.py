@@ -5,9 +5,14 @@ Definitions follow Spec-Bench where one exists:
 * mean accepted length = new tokens / target forward passes while decoding, bonus token
   included, so vanilla is exactly 1.0;
 * draft size = draft tokens verified per target forward pass;
-* speedup = vanilla wall time / method wall time on the same example in the same run,
-  aggregated as a geometric mean of per-example ratios (with a bootstrap 95% interval)
-  and, separately labelled, as a total-time ratio;
+* speedup = method tokens/s / vanilla tokens/s on the same example in the same run (new
+  tokens over wall time: equal work even when the two outputs differ in length, as they do
+  after a low-precision near-tie or under sampling), aggregated as a geometric mean of
+  per-example ratios with a bootstrap 95% interval; ``speedup_total`` is the ratio of
+  total tokens/s, and ``speedup_wall_time`` the old wall-time ratio, kept for comparison;
+* speedup over the common prefix = vanilla's time / the method's time to produce the
+  tokens both emitted before their first divergence (from per-step times), which isolates
+  the method from what it went on to generate;
 * memory bandwidth (as gpt-fast reports it) = weight bytes x target forwards / time.
 """
 
@@ -71,11 +76,30 @@ def records_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
             "draft_time": sum(draft_times) if all(x is not None for x in draft_times) and turns else np.nan,
             "verify_time": sum(verify_times) if all(x is not None for x in verify_times) and turns else np.nan,
             "accepted": [a for t in turns for a in t["accepted"]],
+            "step_times": _step_times(turns),
             "draft_sizes": [d for t in turns for d in t["draft_sizes"]],
             "token_ids": tuple(tok for t in turns for tok in t["tokens"]),
             "text": "\n\n".join(t["text"] for t in turns),
         })
     return pd.DataFrame(rows)
+
+
+def _step_times(turns: list[dict[str, Any]]) -> list[float] | None:
+    """Seconds per target forward across turns, or None where a turn did not record them."""
+    if not turns or any(t.get("step_times") is None for t in turns):
+        return None
+    return [x for t in turns for x in t["step_times"]]
+
+
+def time_to_tokens(accepted: Sequence[int], step_times: Sequence[float], n: int) -> float:
+    """Seconds until at least ``n`` tokens were committed (the step that crosses ``n`` counts whole)."""
+    done, elapsed = 0, 0.0
+    for a, t in zip(accepted, step_times):
+        if done >= n:
+            break
+        done += a
+        elapsed += t
+    return elapsed
 
 
 def geometric_mean(values: Iterable[float]) -> float:
@@ -121,9 +145,52 @@ def acceptance_by_depth(accepted: Iterable[int], draft_sizes: Iterable[int], max
 def paired_with_baseline(frame: pd.DataFrame) -> pd.DataFrame:
     """Each row joined with the vanilla row of the same example (inner join)."""
     keys = ["task", "example_id"]
-    base = frame.loc[frame.method == BASELINE, [*keys, "wall_time", "token_ids", "text"]].rename(
-        columns={"wall_time": "wall_time_base", "token_ids": "token_ids_base", "text": "text_base"})
+    cols = ["wall_time", "token_ids", "text", "new_tokens", "accepted", "step_times"]
+    base = frame.loc[frame.method == BASELINE, [*keys, *cols]].rename(columns={c: f"{c}_base" for c in cols})
     return frame.merge(base, on=keys, how="inner")
+
+
+SPEEDUP_KEYS = ("speedup_geomean", "speedup_ci_low", "speedup_ci_high", "speedup_total", "speedup_wall_time",
+                "speedup_excluded", "speedup_prefix", "prefix_examples")
+MIN_PREFIX = 16  # tokens: shorter common prefixes are mostly prefill and say little about decoding
+
+
+def paired_speedups(paired: pd.DataFrame, min_prefix: int = MIN_PREFIX) -> dict[str, float]:
+    """Speedups of one method's rows joined with vanilla's (see the module docstring for definitions).
+
+    Examples where either side produced no tokens (or took no time) have no tokens/s: they
+    are left out and counted in ``speedup_excluded``, never divided by.
+    """
+    ok = (paired.new_tokens > 0) & (paired.new_tokens_base > 0) & (paired.wall_time > 0) & (paired.wall_time_base > 0)
+    used = paired[ok]
+    tps = used.new_tokens / used.wall_time
+    tps_base = used.new_tokens_base / used.wall_time_base
+    ratios = (tps / tps_base).tolist()
+    low, high = bootstrap_geomean_ci(ratios)
+    out = {
+        "speedup_geomean": geometric_mean(ratios),
+        "speedup_ci_low": low,
+        "speedup_ci_high": high,
+        "speedup_total": (float((used.new_tokens.sum() / used.wall_time.sum())
+                                / (used.new_tokens_base.sum() / used.wall_time_base.sum())) if len(used) else float("nan")),
+        "speedup_wall_time": geometric_mean((used.wall_time_base / used.wall_time).tolist()),
+        "speedup_excluded": int((~ok).sum()),
+    }
+    prefix_ratios = []
+    for r in used.itertuples():
+        if r.step_times is None or r.step_times_base is None:
+            continue
+        div = first_divergence(r.token_ids, r.token_ids_base)
+        common = len(r.token_ids) if div is None else div
+        if common < min_prefix:
+            continue
+        t_method = time_to_tokens(r.accepted, r.step_times, common)
+        t_base = time_to_tokens(r.accepted_base, r.step_times_base, common)
+        if t_method > 0 and t_base > 0:
+            prefix_ratios.append(t_base / t_method)
+    out["speedup_prefix"] = geometric_mean(prefix_ratios)
+    out["prefix_examples"] = len(prefix_ratios)
+    return out
 
 
 def summarize(frame: pd.DataFrame, by: tuple[str, ...] = ("method",), weight_bytes: int | None = None) -> pd.DataFrame:
@@ -155,15 +222,12 @@ def summarize(frame: pd.DataFrame, by: tuple[str, ...] = ("method",), weight_byt
             mask &= (paired_all[k] == v).to_numpy()
         paired = paired_all[mask]
         if len(paired):
-            ratios = (paired.wall_time_base / paired.wall_time).tolist()
-            row["speedup_geomean"] = geometric_mean(ratios)
-            row["speedup_ci_low"], row["speedup_ci_high"] = bootstrap_geomean_ci(ratios)
-            row["speedup_total_time"] = float(paired.wall_time_base.sum() / paired.wall_time.sum())
+            row.update(paired_speedups(paired))
             row["exact_match"] = float((paired.token_ids == paired.token_ids_base).mean())
+            row["length_differs"] = int((paired.new_tokens != paired.new_tokens_base).sum())
             row["rouge2_vs_vanilla"] = float(np.mean([rouge2(a, b) for a, b in zip(paired.text, paired.text_base)]))
         else:
-            for k in ("speedup_geomean", "speedup_ci_low", "speedup_ci_high", "speedup_total_time",
-                      "exact_match", "rouge2_vs_vanilla"):
+            for k in (*SPEEDUP_KEYS, "exact_match", "length_differs", "rouge2_vs_vanilla"):
                 row[k] = float("nan")
         texts = sub[sub.reference.map(is_text_reference)]
         row["rouge2"] = (float(np.mean([rouge2(t, r) for t, r in zip(texts.text, texts.reference)]))

@@ -27,8 +27,8 @@ def print_summary(run_dir: Path, console: Console | None = None) -> None:
         console.print("No completed generations to summarise.")
         return
     table = Table(title=f"Summary: {run_dir}", title_justify="left")
-    for col in ("task", "method", "examples", "tokens/s", "speedup (geomean)", "speedup (total time)",
-                "mean acc. length", "draft size", "exact match"):
+    for col in ("task", "method", "examples", "tokens/s", "speedup/token", "speedup (total)",
+                "mean acc. length", "draft size", "exact match", "length differs"):
         table.add_column(col, justify="left" if col in ("task", "method") else "right")
     methods = list(dict.fromkeys(["vanilla", *frame.method]))
     per_task = in_run_order(summarize(frame, by=("task", "method")), methods)
@@ -40,11 +40,15 @@ def print_summary(run_dir: Path, console: Console | None = None) -> None:
             table.add_row(
                 str(r.task), str(r.method), str(r.examples), _fmt(r.tokens_per_s, ".1f"),
                 _fmt(r.speedup_geomean, ".2f") + ("x" if not math.isnan(r.speedup_geomean) else ""),
-                _fmt(r.speedup_total_time, ".2f") + ("x" if not math.isnan(r.speedup_total_time) else ""),
+                _fmt(r.speedup_total, ".2f") + ("x" if not math.isnan(r.speedup_total) else ""),
                 _fmt(r.mean_accepted_length, ".2f"), _fmt(r.draft_size, ".1f"), _fmt(r.exact_match, ".0%"),
+                _fmt(r.length_differs, ".0f"),
             )
         if part is not rows[-1]:
             table.add_section()
     console.print(table)
+    console.print("speedup/token: geometric mean over examples of (method tokens/s) / (vanilla tokens/s) on the "
+                  "same example; (total): ratio of total tokens/s. Per token, so outputs of different lengths "
+                  "compare equal work.")
     if skipped:
         console.print(f"[yellow]{skipped} generation(s) skipped (prompt too long for the model context).[/]")

@@ -14,7 +14,7 @@ from harness.errors import UserError
 from reports.html import TEMPLATES
 
 # metric -> True when higher is better
-METRICS = {"speedup_geomean": True, "mean_accepted_length": True, "draft_size": False, "exact_match": True,
+METRICS = {"speedup_geomean": True, "speedup_total": True, "mean_accepted_length": True, "draft_size": False, "exact_match": True,
            "rouge2": True, "tokens_per_s": True}
 
 

@@ -25,6 +25,10 @@ def _num(value: Any, spec: str, suffix: str = "") -> str:
     return format(value, spec) + suffix
 
 
+def _isnan(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _first_char_divergence(a: str, b: str) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -60,7 +64,11 @@ def drilldown(frame: pd.DataFrame, records: list[dict[str, Any]], limit: int = 2
             token_div = first_divergence(ids, base_ids) if base_ids is not None and r["method"] != BASELINE else None
             char_div = _first_char_divergence(text, base_text) if token_div is not None else None
             accepted = [a for t in r["turns"] for a in t["accepted"]]
+            length = f"{r['new_tokens']} tokens" + (
+                f" (vanilla {len(base_ids)})" if base_ids is not None and r["method"] != BASELINE
+                and len(base_ids) != r["new_tokens"] else "")
             outputs.append({
+                "length": length,
                 "method": r["method"],
                 "html": _highlight(text, char_div),
                 "steps": " ".join(str(a) for a in accepted),
@@ -81,7 +89,11 @@ def summary_rows(summary: pd.DataFrame) -> list[dict[str, str]]:
             "task": r.task, "method": r.method, "examples": r.examples,
             "speedup": _num(r.speedup_geomean, ".2f", "x"),
             "ci": f"[{_num(r.speedup_ci_low, '.2f')}, {_num(r.speedup_ci_high, '.2f')}]",
-            "speedup_total": _num(r.speedup_total_time, ".2f", "x"),
+            "speedup_total": _num(r.speedup_total, ".2f", "x"),
+            "speedup_wall": _num(r.speedup_wall_time, ".2f", "x"),
+            "speedup_prefix": (_num(r.speedup_prefix, ".2f", "x") + f" ({r.prefix_examples:.0f})"
+                               if not _isnan(r.speedup_prefix) else "–"),
+            "length_differs": _num(r.length_differs, ".0f"),
             "mal": _num(r.mean_accepted_length, ".2f"),
             "draft": _num(r.draft_size, ".1f"),
             "rouge2": _num(r.rouge2, ".3f"),

@@ -55,12 +55,56 @@ def test_metrics_on_hand_made_results(tmp_path):
     assert s.loc["medusa", "mean_accepted_length"] == pytest.approx(7 / 5)
     assert s.loc["medusa", "draft_size"] == pytest.approx(18 / 5)
     assert s.loc["medusa", "exact_match"] == pytest.approx(2 / 3)
-    # per-prompt ratios 2.0, 0.8, 1.0 -> geometric mean
-    assert s.loc["medusa", "speedup_geomean"] == pytest.approx((2.0 * 0.8 * 1.0) ** (1 / 3))
-    assert s.loc["medusa", "speedup_total_time"] == pytest.approx(1.9 / 1.6)
+    # per-prompt tokens/s ratios 2.0 and 0.8; example c (no tokens) is excluded and counted
+    assert s.loc["medusa", "speedup_geomean"] == pytest.approx((2.0 * 0.8) ** (1 / 2))
+    assert s.loc["medusa", "speedup_excluded"] == 1
+    assert s.loc["medusa", "speedup_total"] == pytest.approx((7 / 1.5) / (7 / 1.8))
+    assert s.loc["medusa", "length_differs"] == 0
     assert s.loc["vanilla", "rouge2"] == pytest.approx(1.0)
     assert s.loc["medusa", "answer_accuracy"] == 0.0 and s.loc["vanilla", "answer_accuracy"] == 1.0
     assert s.loc["vanilla", "bandwidth_gb_s"] == pytest.approx(1000 * 7 / 1.9 / 1e9)
+
+
+def _speedup_frame(method_tokens, method_time, base_tokens, base_time, method_steps=None, base_steps=None):
+    """One example, vanilla vs m; ``*_steps`` are (accepted, step_times) per target forward."""
+    def rec(method, tokens, t, steps):
+        accepted, times = steps if steps else ([1] * len(tokens), None)
+        turn = {"tokens": tokens, "text": "x", "wall_time": t, "accepted": accepted, "draft_sizes": [0] * len(accepted)}
+        if times is not None:
+            turn["step_times"] = times
+        return _record(method, "a", turn)
+    return records_frame([rec("vanilla", base_tokens, base_time, base_steps),
+                          rec("m", method_tokens, method_time, method_steps)])
+
+
+def test_speedup_compares_equal_work():
+    # identical outputs: the per-token and the wall-time definitions agree
+    s = summarize(_speedup_frame([1, 2, 3, 4], 0.5, [1, 2, 3, 4], 1.0)).set_index("method")
+    assert s.loc["m", "speedup_geomean"] == pytest.approx(2.0) == s.loc["m", "speedup_wall_time"]
+    assert s.loc["m", "speedup_total"] == pytest.approx(2.0) and s.loc["m", "length_differs"] == 0
+    # twice as long an output in twice the time is the same speed: 1.0, not 0.5
+    s = summarize(_speedup_frame(list(range(8)), 2.0, list(range(4)), 1.0)).set_index("method")
+    assert s.loc["m", "speedup_geomean"] == pytest.approx(1.0)
+    assert s.loc["m", "speedup_wall_time"] == pytest.approx(0.5)
+    assert s.loc["m", "length_differs"] == 1
+    # zero new tokens: excluded with a count, never divided by
+    s = summarize(_speedup_frame([], 0.1, [1, 2], 1.0)).set_index("method")
+    assert math.isnan(s.loc["m", "speedup_geomean"]) and s.loc["m", "speedup_excluded"] == 1
+
+
+def test_speedup_over_the_common_prefix():
+    """Both emit 20 common tokens, then diverge; the method commits 2 per step at the same step cost."""
+    base = list(range(40))
+    method = list(range(20)) + [99] * 30
+    from harness.metrics import paired_with_baseline, paired_speedups
+
+    frame = _speedup_frame(method, 1.25, base, 4.0, method_steps=([2] * 25, [0.05] * 25),
+                           base_steps=([1] * 40, [0.1] * 40))
+    sp = paired_speedups(paired_with_baseline(frame).query("method == 'm'"))
+    assert sp["speedup_prefix"] == pytest.approx((20 * 0.1) / (10 * 0.05)) and sp["prefix_examples"] == 1
+    # a common prefix shorter than the minimum is left out
+    sp = paired_speedups(paired_with_baseline(frame).query("method == 'm'"), min_prefix=21)
+    assert math.isnan(sp["speedup_prefix"]) and sp["prefix_examples"] == 0
 
 
 def test_metric_edge_cases():
