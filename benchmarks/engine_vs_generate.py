@@ -4,6 +4,7 @@ Target: ratio (engine tokens/s ÷ generate tokens/s) >= 1.0, i.e. the shared eng
 no slower than the library baseline, so no method's speedup can hide a slow baseline.
 
     python benchmarks/engine_vs_generate.py [--dtypes float32,bfloat16] [--prompts 12] [--new 64]
+    python benchmarks/engine_vs_generate.py --device cuda --dtypes bfloat16 --model random:llama-1b
 """
 
 from __future__ import annotations
@@ -14,36 +15,36 @@ import time
 
 import torch
 
-from harness.models import load_model
-from harness.prompts import encode_conversation
-from methods.engine import Engine
+from common import add_model_args, load_bench_model, prompt_ids, sync
+from methods.core.engine import Engine
 from methods.vanilla import VanillaDecoder
-from tasks.builtin import _PROMPTS
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    add_model_args(ap)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--prompts", type=int, default=12)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.prompts} prompts x "
-          f"{args.new} new tokens x {args.repeats} repeats, interleaved")
+    print(f"torch {torch.__version__}, {args.device}, threads {torch.get_num_threads()}, model {args.model}, "
+          f"{args.prompts} prompts x {args.new} new tokens x {args.repeats} repeats, interleaved")
     print(f"{'dtype':<10}{'engine tok/s':>14}{'generate tok/s':>16}{'ratio (median)':>16}{'ratio (total)':>15}")
     for dtype in args.dtypes.split(","):
-        model, tok = load_model(args.model, device="cpu", dtype=dtype)
+        model, tok = load_bench_model(args.model, args.device, dtype)
+        device = model.device
         decoder = VanillaDecoder(Engine(model))
         # no stop ids: both sides generate exactly args.new tokens
-        prompts = [encode_conversation(tok, [{"role": "user", "content": p}]) for _, p, _ in _PROMPTS[: args.prompts]]
+        prompts = prompt_ids(tok, args.prompts, model.config.vocab_size)
 
         def run_engine(ids: list[int]) -> int:
             return len(decoder.generate(ids, args.new).tokens)
 
         def run_generate(ids: list[int]) -> int:
-            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            out = model.generate(torch.tensor([ids], device=device),
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
                                  max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0)
             return out.shape[1] - len(ids)
 
@@ -58,8 +59,10 @@ def main() -> None:
                     pair.reverse()
                 per = {}
                 for name, fn in pair:
+                    sync(device)
                     t = time.perf_counter()
                     n = fn(ids)
+                    sync(device)
                     per[name] = time.perf_counter() - t
                     times[name] += per[name]
                     tokens[name] += n

@@ -14,13 +14,13 @@ import time
 
 import torch
 
-from harness.models import load_model
-from methods.engine import Engine
+from common import add_model_args, load_bench_model, sync
+from methods.core.engine import Engine
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    add_model_args(ap)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--sizes", default="1,2,4,8,16,32,64")
     ap.add_argument("--context", type=int, default=300)
@@ -29,7 +29,7 @@ def main() -> None:
     sizes = [int(x) for x in args.sizes.split(",")]
     print(f"{'dtype':<10}" + "".join(f"{n:>8}" for n in sizes) + "   (time of an n-token pass / 1-token pass)")
     for dtype in args.dtypes.split(","):
-        model, _ = load_model(args.model, device="cpu", dtype=dtype)
+        model, _ = load_bench_model(args.model, args.device, dtype)
         engine = Engine(model)
         engine.reset(args.context + max(sizes) + 1)
         engine.forward(list(range(args.context)), commit=True)
@@ -37,9 +37,11 @@ def main() -> None:
         for n in sizes:
             bias = engine.tree_bias(torch.ones(n, n, dtype=torch.bool).tril()) if n > 1 else None
             engine.forward(list(range(n)), step_bias=bias)  # warm-up
+            sync(engine.device)
             start = time.perf_counter()
             for _ in range(args.repeats):
                 engine.forward(list(range(n)), step_bias=bias)
+            sync(engine.device)
             times[n] = (time.perf_counter() - start) / args.repeats
         print(f"{dtype:<10}" + "".join(f"{times[n] / times[1]:>8.2f}" for n in sizes)
               + f"   (1 token: {times[1] * 1000:.1f} ms)")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.errors import UserError
+from methods.core.errors import UserError
 from harness.metrics import records_frame, summarize
 from harness.results import RESULTS_FILE, read_manifest, read_records
 
@@ -33,6 +33,9 @@ def run_metrics(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return manifest, rows
 
 
+GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p")
+
+
 def _identity(manifest: dict[str, Any]) -> dict[str, Any]:
     config = manifest.get("config", {})
     return {
@@ -40,7 +43,19 @@ def _identity(manifest: dict[str, Any]) -> dict[str, Any]:
         "dtype": manifest.get("dtype"),
         "device": manifest.get("environment", {}).get("device"),
         "task_hashes": {k: v.get("hash") for k, v in manifest.get("tasks", {}).items()},
+        "generation": {k: config.get(k, {"temperature": 0.0, "top_p": 1.0}.get(k)) for k in GENERATION_KEYS},
+        "method_options": manifest.get("method_options", {}),
     }
+
+
+def settings_differ(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """What makes two runs' numbers incomparable beyond model and examples: generation settings, method options."""
+    out = [f"{k} {a['generation'].get(k)} vs {b['generation'].get(k)}" for k in GENERATION_KEYS
+           if a["generation"].get(k) != b["generation"].get(k)]
+    for label in sorted(set(a["method_options"]) & set(b["method_options"])):
+        if a["method_options"][label] != b["method_options"][label]:
+            out.append(f"options of {label}")
+    return out
 
 
 def write_baseline(run_dir: Path, out: Path) -> dict[str, Any]:
@@ -118,6 +133,12 @@ def compare(baseline: dict[str, Any], run_dir: Path, tol: Tolerances, *, force: 
     if not force and baseline.get("task_hashes") != ident["task_hashes"]:
         raise UserError(f"{run_dir} used different examples than the baseline (task hashes differ); "
                         "rerun with the baseline's task settings, or pass --force")
+    if not force and "generation" in baseline:
+        differ = settings_differ({"generation": baseline["generation"],
+                                  "method_options": baseline.get("method_options", {})}, ident)
+        if differ:
+            raise UserError(f"{run_dir} was run with other settings than the baseline ({'; '.join(differ)}); "
+                            "rerun with the baseline's settings, or pass --force")
     current = {(r["method"], r["task"]): r for r in rows}
     findings: list[Finding] = []
     for entry in baseline["entries"]:

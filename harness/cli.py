@@ -1,4 +1,4 @@
-"""``python -m harness``: run, list (and, as they land, report / check / train ...).
+"""``python -m harness``: run, list, report, compare, baseline, check, train, tune, analyze.
 
 User errors print one line and exit 2; tracebacks are reserved for bugs.
 """
@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from harness.errors import UserError
+from methods.core.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,9 +48,20 @@ def _method_options(args: argparse.Namespace) -> dict[str, dict[str, str]]:
         if not sep or not name:
             raise UserError(f"--method-option expects METHOD.KEY=VALUE, got {key}={value}")
         options.setdefault(method, {})[name] = value
-    if args.medusa_tree:
-        options.setdefault("medusa", {})["tree"] = args.medusa_tree
     return options
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _methods(text: str) -> list[str]:
+    from harness.session import split_methods
+
+    return split_methods(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="benchmark methods over task suites", description=(
         "Decode every example with every method (interleaved per example), write results.jsonl + "
         "manifest.json to the run folder, and print a summary. Rerunning the same command resumes."))
-    run.add_argument("--methods", type=_csv, default=["vanilla"], help="comma-separated methods (default: vanilla)")
+    run.add_argument("--methods", type=_methods, default=["vanilla"], help=(
+        "comma-separated methods or variants, e.g. vanilla,medusa,medusa@tree=8x4x2,pld@num_tokens=5; vanilla runs "
+        "as the baseline beside any other method unless --no-baseline (default: vanilla)"))
+    run.add_argument("--no-baseline", action="store_true", help="do not add vanilla (no speedups or exact match)")
     run.add_argument("--tasks", type=_csv, default=["builtin"],
                      help="comma-separated task suites, suite[:categories] (default: builtin)")
     run.add_argument("--model", default="smollm2-135m",
@@ -70,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "float32 on CPU, bfloat16 on CUDA)")
     run.add_argument("--max-new-tokens", type=_int, default=128, help="tokens to generate per turn (default: 128)")
     run.add_argument("--limit", type=_int, default=None, help="examples per task (a seeded sample)")
-    run.add_argument("--seed", type=_int, default=0, help="seed for --limit sampling (default: 0)")
+    run.add_argument("--seed", type=_int, default=0, help="seed for --limit sampling and token sampling (default: 0)")
+    run.add_argument("--temperature", type=_float, default=0.0,
+                     help="sampling temperature; 0 = greedy (default). Every method keeps the target distribution")
+    run.add_argument("--top-p", type=_float, default=1.0, help="nucleus sampling threshold with --temperature (default 1)")
     run.add_argument("--warmup", type=_int, default=1, help="uncounted warm-up rounds per method (default: 1)")
     run.add_argument("--data-dir", default=None, help="folder with <suite>/<file> data (e.g. ../shared/data)")
     run.add_argument("--task-path", action="append", default=[], metavar="SUITE=FILE",
@@ -78,17 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                      help="suite options, e.g. xsum.max_words=400, jsonl.prompt=question (repeatable)")
     run.add_argument("--method-option", action="append", default=[], metavar="METHOD.KEY=VALUE",
-                     help="method settings, e.g. medusa.heads=DIR, firp.tree=3x2x1 (repeatable)")
-    run.add_argument("--medusa-tree", default=None, help="Medusa tree: top-k per depth (4x2x1) or JSON paths/file")
+                     help="method settings for every variant of METHOD, e.g. medusa.heads=DIR, medusa.tree=4x2x1, "
+                          "firp.tree=3x2x1 (repeatable; `python -m harness list` shows each method's options)")
     run.add_argument("--out", default=None, help="run folder (default: runs/<model>-<dtype>-<config hash>)")
     run.add_argument("--overwrite", action="store_true", help="discard results already in --out")
 
     sub.add_parser("list", help="list methods, tasks and models")
 
-    tr = sub.add_parser("train", help="train draft heads (medusa, firp) on the frozen model", description=(
+    tr = sub.add_parser("train", help="train a method's draft heads on the frozen model", description=(
         "Self-distils the model on the training prompts (its own greedy answers), caches frozen-model features, "
         "trains the heads with resumable checkpoints, and writes safetensors + config.json to --out."))
-    tr.add_argument("method", help="medusa or firp")
+    tr.add_argument("method", help="a trainable method (see `python -m harness list`)")
+    tr.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     tr.add_argument("--model", default="smollm2-135m")
     tr.add_argument("--data", nargs="+", default=[], metavar="FILE", help="training JSONL files (never eval files)")
     tr.add_argument("--out", required=True, metavar="DIR")
@@ -104,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="method settings, e.g. heads=3, layout=shared|upstream, tree=4x2x1, layers=10")
     tr.add_argument("--allow-eval-data", action="store_true", help="permit training on evaluation files")
 
-    tune = sub.add_parser("tune", help="search self_spec's skip set (Bayesian optimisation of tokens/s)")
-    tune.add_argument("method", help="self_spec")
+    tune = sub.add_parser("tune", help="tune a method's settings (self_spec: its skip set, by Bayesian optimisation)")
+    tune.add_argument("method", help="a tunable method (see `python -m harness list`)")
+    tune.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     tune.add_argument("--model", default="smollm2-135m")
     tune.add_argument("--data", nargs="+", default=[], metavar="FILE", help="training JSONL files (never eval files)")
     tune.add_argument("--out", default="skip.json", metavar="FILE")
@@ -115,10 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--max-new-tokens", type=_int, default=32)
     tune.add_argument("--seed", type=_int, default=0)
 
-    ana = sub.add_parser("analyze", help="FIRP analysis: pseudo vs real hidden states by layer, per-step accuracy")
-    ana.add_argument("method", help="firp")
+    ana = sub.add_parser("analyze", help="a method's analysis (firp: pseudo vs real hidden states, per-step accuracy)")
+    ana.add_argument("method", help="an analyzable method (see `python -m harness list`)")
+    ana.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     ana.add_argument("--model", default="smollm2-135m")
-    ana.add_argument("--weights", default=None, metavar="DIR", help="FIRP maps (default: the shipped ones)")
+    ana.add_argument("--weights", default=None, metavar="DIR", help="the method's weights (default: the shipped ones)")
     ana.add_argument("--compare", default=None, metavar="DIR", help="a second set of maps, e.g. parallel mode")
     ana.add_argument("--data", nargs="+", default=[], metavar="FILE", help="the training files (validation split)")
     ana.add_argument("--sequences", type=_int, default=24)
@@ -163,41 +183,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, out=args.out, overwrite=args.overwrite,
         task_paths=_pairs(args.task_path, "--task-path", "SUITE=FILE"),
         task_options=_pairs(args.task_option, "--task-option", "KEY=VALUE"),
-        method_options=_method_options(args),
+        method_options=_method_options(args), temperature=args.temperature, top_p=args.top_p,
+        baseline=not args.no_baseline,
     )
     out = execute(config)
     print_summary(out)
-    from reports.html import build_report
+    from harness.report import build_report
 
     print(f"Report: {build_report(out)}")
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from harness.tuning import TuneConfig, tune_self_spec
+    from harness.train import run_entry
 
-    if args.method != "self_spec":
-        raise UserError(f"nothing to tune for method {args.method!r}; tunable: self_spec")
-    if args.trials <= 0 or args.prompts <= 0 or args.max_new_tokens <= 0:
-        raise UserError("--trials, --prompts and --max-new-tokens must be positive integers")
-    tune_self_spec(TuneConfig(model=args.model, data=args.data, out=args.out, dtype=args.dtype, trials=args.trials,
-                              prompts=args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed))
+    run_entry("tune", args.method, {k: v for k, v in vars(args).items() if k not in ("command", "method")})
     return 0
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from harness.analysis import analyze_firp
+    from harness.train import run_entry
 
-    if args.method != "firp":
-        raise UserError(f"nothing to analyze for method {args.method!r}; supported: firp")
-    analyze_firp(args.model, args.weights, args.compare, args.data, args.out, args.sequences)
+    run_entry("analyze", args.method, {k: v for k, v in vars(args).items() if k not in ("command", "method")})
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from reports.html import build_report
+    from harness.report import build_report
 
     print(f"Report: {build_report(Path(args.run_dir), Path(args.output) if args.output else None)}")
     return 0
@@ -206,7 +220,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from reports.compare import build_comparison
+    from harness.report import build_comparison
 
     out = build_comparison(Path(args.run_a), Path(args.run_b), Path(args.output), force=args.force)
     print(f"Comparison: {out}")
@@ -215,13 +229,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_list(_: argparse.Namespace) -> int:
     from harness.models import EMBEDDED_MODELS
-    from methods.base import available_methods, get_method
+    from methods.core.options import describe_options
+    from methods.registry import available_methods, get_spec
     from tasks.base import available_tasks, describe_task
 
     print("Methods:")
     for name in available_methods():
-        doc = (get_method(name).__doc__ or "").strip().splitlines()
-        print(f"  {name:<12} {doc[0] if doc else ''}")
+        spec = get_spec(name)
+        extras = [kind for kind in ("train", "tune", "analyze") if getattr(spec, kind)]
+        print(f"  {name:<12} {spec.summary}")
+        print(f"  {'':<12} needs: {spec.needs}" + (f"; commands: {', '.join(extras)}" if extras else ""))
+        for line in describe_options(spec.options):
+            print(f"  {'':<14}{name}.{line}")
     print("Tasks:")
     for name in available_tasks():
         print(f"  {name:<12} {describe_task(name)}")
@@ -270,8 +289,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from harness.training.common import TrainConfig
-    from harness.training.run import train
+    from harness.train import train
+    from methods.core.training import TrainConfig
 
     if args.epochs <= 0 or args.batch <= 0 or args.limit <= 0 or args.max_new_tokens <= 0:
         raise UserError("--epochs, --batch, --limit and --max-new-tokens must be positive integers")
@@ -280,7 +299,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          batch_sequences=args.batch, seed=args.seed, allow_eval_data=args.allow_eval_data,
                          max_steps=args.max_steps,
                          options=_pairs(args.option, "--option", "KEY=VALUE"))
-    train(config)
+    train(config, device=args.device)
     return 0
 
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from harness.errors import UserError
-from harness.prompts import encode_conversation
+from methods.core.errors import UserError
+from methods.core.prompts import encode_conversation
 from tasks.sources import read_jsonl
 
 EVAL_FILES = ("xsum/test.jsonl", "gsm8k/test.jsonl", "mt_bench/question.jsonl", "spec_bench/question.jsonl")
@@ -107,7 +107,7 @@ def self_distilled_sequences(model: Any, tokenizer: Any, model_name: str, files:
                              limit: int | None, seed: int, max_new_tokens: int, batch_size: int = 16,
                              max_prompt_tokens: int = 320, allow_eval: bool = False) -> list[dict[str, Any]]:
     """Cached list of {"ids", "prompt_len"}; the cache key covers the files and every setting."""
-    from harness.prompts import stop_token_ids
+    from methods.core.prompts import stop_token_ids
 
     settings = {"limit": limit, "seed": seed, "max_new_tokens": max_new_tokens,
                 "max_prompt_tokens": max_prompt_tokens, "dtype": str(model.dtype)}

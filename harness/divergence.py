@@ -16,7 +16,7 @@ import math
 import torch
 
 from harness.metrics import BASELINE, first_divergence
-from harness.prompts import encode_conversation
+from methods.core.prompts import encode_conversation
 from tasks.base import Example
 
 TIE_FLOOR = {torch.float32: 1e-3, torch.bfloat16: 0.0, torch.float16: 0.0}

@@ -5,6 +5,9 @@ Definitions follow Spec-Bench where one exists:
 * mean accepted length = new tokens / target forward passes while decoding, bonus token
   included, so vanilla is exactly 1.0;
 * draft size = draft tokens verified per target forward pass;
+* processed per step = tokens each target pass processes beyond the one committed root:
+  the drafts plus what a method feeds besides (Lookahead's Jacobi window, FIRP's pseudo
+  tokens); this, not the draft size, is what a step costs;
 * speedup = method tokens/s / vanilla tokens/s on the same example in the same run (new
   tokens over wall time: equal work even when the two outputs differ in length, as they do
   after a low-precision near-tie or under sampling), aggregated as a geometric mean of
@@ -73,6 +76,7 @@ def records_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
             "wall_time": r["wall_time"],
             "target_forwards": r["target_forwards"],
             "draft_tokens": sum(sum(t["draft_sizes"]) for t in turns),
+            "processed_tokens": sum(sum(t.get("processed") or t["draft_sizes"]) for t in turns),
             "draft_time": sum(draft_times) if all(x is not None for x in draft_times) and turns else np.nan,
             "verify_time": sum(verify_times) if all(x is not None for x in verify_times) and turns else np.nan,
             "accepted": [a for t in turns for a in t["accepted"]],
@@ -212,6 +216,7 @@ def summarize(frame: pd.DataFrame, by: tuple[str, ...] = ("method",), weight_byt
             tokens_per_s=new / time_total if time_total > 0 else float("nan"),
             mean_accepted_length=new / forwards if forwards else float("nan"),
             draft_size=float(sub.draft_tokens.sum()) / forwards if forwards else float("nan"),
+            processed_per_step=float(sub.processed_tokens.sum()) / forwards if forwards else float("nan"),
             draft_time_share=float(sub.draft_time.sum() / time_total) if sub.draft_time.notna().all() and time_total else float("nan"),
             bandwidth_gb_s=(weight_bytes * forwards / time_total / 1e9) if weight_bytes and time_total else float("nan"),
         )

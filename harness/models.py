@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from harness.errors import UserError
-from methods.engine import SUPPORTED_MODEL_TYPES  # one list: what the engine can drive
+from methods.core.errors import UserError
+from methods.core.engine import SUPPORTED_MODEL_TYPES  # one list: what the engine can drive
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from harness.errors import UserError
+from methods.core.errors import UserError
 
 RESULTS_FILE = "results.jsonl"
 MANIFEST_FILE = "manifest.json"

@@ -12,9 +12,11 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from harness.prompts import encode_conversation
-from harness.timing import timed
-from methods.base import Decoder
+import zlib
+
+from methods.core.decoder import Decoder, GenConfig
+from methods.core.prompts import encode_conversation
+from methods.core.timing import timed
 from tasks.base import Example
 
 
@@ -23,6 +25,18 @@ class ShardSettings:
     max_new_tokens: int
     stop_ids: Sequence[int]
     max_context: int | None  # prompts that cannot fit prompt + max_new_tokens are skipped
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def gen_config(self, example: Example, turn: int) -> GenConfig:
+        """Sampling is seeded per (run seed, example, turn): reproducible, and the same for every method."""
+        seed = zlib.crc32(f"{self.seed}|{example.task}|{example.id}|{turn}".encode())
+        return GenConfig(self.max_new_tokens, tuple(self.stop_ids), self.temperature, self.top_p, seed)
+
+
+def label_of(decoder: Decoder) -> str:
+    return getattr(decoder, "label", None) or decoder.name
 
 
 def run_example(decoder: Decoder, example: Example, tokenizer: Any, settings: ShardSettings) -> dict[str, Any]:
@@ -30,16 +44,15 @@ def run_example(decoder: Decoder, example: Example, tokenizer: Any, settings: Sh
     device = decoder.engine.device
     messages: list[dict[str, str]] = []
     turns: list[dict[str, Any]] = []
-    for user_text in example.turns:
+    for turn_no, user_text in enumerate(example.turns):
         messages.append({"role": "user", "content": user_text})
         prompt_ids = encode_conversation(tokenizer, messages)
         if settings.max_context is not None and len(prompt_ids) + settings.max_new_tokens > settings.max_context:
             return _record(example, decoder, turns, skipped=(
                 f"prompt of {len(prompt_ids)} tokens + {settings.max_new_tokens} new exceeds the "
                 f"model context of {settings.max_context}"))
-        gen, seconds = timed(
-            lambda: decoder.generate(prompt_ids, settings.max_new_tokens, settings.stop_ids), device
-        )
+        config = settings.gen_config(example, turn_no)
+        gen, seconds = timed(lambda: decoder.generate(prompt_ids, config), device)
         text = tokenizer.decode(gen.tokens, skip_special_tokens=True)
         messages.append({"role": "assistant", "content": text})
         turns.append({
@@ -49,6 +62,8 @@ def run_example(decoder: Decoder, example: Example, tokenizer: Any, settings: Sh
             "wall_time": seconds,
             "accepted": gen.accepted,
             "draft_sizes": gen.draft_sizes,
+            "processed": gen.processed,
+            "step_times": [round(t, 7) for t in gen.step_times],
             "draft_time": sum(gen.draft_times) if gen.draft_times else None,
             "verify_time": sum(gen.verify_times) if gen.verify_times else None,
             "stopped_by": gen.stopped_by,
@@ -62,7 +77,8 @@ def _record(example: Example, decoder: Decoder, turns: list[dict[str, Any]], ski
         "task": example.task,
         "example_id": example.id,
         "category": example.category,
-        "method": decoder.name,
+        "method": label_of(decoder),
+        "method_name": decoder.name,
         "reference": example.reference,
         "skipped": skipped,
         "turns": turns,
@@ -74,7 +90,8 @@ def _record(example: Example, decoder: Decoder, turns: list[dict[str, Any]], ski
 
 def warm_up(decoders: Sequence[Decoder], example: Example, tokenizer: Any, settings: ShardSettings, rounds: int) -> None:
     """Uncounted generations first: allocator, kernels and caches settle before timing starts."""
-    short = ShardSettings(min(settings.max_new_tokens, 16), settings.stop_ids, settings.max_context)
+    short = ShardSettings(min(settings.max_new_tokens, 16), settings.stop_ids, settings.max_context,
+                          settings.temperature, settings.top_p, settings.seed)
     warm = Example(example.id, example.category, example.turns[:1], task=example.task)
     for _ in range(rounds):
         for decoder in decoders:
@@ -94,7 +111,7 @@ def run_shard(
     for i, example in enumerate(examples):
         shift = i % len(decoders)
         for decoder in [*decoders[shift:], *decoders[:shift]]:
-            if (example.task, example.id, decoder.name) not in done:
+            if (example.task, example.id, label_of(decoder)) not in done:
                 emit(run_example(decoder, example, tokenizer, settings))
             if on_progress is not None:
                 on_progress()

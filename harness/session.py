@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.errors import UserError
+from methods.core.errors import UserError
 from harness.results import (
     DIVERGENCES_FILE,
     MANIFEST_FILE,
@@ -25,8 +25,55 @@ from harness.results import (
     record_key,
     write_manifest,
 )
-from methods.base import UnknownMethodError, get_method
+from methods.core.options import parse_options
+from methods.registry import get_spec
 from tasks.base import Example, TaskOptions, load_task, split_spec, task_hash
+
+BASELINE = "vanilla"
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """One row of a run: a method, or a variant of one (``medusa@tree=8x4x2``), and its parsed options."""
+
+    label: str
+    name: str
+    options: Any
+
+    def options_dict(self) -> dict[str, Any]:
+        return asdict(self.options)
+
+
+def split_methods(text: str) -> list[str]:
+    """``--methods`` split on commas outside brackets, so a variant may carry a JSON tree."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_method_runs(labels: list[str], method_options: dict[str, dict[str, Any]]) -> list[MethodRun]:
+    """Labels like ``firp`` or ``medusa@tree=8x4x2@heads=DIR``; ``--method-option`` values apply to every
+    variant of their method, a variant's own settings override them. All checked before the model loads."""
+    runs: list[MethodRun] = []
+    for label in labels:
+        name, *settings = label.split("@")
+        spec = get_spec(name.strip())
+        raw = dict(method_options.get(spec.name, {}))
+        for item in settings:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise UserError(f"bad method variant {label!r}: write METHOD@KEY=VALUE[@KEY=VALUE...]")
+            raw[key.strip()] = value.strip()
+        runs.append(MethodRun(label, spec.name, parse_options(spec.options, raw, where=spec.name)))
+    return runs
 
 
 @dataclass
@@ -44,21 +91,33 @@ class RunConfig:
     task_paths: dict[str, str] = field(default_factory=dict)
     task_options: dict[str, Any] = field(default_factory=dict)
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    baseline: bool = True   # run vanilla beside any other method (the reference for speedup and losslessness)
     out: str | None = None
     overwrite: bool = False
     report: bool = True
 
+    def method_labels(self) -> list[str]:
+        labels = list(self.methods)
+        if self.baseline and BASELINE not in labels and any(m != BASELINE for m in labels):
+            labels.insert(0, BASELINE)
+        return labels
+
     def identity(self) -> dict[str, Any]:
-        """The settings that decide what the results are; a resumed run must match them."""
-        keep = ("methods", "tasks", "model", "device", "dtype", "max_new_tokens", "limit", "seed",
-                "task_options", "method_options")
+        """What decides the examples and their meaning; a resumed run must match it.
+
+        Methods are not part of it: adding a method or a variant to a finished run resumes it.
+        """
+        keep = ("tasks", "model", "device", "dtype", "max_new_tokens", "limit", "seed", "task_options",
+                "temperature", "top_p")
         return {k: getattr(self, k) for k in keep}
 
     def identity_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
 
 
-def validate(config: RunConfig) -> None:
+def validate(config: RunConfig) -> list[MethodRun]:
     if config.max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens must be a positive integer, got {config.max_new_tokens}")
     if config.limit is not None and config.limit <= 0:
@@ -67,17 +126,24 @@ def validate(config: RunConfig) -> None:
         raise UserError("no methods given; pass --methods vanilla,... (see `python -m harness list`)")
     if len(set(config.methods)) != len(config.methods):
         raise UserError(f"--methods lists a method twice: {','.join(config.methods)}")
-    for name in config.methods:
-        try:
-            get_method(name)
-        except UnknownMethodError as exc:
-            raise UserError(str(exc)) from None
+    if not config.temperature >= 0:
+        raise UserError(f"--temperature must be >= 0, got {config.temperature}")
+    if not 0 < config.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {config.top_p}")
+    runs = parse_method_runs(config.method_labels(), config.method_options)
+    named = {r.name for r in runs}
+    for method in config.method_options:
+        if method not in named:
+            get_spec(method)  # an unknown method name says so first
+            raise UserError(f"--method-option given for {method!r}, which is not in --methods "
+                            f"({','.join(config.methods)}); add it or drop the option")
     from harness.models import DTYPES, check_model_name, resolve_device
 
     check_model_name(config.model)
     resolve_device(config.device)  # fail fast on CUDA-less machines, before loading anything
     if config.dtype not in (*DTYPES, "auto"):
         raise UserError(f"unknown dtype {config.dtype!r}; valid dtypes: {', '.join([*DTYPES, 'auto'])}")
+    return runs
 
 
 def load_examples(config: RunConfig) -> tuple[list[Example], dict[str, dict[str, Any]]]:
@@ -106,8 +172,9 @@ def default_out_dir(config: RunConfig) -> Path:
     return Path("runs") / f"{slug}-{config.dtype}-{config.identity_hash()}"
 
 
-def prepare_out_dir(config: RunConfig, out: Path, task_info: dict[str, dict[str, Any]]) -> set[tuple[str, str, str]]:
-    """Create or reopen the run folder; return the keys already done (resume)."""
+def prepare_out_dir(config: RunConfig, out: Path, task_info: dict[str, dict[str, Any]],
+                    runs: list[MethodRun]) -> tuple[set[tuple[str, str, str]], dict[str, Any]]:
+    """Create or reopen the run folder; return the keys already done (resume) and the old manifest."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -119,7 +186,8 @@ def prepare_out_dir(config: RunConfig, out: Path, task_info: dict[str, dict[str,
     if config.overwrite:
         for p in (manifest_path, results_path):
             p.unlink(missing_ok=True)
-        return set()
+        return set(), {}
+    old: dict[str, Any] = {}
     if manifest_path.exists():
         try:
             old = json.loads(manifest_path.read_text())
@@ -138,56 +206,78 @@ def prepare_out_dir(config: RunConfig, out: Path, task_info: dict[str, dict[str,
                 f"{out} holds results for different examples (task hash changed: the data files differ); "
                 "use another --out, or --overwrite to discard them"
             )
+        for run in runs:
+            before = old.get("method_options", {}).get(run.label)
+            if before is not None and before != _jsonable(run.options_dict()):
+                diff = sorted(k for k, v in _jsonable(run.options_dict()).items() if before.get(k) != v)
+                raise UserError(
+                    f"{out} holds {run.label!r} results made with other options (differs in: {', '.join(diff)}); "
+                    f"name the new setting as a variant (e.g. {run.name}@{diff[0]}=...), use another --out, "
+                    "or --overwrite to discard them")
     elif results_path.exists():
         raise UserError(f"{out} has {RESULTS_FILE} but no {MANIFEST_FILE}; use another --out or --overwrite")
-    return {record_key(r) for r in read_records(results_path, repair=True)}
+    return {record_key(r) for r in read_records(results_path, repair=True)}, old
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
 
 
 def execute(config: RunConfig) -> Path:
     """Run the benchmark described by ``config``; returns the run folder."""
-    validate(config)
+    runs = validate(config)
     examples, task_info = load_examples(config)
     out = Path(config.out) if config.out else default_out_dir(config)
-    done = prepare_out_dir(config, out, task_info)
+    done, old_manifest = prepare_out_dir(config, out, task_info, runs)
 
     from harness.environment import environment
     from harness.models import load_model
-    from harness.prompts import stop_token_ids
     from harness.runner import ShardSettings, run_shard, warm_up
-    from methods.engine import Engine
+    from methods.core.engine import Engine
+    from methods.core.prompts import stop_token_ids
 
-    for name in config.methods:
-        get_method(name).check_ready(config.model, config.method_options.get(name, {}))
+    for run in runs:
+        get_spec(run.name).decoder.check_ready(config.model, run.options)
     model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype)
     engine = Engine(model)
-    decoders = [get_method(name)(engine, model_name=config.model, **config.method_options.get(name, {}))
-                for name in config.methods]
+    decoders = []
+    for run in runs:
+        decoder = get_spec(run.name).decoder(engine, run.options, model_name=config.model)
+        decoder.label = run.label
+        decoders.append(decoder)
     settings = ShardSettings(
         max_new_tokens=config.max_new_tokens,
         stop_ids=stop_token_ids(tokenizer, model),
         max_context=getattr(model.config, "max_position_embeddings", None),
+        temperature=config.temperature,
+        top_p=config.top_p,
+        seed=config.seed,
     )
+    labels = list(dict.fromkeys([*old_manifest.get("config", {}).get("methods", []), *(r.label for r in runs)]))
     manifest = {
-        "config": {**asdict(config), "identity": config.identity()},
+        "config": {**asdict(config), "methods": labels, "identity": config.identity()},
         "model": {"name": config.model, "type": model.config.model_type,
                   "layers": model.config.num_hidden_layers,
                   "parameters": sum(p.numel() for p in model.parameters()),
                   "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())},
         "dtype": str(engine.dtype).removeprefix("torch."),
         "tasks": task_info,
-        "methods": {d.name: d.describe() for d in decoders},
+        "methods": {**old_manifest.get("methods", {}), **{d.label: d.describe() for d in decoders}},
+        "method_options": {**old_manifest.get("method_options", {}),
+                           **{r.label: _jsonable(r.options_dict()) for r in runs}},
         "environment": environment(engine.device),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "started": old_manifest.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "status": "running",
     }
     write_manifest(out, manifest)
 
     todo = len(examples) * len(decoders)
+    already = sum(1 for e in examples for d in decoders if (e.task, e.id, d.label) in done)
     print(f"Run folder: {out}  ({len(examples)} examples x {len(decoders)} methods, "
-          f"{len(done)} already done)", file=sys.stderr)
+          f"{already} already done)", file=sys.stderr)
     from tqdm import tqdm
 
-    completed = len(done)
+    completed = already
     try:
         if completed < todo:
             warm_up(decoders, examples[0], tokenizer, settings, config.warmup)

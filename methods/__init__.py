@@ -1,5 +1,2 @@
-"""Decoding methods: one file per method, plus the shared engine, KV cache and tree code."""
-
-from methods.base import Decoder, Generation, available_methods, get_method, register_method
-
-__all__ = ["Decoder", "Generation", "available_methods", "get_method", "register_method"]
+"""Decoding methods: ``core/`` (engine, KV cache, trees, acceptance, the decode loop) at the
+bottom, one folder per method above it, and ``registry`` to find them by name."""

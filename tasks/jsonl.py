@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.errors import UserError
+from methods.core.errors import UserError
 from tasks.base import Example, TaskOptions, register_task
 from tasks.sources import read_jsonl
 

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from harness.errors import UserError
+from methods.core.errors import UserError
 from tasks.base import Example
 from tasks.sources import read_jsonl
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from harness.divergence import find_divergences
-from methods.engine import Engine
+from methods.core.engine import Engine
 from methods.vanilla import VanillaDecoder
 from tasks.base import Example
 from tests.conftest import tiny_model
@@ -23,7 +23,7 @@ def test_divergence_position_and_gap():
     engine = Engine(model)
     tok = ToyTokenizer()
     ex = Example("e1", "chat", ("hi",), task="t")
-    from harness.prompts import encode_conversation
+    from methods.core.prompts import encode_conversation
 
     prompt = encode_conversation(tok, [{"role": "user", "content": "hi"}])
     van = VanillaDecoder(engine).generate(prompt, 10).tokens

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from methods.engine import Engine, Injection
+from methods.core.engine import Engine, Injection
 
 TOL = 1e-4
 PREFIX = [5, 17, 3, 44, 9, 60]

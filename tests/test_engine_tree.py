@@ -9,8 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from methods.engine import Engine
-from methods.tree import Tree
+from methods.core.engine import Engine
+from methods.core.tree import Tree
 
 TOL = 1e-4
 
@@ -91,7 +91,7 @@ def test_keep_branch_then_continue_matches_sequential(tiny, case, data):
 
 
 def test_best_tree_and_expected_length():
-    from methods.tree import best_tree_paths, expected_accepted_length
+    from methods.core.tree import best_tree_paths, expected_accepted_length
 
     ranks = torch.tensor([[0, 0, 0], [0, 1, 0], [1, 0, 5], [0, 0, 12], [3, 0, 0]])
     chain = [(0,), (0, 0), (0, 0, 0)]

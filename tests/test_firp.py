@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from harness.training.firp import parse_layers, pseudo_forward
-from methods.engine import Engine
+from methods.firp.train import parse_layers, pseudo_forward
+from methods.core.engine import Engine
 from methods.firp import FirpDecoder, FirpMaps, build_plan, injections
 from methods.vanilla import VanillaDecoder
 from tests.conftest import tiny_model
@@ -103,7 +103,7 @@ def test_parse_layers():
 
 
 def test_analysis_reports_cosine_by_layer_and_accuracy():
-    from harness.analysis import analyze_maps
+    from methods.firp.analysis import analyze_maps
 
     model = tiny_model("llama")
     maps = _random_maps(model, [1, 1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from methods.engine import Engine
+from methods.core.engine import Engine
 from methods.lookahead import LookaheadDecoder, lookahead_visibility
 from methods.vanilla import VanillaDecoder
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from methods.engine import Engine
-from methods.medusa import MedusaDecoder, MedusaHeads, load_heads, parse_tree
-from methods.tree import Tree
+from methods.core.engine import Engine
+from methods.core.tree import parse_tree
+from methods.medusa import MedusaDecoder, MedusaHeads, load_heads
+from methods.core.tree import Tree
 from methods.vanilla import VanillaDecoder
 
 

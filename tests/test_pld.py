@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from methods.engine import Engine
+from methods.core.engine import Engine
 from methods.pld import PromptLookupDecoder, lookup
 from methods.vanilla import VanillaDecoder
 
@@ -31,7 +31,7 @@ def test_pld_is_lossless_on_tiny_model(tiny):
 
 @pytest.mark.slow
 def test_pld_matches_transformers_prompt_lookup(smollm):
-    from harness.prompts import encode_conversation, stop_token_ids
+    from methods.core.prompts import encode_conversation, stop_token_ids
 
     model, tok = smollm
     decoder = PromptLookupDecoder(Engine(model))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness.metrics import acceptance_by_depth, bootstrap_geomean_ci, first_divergence, records_frame, rouge2, summarize
-from reports.html import build_report
+from harness.report import build_report
 
 
 def _turn(tokens, accepted, drafts, text, t):

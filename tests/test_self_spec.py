@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from methods.engine import Engine
+from methods.core.engine import Engine
 from methods.self_spec import SelfSpeculativeDecoder, load_skip_set
 from methods.vanilla import VanillaDecoder
 
@@ -45,7 +45,7 @@ def test_load_skip_set_forms(tmp_path):
 
 @pytest.mark.slow
 def test_early_exit_skip_set_matches_transformers_assistant_early_exit(smollm):
-    from harness.prompts import encode_conversation, stop_token_ids
+    from methods.core.prompts import encode_conversation, stop_token_ids
 
     model, tok = smollm
     exit_layer = 20

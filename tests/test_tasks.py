@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import UserError
+from methods.core.errors import UserError
 from tasks.base import TaskOptions, load_task, select, task_hash
 from tasks.gsm8k import extract_answer, reference_answer
 from tasks.xsum import truncate_words

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from harness.training.common import TrainConfig, lr_at, split_train_val
+from methods.core.training import TrainConfig, lr_at, split_train_val
 from tests.conftest import tiny_model
 
 
@@ -22,6 +22,19 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SPECDEC_HARNESS_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.fixture
+def toolkit(tmp_path):
+    from harness.train import toolkit
+
+    return toolkit("cpu")
+
+
+def _dropped(losses: list[float]) -> bool:
+    """The last third of the steps has a lower mean loss than the first third."""
+    third = max(1, len(losses) // 3)
+    return sum(losses[-third:]) / third < sum(losses[:third]) / third
+
+
 def test_lr_schedule_and_split():
     assert lr_at(0, 100, 1e-3, 10) == pytest.approx(1e-4)
     assert lr_at(10, 100, 1e-3, 10) == pytest.approx(1e-3)
@@ -31,9 +44,9 @@ def test_lr_schedule_and_split():
 
 
 @pytest.mark.parametrize("layout", ["shared", "upstream"])
-def test_medusa_training_writes_heads_and_resumes(tmp_path, tiny_data, layout):
-    from harness.training import medusa
-    from methods.engine import Engine
+def test_medusa_training_writes_heads_and_resumes(tmp_path, tiny_data, layout, toolkit):
+    from methods.medusa import train as medusa
+    from methods.core.engine import Engine
     from methods.medusa import MedusaDecoder
     from methods.vanilla import VanillaDecoder
 
@@ -41,22 +54,23 @@ def test_medusa_training_writes_heads_and_resumes(tmp_path, tiny_data, layout):
     out = tmp_path / "heads"
     cfg = TrainConfig(method="medusa", out=str(out), epochs=2, batch_sequences=4, checkpoint_every=1,
                       options={"heads": 2, "layout": layout, "tree": "2x1"})
-    meta = medusa.train(cfg, model, None, tiny_data, "tiny")
+    meta = medusa.train(cfg, model, None, tiny_data, "tiny", toolkit)
     assert (out / "heads.safetensors").is_file() and (out / "checkpoint.pt").is_file()
     saved = json.loads((out / "config.json").read_text())
     assert saved["val_accuracy"]["head1"]["positions"] > 0 and saved["layout"] == layout
-    assert meta["train_time_s"] >= 0
+    assert saved["train_steps"] == 6 == len(saved["train_loss"])
+    assert _dropped(saved["train_loss"]), saved["train_loss"]
     # a finished checkpoint resumes straight to the end
-    again = medusa.train(cfg, model, None, tiny_data, "tiny")
+    again = medusa.train(cfg, model, None, tiny_data, "tiny", toolkit)
     assert again["val_accuracy"] == meta["val_accuracy"]
     engine = Engine(model)
     got = MedusaDecoder(engine, heads=str(out)).generate([1, 2, 3], 20).tokens
     assert got == VanillaDecoder(engine).generate([1, 2, 3], 20).tokens
 
 
-def test_firp_training_writes_maps_and_loss_drops(tmp_path, tiny_data):
-    from harness.training import firp
-    from methods.engine import Engine
+def test_firp_training_writes_maps_and_loss_drops(tmp_path, tiny_data, toolkit):
+    from methods.firp import train as firp
+    from methods.core.engine import Engine
     from methods.firp import FirpDecoder
     from methods.vanilla import VanillaDecoder
 
@@ -64,9 +78,10 @@ def test_firp_training_writes_maps_and_loss_drops(tmp_path, tiny_data):
     out = tmp_path / "firp"
     cfg = TrainConfig(method="firp", out=str(out), epochs=2, batch_sequences=4, checkpoint_every=2, lr=3e-3,
                       options={"K": 2, "layers": "1", "tree": "2x1", "anchors_per_seq": 8})
-    meta = firp.train(cfg, model, None, tiny_data, "tiny-firp")
+    meta = firp.train(cfg, model, None, tiny_data, "tiny-firp", toolkit)
     saved = json.loads((out / "config.json").read_text())
     assert saved["layers"] == [1, 1] and saved["mode"] == "serialized"
+    assert _dropped(saved["train_loss"]), saved["train_loss"]
     assert set(meta["val_accuracy"]) == {"step1", "step2"}
     engine = Engine(model)
     got = FirpDecoder(engine, weights=str(out)).generate([1, 2, 3], 20).tokens

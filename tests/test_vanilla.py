@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.prompts import encode_conversation, stop_token_ids
-from methods.engine import Engine
+from methods.core.prompts import encode_conversation, stop_token_ids
+from methods.core.engine import Engine
 from methods.vanilla import VanillaDecoder
 from tasks.builtin import _PROMPTS
 

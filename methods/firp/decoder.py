@@ -25,7 +25,7 @@ Options (all recorded in the manifest):
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,11 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.errors import UserError
-from methods.base import Decoder, Generation, register_method, truncate_at_stop
-from methods.engine import Engine, Injection
-from methods.medusa import parse_tree
-from methods.tree import TreeVerifier
+from methods.core.decoder import Decoder, Draft
+from methods.core.engine import ForwardOutput, Injection
+from methods.core.errors import UserError
+from methods.core.options import option
+from methods.core.tree import TreeLayout, chain_layout, parse_tree
+from methods.core.verify import Acceptance
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TRAIN_HINT = ("python -m harness train firp --model {model} --data ../shared/data/gsm8k/train.jsonl "
@@ -182,109 +183,111 @@ def load_firp(path: Path, hidden: int) -> tuple[FirpMaps, dict[str, Any]]:
     path = Path(path)
     if not (path / "firp.safetensors").is_file():
         raise UserError(f"FIRP weights not found in {path} (expected firp.safetensors + config.json)")
-    config = json.loads((path / "config.json").read_text())
-    maps = FirpMaps(hidden, config["layers"], config.get("mode", "serialized"), config.get("input", "prev"))
-    maps.load_state_dict(load_file(str(path / "firp.safetensors")))
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        maps = FirpMaps(hidden, config["layers"], config.get("mode", "serialized"), config.get("input", "prev"))
+        maps.load_state_dict(load_file(str(path / "firp.safetensors")))
+    except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint is the user's file, not our bug
+        raise UserError(f"cannot load FIRP weights from {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                        " (expected firp.safetensors + config.json from `harness train firp` for this model)") from None
     return maps, config
 
 
 def shipped_weights(model_name: str) -> Path | None:
-    path = WEIGHTS_DIR / f"firp-{model_name}"
+    path = WEIGHTS_DIR / model_name
     return path if (path / "firp.safetensors").is_file() else None
 
 
-@register_method("firp")
+@dataclass(frozen=True)
+class FirpOptions:
+    weights: str | None = option(None, help="FIRP maps folder (default: shipped)")
+    tree: str | None = option(None, help="top-k per depth (3x2x1), JSON paths, or a JSON file (default: trained)")
+    chains: str = option("all", choices=("all", "spine"), help="tree nodes that carry pseudo chains")
+
+    def validate(self) -> None:
+        if self.tree is not None:
+            parse_tree(self.tree)
+        if self.weights is not None and not (Path(self.weights) / "firp.safetensors").is_file():
+            raise UserError(f"FIRP weights not found in {self.weights} (expected firp.safetensors + config.json "
+                            "from `harness train firp`)")
+
+
 class FirpDecoder(Decoder):
     """FIRP pseudo hidden states at an intermediate layer; drafts ride along the verify pass."""
 
+    Options = FirpOptions
     default_tree = "3x2x1"
 
-    def __init__(self, engine: Engine, weights: str | None = None, tree: Any = None, chains: str = "all",
-                 model_name: str = "", **options: Any) -> None:
-        path = Path(weights) if weights else shipped_weights(model_name)
+    def setup(self) -> None:
+        engine, opts = self.engine, self.options
+        path = Path(opts.weights) if opts.weights else shipped_weights(self.model_name)
         if path is None:
-            raise UserError(f"no FIRP weights for model {model_name!r}; train them with: "
-                            + TRAIN_HINT.format(model=model_name) + " and pass --method-option firp.weights=DIR")
+            raise UserError(f"no FIRP weights for model {self.model_name!r}; train them with: "
+                            + TRAIN_HINT.format(model=self.model_name) + " and pass --method-option firp.weights=DIR")
+        self.weights_path = path
         self.maps, self.weights_config = load_firp(path, engine.config.hidden_size)
         self.maps.to(device=engine.device, dtype=engine.dtype).eval().requires_grad_(False)
-        tree = tree or self.weights_config.get("default_tree") or self.default_tree
-        self.tree = parse_tree(tree)
+        self.tree_spec = opts.tree or self.weights_config.get("default_tree") or self.default_tree
+        self.tree = parse_tree(self.tree_spec)
         if self.tree.max_depth > self.maps.K:
             raise UserError(f"tree depth {self.tree.max_depth} exceeds FIRP's K={self.maps.K} pseudo steps")
-        if chains not in ("all", "spine"):
-            raise UserError(f"firp.chains must be 'all' or 'spine', got {chains!r}")
-        self.verifier = TreeVerifier(self.tree, engine)
+        self.layout = TreeLayout.from_tree(self.tree, engine)
+        self.candidate_index = self.tree.candidate_index.to(engine.device)
         self.trained_K = self.maps.K
         self.maps = self.maps.truncated(self.tree.max_depth)
-        if chains == "all":
+        if opts.chains == "all":
             anchors = list(range(self.tree.size))
         else:
             anchors = [0] + [i + 1 for i, p in enumerate(self.tree.paths) if all(c == 0 for c in p)]
+        K, device = self.maps.K, engine.device
         self.plan = build_plan(self.maps, self.tree.visible[anchors], anchors)
-        self.anchor_slot = {node: i for i, node in enumerate(anchors)}
-        self.anchor_depths = self.tree.depths[self.plan.anchors].to(engine.device)
+        self.slot_rows = {node: torch.tensor(self.plan.rows_of(i, K), device=device) for i, node in enumerate(anchors)}
+        self.anchor_depths = self.tree.depths[self.plan.anchors].to(device)
         self.root_plan = build_plan(self.maps, torch.ones((1, 1), dtype=torch.bool), [0])
-        super().__init__(engine, model_name=model_name, weights=str(path), tree=tree, chains=chains, **options)
+        self.root_rows = torch.tensor(self.root_plan.rows_of(0, K), device=device)
+        self.root_layout = chain_layout(0, engine)
 
     @classmethod
-    def check_ready(cls, model_name: str, options: dict[str, Any]) -> None:
-        if not options.get("weights") and shipped_weights(model_name) is None:
+    def check_ready(cls, model_name: str, options: FirpOptions) -> None:
+        if not options.weights and shipped_weights(model_name) is None:
             raise UserError(f"no trained FIRP weights for model {model_name!r}; train them with: "
                             + TRAIN_HINT.format(model=model_name) + " and pass --method-option firp.weights=DIR")
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), **self.maps.config(), "K": self.trained_K, "steps_used": self.maps.K,
+        return {**super().describe(), "weights": str(self.weights_path), "tree": self.tree_spec,
+                **self.maps.config(), "K": self.trained_K, "steps_used": self.maps.K,
                 "draft_size": self.tree.draft_size,
                 "pseudo_tokens_per_step": len(self.plan.anchors) * self.maps.K,
                 "tree_paths": [list(p) for p in self.tree.paths]}
 
-    def _drafts(self, hidden: torch.Tensor, rows: list[int], root: int) -> torch.Tensor:
-        logits = self.engine.lm_head(hidden[rows])  # [K, V]: pseudo k predicts the token after depth k
-        top = torch.topk(logits[: self.tree.max_depth], self.tree.topk, dim=-1).indices.view(-1)
-        candidates = torch.cat([torch.tensor([root], device=top.device), top])
-        return candidates[self.verifier.candidate_index]
+    def step_capacity(self) -> int:
+        return self.tree.size + len(self.plan.anchors) * self.maps.K
 
-    @torch.no_grad()
-    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, stop: Collection[int] = ()) -> Generation:
-        engine, verifier, K = self.engine, self.verifier, self.maps.K
-        engine.reset(capacity=len(prompt_ids) + max_new_tokens + self.tree.size + 1)
-        stop = frozenset(stop)
-        n = len(prompt_ids)
-        prefill = build_plan(self.maps, torch.ones((1, n), dtype=torch.bool), [n - 1])
-        prefill_inj = injections(self.maps, prefill, torch.tensor([n - 1], device=engine.device), engine.device)
-        out = engine.forward(prompt_ids, logits_rows=slice(n - 1, n), injections=prefill_inj, commit=True)
-        root = int(out.logits[-1].argmax())
-        gen = Generation(tokens=[root], accepted=[1], draft_sizes=[0], draft_times=[0.0], verify_times=[0.0])
-        chain_rows = prefill.rows_of(0, K)
-        hidden = out.hidden
-        done = root in stop
-        while not done and len(gen.tokens) < max_new_tokens:
-            t0 = self._now()
-            past = engine.cache.length
-            if chain_rows is None:  # last accepted node carried no chain: a root-only step rebuilds it
-                inj = injections(self.maps, self.root_plan, torch.tensor([past], device=engine.device), engine.device)
-                out = engine.forward([root], injections=inj, logits_rows=slice(0, 1))
-                engine.cache.commit(1)
-                t1 = self._now()
-                bonus = int(out.logits[0].argmax())
-                new, nodes, plan_rows = [bonus], [0], self.root_plan.rows_of(0, K)
-                draft_size = 0
-            else:
-                node_tokens = self._drafts(hidden, chain_rows, root)
-                t1 = self._now()
-                inj = injections(self.maps, self.plan, self.anchor_depths + past, engine.device)
-                out = engine.forward(node_tokens, position_ids=verifier.depths + past, step_bias=verifier.bias,
-                                     injections=inj, logits_rows=slice(0, self.tree.size))
-                nodes, bonus, _ = verifier.accept(node_tokens, out.logits)
-                engine.cache.keep(nodes)
-                new = node_tokens[nodes[1:]].tolist() + [bonus]
-                slot = self.anchor_slot.get(nodes[-1])
-                plan_rows = None if slot is None else self.plan.rows_of(slot, K)
-                draft_size = self.tree.draft_size
-            t2 = self._now()
-            new, hit = truncate_at_stop(new, stop, max_new_tokens - len(gen.tokens))
-            gen.add_step(new, draft_size, t1 - t0, t2 - t1)
-            done = hit
-            hidden, root, chain_rows = out.hidden, bonus, plan_rows
-        gen.stopped_by = "eos" if done else "length"
-        return gen
+    def prefill(self, prompt_ids: Sequence[int]) -> ForwardOutput:
+        engine, n = self.engine, len(prompt_ids)
+        plan = build_plan(self.maps, torch.ones((1, n), dtype=torch.bool), [n - 1])
+        inj = injections(self.maps, plan, torch.tensor([n - 1], device=engine.device), engine.device)
+        self._prefill_rows = torch.tensor(plan.rows_of(0, self.maps.K), device=engine.device)
+        return engine.forward(prompt_ids, logits_rows=slice(n - 1, n), injections=inj, commit=True)
+
+    def begin(self, prompt_ids: Sequence[int], out: ForwardOutput) -> None:
+        self.hidden, self.chain_rows = out.hidden, self._prefill_rows
+
+    def draft(self, root: int, root_t: torch.Tensor, room: int) -> Draft:
+        engine = self.engine
+        past = engine.cache.length
+        if self.chain_rows is None:  # the last accepted node carried no chain: a root-only step rebuilds it
+            inj = injections(self.maps, self.root_plan, torch.full((1,), past, device=engine.device), engine.device)
+            return Draft(root_t, self.root_layout, inj, ephemeral=self.maps.K)
+        logits = engine.lm_head(self.hidden.index_select(0, self.chain_rows))  # pseudo k predicts depth k+1
+        top = torch.topk(logits[: self.tree.max_depth], self.tree.topk, dim=-1).indices.view(-1)
+        tokens = torch.cat([root_t, top])[self.candidate_index]
+        inj = injections(self.maps, self.plan, self.anchor_depths + past, engine.device)
+        return Draft(tokens, self.layout, inj, ephemeral=len(self.plan.anchors) * self.maps.K)
+
+    def update(self, draft: Draft, out: ForwardOutput, acc: Acceptance) -> None:
+        self.hidden = out.hidden
+        if draft.layout is self.root_layout:
+            self.chain_rows = self.root_rows
+        else:
+            self.chain_rows = self.slot_rows.get(acc.nodes[-1])

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.errors import UserError
+from methods.core.errors import UserError
+from methods.core.training import Toolkit
 
 
 @dataclass
@@ -26,37 +27,58 @@ class TuneConfig:
     data: list[str] = field(default_factory=list)
     out: str = "skip.json"
     dtype: str = "float32"
+    device: str = "cpu"
     trials: int = 30
     prompts: int = 6
     max_new_tokens: int = 32
     seed: int = 0
 
 
-def tune_self_spec(config: TuneConfig) -> dict[str, Any]:
+def tune(args: dict[str, Any], toolkit: Toolkit) -> dict[str, Any]:
+    """``harness tune self_spec``: ``args`` holds the CLI's model, data, out, dtype, device, trials, ... ."""
+    known = {f for f in TuneConfig.__dataclass_fields__}
+    return tune_self_spec(TuneConfig(**{k: v for k, v in args.items() if k in known and v is not None}), toolkit)
+
+
+def tune_self_spec(config: TuneConfig, toolkit: Toolkit) -> dict[str, Any]:
     try:
         import optuna
     except ImportError:
         raise UserError("tuning needs optuna: pip install optuna") from None
-    from harness.distill import load_prompts
-    from harness.models import check_model_name, load_model
-    from harness.prompts import encode_conversation, stop_token_ids
-    from methods.engine import Engine
-    from methods.self_spec import SelfSpeculativeDecoder
+    from methods.core.engine import Engine
+    from methods.core.prompts import encode_conversation, stop_token_ids
+    from methods.core.timing import synchronize
+    from methods.self_spec.decoder import SelfSpeculativeDecoder
     from methods.vanilla import VanillaDecoder
 
     if not config.data:
         raise UserError("--data needs at least one training file (e.g. ../shared/data/gsm8k/train.jsonl)")
-    check_model_name(config.model)
-    texts = load_prompts([Path(f) for f in config.data], limit=config.prompts, seed=config.seed)
+    if config.trials <= 0 or config.prompts <= 0 or config.max_new_tokens <= 0:
+        raise UserError("--trials, --prompts and --max-new-tokens must be positive integers")
+    toolkit.check_model(config.model)
+    texts = toolkit.training_prompts([Path(f) for f in config.data], limit=config.prompts, seed=config.seed)
     out_path = Path(config.out)
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot write {out_path}: {exc.strerror}") from None
-    model, tokenizer = load_model(config.model, device="cpu", dtype=config.dtype)
+    model, tokenizer = toolkit.load_model(config.model, device=config.device, dtype=config.dtype)
     engine = Engine(model)
     stop = stop_token_ids(tokenizer, model)
     prompts = [encode_conversation(tokenizer, [{"role": "user", "content": t}])[-320:] for t in texts]
+
+    def tokens_per_s(decoder) -> float:
+        decoder.generate(prompts[0], 4, stop)  # warm-up
+        synchronize(engine.device)
+        start, tokens = time.perf_counter(), 0
+        for p in prompts:
+            tokens += len(decoder.generate(p, config.max_new_tokens, stop).tokens)
+        synchronize(engine.device)
+        return tokens / (time.perf_counter() - start)
+
+    vanilla_tps = tokens_per_s(VanillaDecoder(engine))
+    print(f"vanilla: {vanilla_tps:.1f} tokens/s on {len(prompts)} training prompts", file=sys.stderr)
+
     n_layers = engine.num_layers
 
     def tokens_per_s(decoder) -> float:

@@ -16,27 +16,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from harness.training.common import TrainConfig, cached_features, optimise, prepare_out, split_train_val, write_result
-from methods.medusa import MedusaHeads
-from methods.tree import best_tree_paths, expected_accepted_length
-
-
-def tree_search(ranks: torch.Tensor, sizes=(1, 2, 3, 4, 6, 8, 12, 16, 20, 30)) -> list[dict[str, Any]]:
-    """Teacher-forced mean accepted length of the best tree of each size, on validation positions."""
-    out = []
-    for size in sizes:
-        paths = best_tree_paths(ranks, size)
-        out.append({"size": len(paths), "expected_accepted_length": round(expected_accepted_length(ranks, paths), 4),
-                    "paths": [list(p) for p in paths]})
-    depth = ranks.shape[1]
-    chain = [tuple([0] * d) for d in range(1, depth + 1)]
-    out.append({"size": len(chain), "name": "chain", "paths": [list(p) for p in chain],
-                "expected_accepted_length": round(expected_accepted_length(ranks, chain), 4)})
-    return out
-
-
-def tree_search_default(ranks: torch.Tensor, size: int) -> list[list[int]]:
-    return [list(p) for p in best_tree_paths(ranks, size)]
+from methods.core.training import Toolkit, TrainConfig, cached_features, optimise, prepare_out, split_train_val, write_result
+from methods.core.tree import tree_search, tree_search_default
+from methods.medusa.decoder import MedusaHeads
 
 
 def _positions(item: dict[str, Any]) -> tuple[int, int]:
@@ -91,11 +73,12 @@ def evaluate(heads: MedusaHeads, lm_head: torch.nn.Module, data: list, feats: li
     return accuracy, (torch.cat(ranks) if ranks else torch.zeros((0, heads.num_heads), dtype=torch.long))
 
 
-def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, Any]], data_key: str) -> dict[str, Any]:
+def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, Any]], data_key: str,
+          toolkit: Toolkit) -> dict[str, Any]:
     out = prepare_out(config.out)
     num_heads = int(config.options.get("heads", 3))
     layout = config.options.get("layout", "shared")
-    feats = cached_features(model, data, [-1], data_key)
+    feats = cached_features(model, data, [-1], data_key, toolkit.cache_dir)
     train_idx, val_idx = split_train_val(list(range(len(data))), config.val_fraction, config.seed)
     cfg = model.config
     lm_head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -111,7 +94,7 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return head_losses(heads, lm_head, feats[i][-1].float(), start)[0]
 
-    elapsed = optimise(config, heads, train_idx, loss_of, out, "training medusa heads")
+    elapsed, losses = optimise(config, heads, train_idx, loss_of, out, "training medusa heads")
     val, ranks = evaluate(heads, lm_head, [data[i] for i in val_idx], [feats[i] for i in val_idx])
     for name, acc in val.items():
         print(f"  {name}: top-1 {acc['top1']:.1%}  top-3 {acc['top3']:.1%}  ({acc['positions']} val positions)",
@@ -119,7 +102,8 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
     meta = {"method": "medusa", "model": config.model, "num_heads": num_heads, "layout": layout,
             "default_tree": config.options.get("tree") or tree_search_default(ranks, int(config.options.get("tree_size", 12))),
             "tree_search": tree_search(ranks), "val_accuracy": val,
-            "train_time_s": round(elapsed, 1), "train_sequences": len(train_idx),
+            "train_time_s": round(elapsed, 1), "train_sequences": len(train_idx), "train_steps": len(losses),
+            "train_loss": [round(x, 5) for x in losses],
             "val_sequences": len(val_idx)}
     write_result(out, config, heads.upstream_state_dict(), meta, "heads.safetensors")
     print(f"Wrote {out / 'heads.safetensors'} and {out / 'config.json'} "

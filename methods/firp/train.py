@@ -18,9 +18,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from harness.training.common import TrainConfig, cached_features, optimise, prepare_out, split_train_val, write_result
-from harness.training.medusa import tree_search, tree_search_default
-from methods.firp import FirpMaps, build_plan, injections
+from methods.core.errors import UserError
+from methods.core.training import Toolkit, TrainConfig, cached_features, optimise, prepare_out, split_train_val, write_result
+from methods.core.tree import tree_search, tree_search_default
+from methods.firp.decoder import FirpMaps, build_plan, injections
 
 
 def pseudo_forward(model: Any, maps: FirpMaps, h_start: torch.Tensor, anchors: torch.Tensor,
@@ -130,9 +131,8 @@ def parse_layers(value: Any, K: int, num_layers: int) -> list[int]:
     return layers
 
 
-def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, Any]], data_key: str) -> dict[str, Any]:
-    from harness.errors import UserError
-
+def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, Any]], data_key: str,
+          toolkit: Toolkit) -> dict[str, Any]:
     out = prepare_out(config.out)
     opts = config.options
     K = int(opts.get("K", 3))
@@ -142,7 +142,7 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
     except ValueError as exc:
         raise UserError(f"bad FIRP option: {exc}") from None
     anchors_per_seq = int(opts.get("anchors_per_seq", 48))
-    feats = cached_features(model, data, [layers[0], -1], data_key)
+    feats = cached_features(model, data, [layers[0], -1], data_key, toolkit.cache_dir)
     model.float()  # the frozen layers run under bf16 autocast; fp32 masters keep W_k's gradients exact
     model.requires_grad_(False)
     train_idx, val_idx = split_train_val(list(range(len(data))), config.val_fraction, config.seed)
@@ -154,7 +154,7 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return firp_loss(model, lm_head, maps, feats[i], anchors)[0]
 
-    elapsed = optimise(config, maps, train_idx, loss_of, out, "training FIRP maps")
+    elapsed, losses = optimise(config, maps, train_idx, loss_of, out, "training FIRP maps")
     val, ranks = evaluate(model, lm_head, maps, [data[i] for i in val_idx], [feats[i] for i in val_idx],
                           anchors_per_seq)
     for name, acc in val.items():
@@ -163,7 +163,8 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
     meta = {"method": "firp", "model": config.model, **maps.config(), "K": K,
             "default_tree": opts.get("tree") or tree_search_default(ranks, int(opts.get("tree_size", 4))),
             "tree_search": tree_search(ranks), "val_accuracy": val,
-            "train_time_s": round(elapsed, 1), "train_sequences": len(train_idx),
+            "train_time_s": round(elapsed, 1), "train_sequences": len(train_idx), "train_steps": len(losses),
+            "train_loss": [round(x, 5) for x in losses],
             "val_sequences": len(val_idx), "anchors_per_seq": anchors_per_seq}
     write_result(out, config, maps.state_dict(), meta, "firp.safetensors")
     print(f"Wrote {out / 'firp.safetensors'} and {out / 'config.json'} "

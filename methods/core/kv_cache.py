@@ -82,15 +82,16 @@ class KVCache:
         """Accept the first ``n`` pending tokens as context (vanilla, chains, prefill)."""
         self.length += n
 
-    def keep(self, indices: list[int]) -> None:
+    def keep(self, indices: list[int], indices_t: torch.Tensor | None = None) -> None:
         """Accept the pending tokens at ``indices`` (in order), e.g. the accepted tree branch.
 
-        A leading run ``0..k-1`` needs no copy; anything else is one gather over all layers.
+        A leading run ``0..k-1`` needs no copy; anything else is one gather over all layers
+        (from ``indices_t`` when the caller has them on the device already: no host copy).
         """
         if indices == list(range(len(indices))):
             self.commit(len(indices))
             return
-        src = torch.tensor(indices, device=self.device) + self.length
+        src = (torch.tensor(indices, device=self.device) if indices_t is None else indices_t) + self.length
         end = self.length + len(indices)
         self.keys[:, :, :, self.length : end] = self.keys.index_select(3, src)
         self.values[:, :, :, self.length : end] = self.values.index_select(3, src)

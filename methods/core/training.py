@@ -1,5 +1,7 @@
-"""What every head trainer shares: self-distilled data, cached frozen-model features,
-a train/validation split, the LR schedule, progress, and resumable checkpoints."""
+"""What every head trainer shares: cached frozen-model features, a train/validation split,
+the LR schedule, progress, resumable checkpoints, and the ``Toolkit`` the harness lends to a
+method's train / tune / analyze entry points (model loading and self-distilled data), so
+that methods never import the harness."""
 
 from __future__ import annotations
 
@@ -16,7 +18,26 @@ from typing import Any
 
 import torch
 
-from harness.errors import UserError
+from methods.core.errors import UserError
+
+
+@dataclass
+class Toolkit:
+    """Services the harness provides to a method's entry points.
+
+    * ``load_model(name, device=, dtype=) -> (model, tokenizer)``;
+    * ``training_prompts(files, limit=, seed=) -> [str]`` (evaluation files are refused);
+    * ``training_sequences(model, tokenizer, model_name, files, limit=, seed=, max_new_tokens=)``
+      ``-> [{"ids", "prompt_len"}]``: the model's own greedy answers, cached;
+    * ``check_model(name)``: fails fast on a model argument that cannot load.
+    """
+
+    cache_dir: Path
+    load_model: Callable[..., tuple[Any, Any]]
+    training_prompts: Callable[..., list[str]]
+    training_sequences: Callable[..., list[dict[str, Any]]]
+    check_model: Callable[[str], None]
+    device: str = "cpu"
 
 
 @dataclass
@@ -57,7 +78,7 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
 
 @torch.no_grad()
 def cached_features(model: Any, data: list[dict[str, Any]], layers: Sequence[int], cache_key: str,
-                    batch_size: int = 8) -> list[dict[int, torch.Tensor]]:
+                    cache_dir: Path, batch_size: int = 8) -> list[dict[int, torch.Tensor]]:
     """Hidden states of the frozen model per sequence, at HF ``hidden_states`` indices ``layers``
     (0 = embeddings, i = entering layer i, -1 = after the final norm), stored in bfloat16.
 
@@ -66,11 +87,9 @@ def cached_features(model: Any, data: list[dict[str, Any]], layers: Sequence[int
     """
     from tqdm import tqdm
 
-    from harness.models import cache_root
-
     def path_of(layer: int) -> Path:
         digest = hashlib.sha256(json.dumps([cache_key, int(layer), len(data)]).encode()).hexdigest()[:12]
-        return cache_root() / "features" / f"{digest}-layer{layer}.pt"
+        return cache_dir / "features" / f"{digest}-layer{layer}.pt"
 
     missing = [layer for layer in layers if not path_of(layer).is_file()]
     if missing:
@@ -147,11 +166,13 @@ def write_result(out: Path, config: TrainConfig, state: dict[str, torch.Tensor],
 
 
 def optimise(config: TrainConfig, module: torch.nn.Module, train_idx: list[int],
-             loss_of: Callable[[int, random.Random], torch.Tensor | None], out: Path, desc: str) -> float:
-    """The loop both trainers share: Adam, warm-up + cosine LR, seeded shuffles, resumable checkpoints.
+             loss_of: Callable[[int, random.Random], torch.Tensor | None], out: Path,
+             desc: str) -> tuple[float, list[float]]:
+    """The loop every trainer shares: Adam, warm-up + cosine LR, seeded shuffles, resumable checkpoints.
 
     ``loss_of(i, rng)`` returns sequence i's loss (or None to skip it); gradients are averaged
-    over the sequences of a step. Returns the training wall time, resumed time included.
+    over the sequences of a step. Returns the training wall time (resumed time included) and
+    the mean training loss of every step (the curve ``config.json`` records).
     """
     from tqdm import tqdm
 
@@ -162,11 +183,11 @@ def optimise(config: TrainConfig, module: torch.nn.Module, train_idx: list[int],
         total = min(total, config.max_steps)
     ckpt = Checkpointer(out)
     state = ckpt.load()
-    step, elapsed = 0, 0.0
+    step, elapsed, history = 0, 0.0, []
     if state is not None:
         module.load_state_dict(state["weights"])
         opt.load_state_dict(state["optimizer"])
-        step, elapsed = state["step"], state["elapsed"]
+        step, elapsed, history = state["step"], state["elapsed"], state.get("losses", [])
         print(f"Resuming from {ckpt.path} at step {step}/{total}", file=sys.stderr)
     clock = Stopwatch(elapsed)
     bar = tqdm(total=total, initial=step, desc=desc, file=sys.stderr, dynamic_ncols=True)
@@ -188,13 +209,14 @@ def optimise(config: TrainConfig, module: torch.nn.Module, train_idx: list[int],
             losses.append(float(loss.detach()))
         opt.step()
         step += 1
+        history.append(sum(losses) / max(1, len(losses)))
         bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses) / max(1, len(losses)):.3f}")
+        bar.set_postfix(loss=f"{history[-1]:.3f}")
         if step % config.checkpoint_every == 0 or step == total:
             ckpt.save({"weights": module.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                       "elapsed": clock.elapsed()})
+                       "elapsed": clock.elapsed(), "losses": history})
     bar.close()
-    return clock.elapsed()
+    return clock.elapsed(), history
 
 
 class Stopwatch:

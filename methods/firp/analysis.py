@@ -21,12 +21,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from harness.errors import UserError
+from methods.core.errors import UserError
+from methods.core.training import Toolkit, split_train_val
 
 
 @torch.no_grad()
 def analyze_maps(model: Any, maps: Any, data: list[dict[str, Any]], anchors_per_seq: int = 32) -> dict[str, Any]:
-    from harness.training.firp import anchor_positions, pseudo_forward
+    from methods.firp.train import anchor_positions, pseudo_forward
 
     backbone = model.model
     first = maps.layers[0]
@@ -71,36 +72,39 @@ def analyze_maps(model: Any, maps: Any, data: list[dict[str, Any]], anchors_per_
     }
 
 
-def analyze_firp(model_name: str, weights: str | None, compare: str | None, data_files: list[str], out: str,
-                 sequences: int = 24) -> dict[str, Any]:
-    from harness.distill import self_distilled_sequences
-    from harness.models import load_model
-    from harness.training.common import split_train_val
-    from methods.firp import load_firp, shipped_weights
+def analyze(args: dict[str, Any], toolkit: Toolkit) -> dict[str, Any]:
+    """``harness analyze firp``: ``args`` holds model, weights, compare, data, out, sequences, device."""
+    from methods.firp.decoder import load_firp, shipped_weights
 
-    path = Path(weights) if weights else shipped_weights(model_name)
+    model_name = args["model"]
+    path = Path(args["weights"]) if args.get("weights") else shipped_weights(model_name)
     if path is None:
         raise UserError(f"no FIRP weights for {model_name!r}; pass --weights DIR (from `harness train firp`)")
-    if not data_files:
+    if not args.get("data"):
         raise UserError("--data needs the training files the maps were trained on (the validation split is used)")
-    model, tok = load_model(model_name, device="cpu", dtype="bfloat16")
-    data = self_distilled_sequences(model, tok, model_name, [Path(f) for f in data_files], limit=1200, seed=0,
-                                    max_new_tokens=96)
+    toolkit.check_model(model_name)
+    files = [Path(f) for f in args["data"]]
+    toolkit.training_prompts(files, limit=1, seed=0)  # refuses evaluation files before the model loads
+    model, tok = toolkit.load_model(model_name, device=args.get("device", "cpu"), dtype="bfloat16")
+    data = toolkit.training_sequences(model, tok, model_name, files, limit=1200, seed=0, max_new_tokens=96)
     _, val = split_train_val(list(range(len(data))), 0.05, 0)
-    held_out = [data[i] for i in val[:sequences]]
+    held_out = [data[i] for i in val[:int(args.get("sequences", 24))]]
     model.float()
     result: dict[str, Any] = {"model": model_name, "sequences": len(held_out)}
+    compare = args.get("compare")
     for name, folder in (("maps", path), ("compare", Path(compare) if compare else None)):
         if folder is None:
             continue
         maps, _ = load_firp(folder, model.config.hidden_size)
+        maps.to(model.device)
         result[name] = {"weights": str(folder), **analyze_maps(model, maps.eval(), held_out)}
         print(f"{name} ({maps.config()}):", file=sys.stderr)
         for step, acc in result[name]["accuracy"].items():
             cos = result[name]["cosine_by_layer"][step]
             print(f"  {step}: top-1 {acc['top1']:.1%} top-3 {acc['top3']:.1%}; cosine to the real state "
                   f"{cos[next(iter(cos))]:.2f} at insertion -> {cos['final']:.2f} after the final norm", file=sys.stderr)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(args["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"Wrote {out}", file=sys.stderr)
     return result

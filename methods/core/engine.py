@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from methods.kv_cache import KVCache
+from methods.core.kv_cache import KVCache
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -82,6 +82,9 @@ class Engine:
         )
         # Rotary tables are a pure function of position for static RoPE variants, so
         # they are computed once and indexed per step instead of recomputed per call.
+        self._causal_blocks: dict[int, torch.Tensor] = {}
+        self._mask_buf: torch.Tensor | None = None
+        self._mask_dirty: tuple[int, int, int] | None = None
         self._rope_static = getattr(self.rotary, "rope_type", "default") != "dynamic"
         self._cos = self._sin = None
         self._ensure_rope(capacity)
@@ -111,14 +114,35 @@ class Engine:
         zero = torch.zeros((), dtype=self.dtype, device=self.device)
         return torch.where(visible.to(self.device), zero, torch.tensor(self.neg_inf, dtype=self.dtype, device=self.device))
 
+    def _causal(self, n: int) -> torch.Tensor:
+        """The [n, n] causal block, built once per size."""
+        block = self._causal_blocks.get(n)
+        if block is None:
+            block = torch.full((n, n), self.neg_inf, dtype=self.dtype, device=self.device).triu_(1)
+            self._causal_blocks[n] = block
+        return block
+
     def _mask(self, n: int, past: int, step_bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The step's additive mask as a view of one preallocated buffer (no allocation per step).
+
+        None where attention is plainly causal from the start (prefill) or a single query sees
+        the whole cache: then SDPA picks its fused kernels.
+        """
         if step_bias is None:
-            if n == 1:
-                return None  # one query sees the whole cache: no mask, fastest kernel
-            step_bias = torch.full((n, n), self.neg_inf, dtype=self.dtype, device=self.device).triu_(1)
-        mask = torch.zeros((n, past + n), dtype=self.dtype, device=self.device)
-        mask[:, past:] = step_bias
-        return mask[None, None]
+            if n == 1 or past == 0:
+                return None
+            step_bias = self._causal(n)
+        rows, cols = n, past + n
+        buf = self._mask_buf
+        if buf is None or buf.shape[0] < rows or buf.shape[1] < cols:
+            buf = self._mask_buf = torch.zeros((max(rows, 64), max(cols, 2 * self.cache.capacity)),
+                                               dtype=self.dtype, device=self.device)
+        if self._mask_dirty is not None:  # the previous step's block back to "visible"
+            r, c0, c1 = self._mask_dirty
+            buf[:r, c0:c1] = 0
+        buf[:rows, past:cols] = step_bias
+        self._mask_dirty = (rows, past, cols)
+        return buf[:rows, :cols][None, None]
 
     def _extend_mask(
         self, mask: torch.Tensor | None, n_cur: int, past: int, visible: torch.Tensor
@@ -126,8 +150,9 @@ class Engine:
         m = visible.shape[0]
         total = past + n_cur + m
         out = torch.full((n_cur + m, total), self.neg_inf, dtype=self.dtype, device=self.device)
-        if mask is None:  # the single real token saw everything before it
-            out[:n_cur, : past + n_cur] = 0
+        if mask is None:  # one query saw everything before it, or a causal prefill
+            out[:n_cur, :past] = 0
+            out[:n_cur, past: past + n_cur] = self._causal(n_cur)
         else:
             out[:n_cur, : past + n_cur] = mask[0, 0]
         out[n_cur:, :past] = 0
@@ -182,7 +207,8 @@ class Engine:
             if inj is not None:
                 extra_h, extra_pos, visible = inj.make(h)
                 cache.reserve(past + h.shape[1] + extra_h.shape[1])
-                self._ensure_rope(int(extra_pos.max()) + 1)
+                # ephemeral tokens sit at most a chain's length past the real ones: no device read needed
+                self._ensure_rope(past + h.shape[1] + extra_h.shape[1])
                 mask = self._extend_mask(mask, h.shape[1], past, visible)
                 h = torch.cat([h, extra_h.to(h.dtype)], dim=1)
                 position_ids = torch.cat([position_ids, extra_pos.to(self.device)])

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU check: on a CUDA machine, in about six minutes, everything that needs a GPU.
+#
+#   bash benchmarks/gpu_check.sh OUTDIR
+#
+# 1. the tests marked `cuda` (tree verification against each branch alone, and every method's
+#    losslessness on tiny models, in float32 and bfloat16; sampling on the device);
+# 2. vanilla on the engine against model.generate, bf16, randomly initialised models of the
+#    default model's shape and of a 1B Llama's shape (target: ratio >= 1.0);
+# 3. every method end to end on a few prompts with random weights (speed and memory only);
+# 4. peak GPU memory over many generations (it must not grow).
+# Models are built from configs (no downloads, no GGUF). The log goes to OUTDIR/gpu_check.log.
+set -uo pipefail
+out=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+status=0
+step() {  # step NAME SECONDS CMD...: run with a time limit, record failures, keep going
+  local name=$1 limit=$2; shift 2
+  echo; echo "== $name"
+  local t0=$SECONDS
+  timeout "$limit" "$@" || { echo "!! $name failed (exit $?)"; status=1; }
+  echo "   ($name: $((SECONDS - t0)) s)"
+}
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.version.cuda)"
+  step "CUDA tests" 170 python -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider
+  for shape in smollm2-135m llama-1b; do
+    step "engine vs generate, $shape shape, bf16" 75 python benchmarks/engine_vs_generate.py --device cuda \
+      --dtypes bfloat16 --model "random:$shape" --prompts 6 --new 64 --repeats 2
+  done
+  for shape in smollm2-135m llama-1b; do
+    step "every method, $shape shape, bf16" 60 python benchmarks/methods_speed.py --device cuda --dtype bfloat16 \
+      --model "random:$shape" --prompts 4 --new 64
+  done
+  step "memory over 100 generations" 40 python benchmarks/memory.py --device cuda --dtype bfloat16 \
+    --model random:smollm2-135m --generations 100 --new 16
+  echo; [ $status -eq 0 ] && echo "GPU CHECK PASSED" || echo "GPU CHECK FAILED"
+  exit $status
+} 2>&1 | tee "$out/gpu_check.log"

@@ -1,0 +1,155 @@
+"""``report`` and ``compare``: read run folders, compute the metrics, and have ``reports`` render them."""
+
+from __future__ import annotations
+
+import json
+import math
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.checks import _identity, run_metrics, settings_differ
+from harness.metrics import BASELINE, first_divergence, in_run_order, records_frame, summarize
+from harness.results import DIVERGENCES_FILE, RESULTS_FILE, read_manifest, read_records
+from methods.core.errors import UserError
+from methods.registry import UnknownMethodError, get_spec
+from reports import plots
+from reports.html import fmt, first_char_divergence, highlight, render_comparison, render_report
+
+# metric -> True when higher is better
+METRICS = {"speedup_geomean": True, "speedup_total": True, "mean_accepted_length": True, "draft_size": False, "exact_match": True,
+           "rouge2": True, "tokens_per_s": True}
+
+
+
+def method_sections(run_dir: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each method in the run that has a report section contributes it (e.g. FIRP's analysis)."""
+    names = {m.split("@")[0] for m in manifest.get("config", {}).get("methods", [])}
+    sections = []
+    for name in sorted(names):
+        try:
+            fn = get_spec(name).entry("report")
+        except UnknownMethodError:  # a method registered by a package not imported now
+            continue
+        section = fn(run_dir) if fn else None
+        if section:
+            sections.append({"method": name, **section})
+    return sections
+
+
+def drilldown(frame: pd.DataFrame, records: list[dict[str, Any]], limit: int = 200) -> list[dict[str, Any]]:
+    """Per example: every method's output side by side, divergences from vanilla highlighted."""
+    by_example: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        by_example.setdefault((r["task"], r["example_id"]), []).append(r)
+    items = []
+    for (task, example_id), recs in list(by_example.items())[:limit]:
+        base = next((r for r in recs if r["method"] == BASELINE), None)
+        base_text = "\n\n".join(t["text"] for t in base["turns"]) if base else None
+        base_ids = [x for t in base["turns"] for x in t["tokens"]] if base else None
+        outputs = []
+        for r in sorted(recs, key=lambda r: (r["method"] != BASELINE, r["method"])):
+            if r.get("skipped"):
+                outputs.append({"method": r["method"], "html": "<em>skipped: " + escape(r["skipped"]) + "</em>",
+                                "steps": "", "status": "skipped"})
+                continue
+            text = "\n\n".join(t["text"] for t in r["turns"])
+            ids = [x for t in r["turns"] for x in t["tokens"]]
+            token_div = first_divergence(ids, base_ids) if base_ids is not None and r["method"] != BASELINE else None
+            char_div = first_char_divergence(text, base_text) if token_div is not None else None
+            accepted = [a for t in r["turns"] for a in t["accepted"]]
+            length = f"{r['new_tokens']} tokens" + (
+                f" (vanilla {len(base_ids)})" if base_ids is not None and r["method"] != BASELINE
+                and len(base_ids) != r["new_tokens"] else "")
+            outputs.append({
+                "length": length,
+                "method": r["method"],
+                "html": highlight(text, char_div),
+                "steps": " ".join(str(a) for a in accepted),
+                "status": "identical to vanilla" if token_div is None and r["method"] != BASELINE else (
+                    f"diverges at token {token_div}" if token_div is not None else "baseline"),
+                "time": f"{r['wall_time']:.2f} s",
+                "tokens": r["new_tokens"],
+            })
+        items.append({"task": task, "example_id": example_id, "category": recs[0].get("category"),
+                      "diverged": any("diverges" in o["status"] for o in outputs), "outputs": outputs})
+    return items
+
+
+def build_report(run_dir: Path, out: Path | None = None) -> Path:
+    manifest = read_manifest(run_dir)
+    records = read_records(run_dir / RESULTS_FILE)
+    frame = records_frame(records)
+    weight_bytes = manifest.get("model", {}).get("weight_bytes")
+    if frame.empty:
+        summary = pd.DataFrame()
+    else:
+        per_task = summarize(frame, by=("task", "method"), weight_bytes=weight_bytes)
+        overall = summarize(frame, by=("method",), weight_bytes=weight_bytes).assign(task="all")
+        summary = pd.concat([per_task, overall], ignore_index=True) if per_task.task.nunique() > 1 else per_task
+        summary = in_run_order(summary, manifest.get("config", {}).get("methods"))
+    charts = {}
+    if not summary.empty:
+        by_task = summary[summary.task != "all"] if (summary.task == "all").any() else summary
+        steps = pd.DataFrame([{"method": m, "accepted": a} for m, acc in zip(frame.method, frame.accepted)
+                              for a in acc[1:]])  # skip the prefill step: it always commits one token
+        charts = {
+            "Speedup by task (geometric mean, 95% bootstrap interval)": plots.speedup_by_task(by_task),
+            "Tokens accepted per step": plots.accepted_length_distribution(steps),
+            "Acceptance rate by draft depth": plots.acceptance_by_depth(summary[summary.task == summary.task.iloc[-1]]),
+            "Speedup against draft size": plots.speedup_vs_draft_size(by_task),
+        }
+    categories = {}
+    if not frame.empty and frame.groupby("task").category.nunique().max() > 1:
+        cat = in_run_order(summarize(frame, by=("task", "category", "method"), weight_bytes=weight_bytes),
+                           manifest.get("config", {}).get("methods"))
+        categories = [{"task": r.task, "category": r.category, "method": r.method,
+                       "speedup": fmt(r.speedup_geomean, ".2f", "x"), "mal": fmt(r.mean_accepted_length, ".2f"),
+                       "exact": fmt(r.exact_match, ".0%")} for r in cat.itertuples()]
+    divergences = []
+    div_path = run_dir / DIVERGENCES_FILE
+    if div_path.is_file():
+        divergences = [json.loads(line) for line in div_path.read_text().splitlines() if line.strip()]
+    page = render_report(run_dir=str(run_dir), manifest=manifest, summary=summary, charts=charts,
+                         categories=categories, divergences=divergences, examples=drilldown(frame, records),
+                         method_sections=method_sections(run_dir, manifest),
+                         skipped=sum(1 for r in records if r.get("skipped")))
+    out = out or run_dir / "report.html"
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+def build_comparison(run_a: Path, run_b: Path, out: Path, *, force: bool = False, rel_tol: float = 0.02) -> Path:
+    man_a, rows_a = run_metrics(run_a)
+    man_b, rows_b = run_metrics(run_b)
+    id_a, id_b = _identity(man_a), _identity(man_b)
+    if not force:
+        if id_a["model"] != id_b["model"]:
+            raise UserError(f"the runs used different models ({id_a['model']} vs {id_b['model']}); pass --force")
+        if id_a["task_hashes"] != id_b["task_hashes"]:
+            raise UserError("the runs used different examples (task hashes differ); pass --force to compare anyway")
+        differ = settings_differ(id_a, id_b)
+        if differ:
+            raise UserError(f"the runs used different settings ({'; '.join(differ)}); pass --force to compare anyway")
+    b_index = {(r["method"], r["task"]): r for r in rows_b}
+    rows = []
+    for ra in rows_a:
+        rb = b_index.get((ra["method"], ra["task"]))
+        if rb is None:
+            continue
+        cells = []
+        for metric, higher_better in METRICS.items():
+            a, b = ra.get(metric), rb.get(metric)
+            bad = good = False
+            if a is not None and b is not None and not (math.isnan(a) or math.isnan(b)) and a != 0:
+                change = (b - a) / abs(a)
+                worse = change < -rel_tol if higher_better else change > rel_tol
+                better = change > rel_tol if higher_better else change < -rel_tol
+                bad, good = worse, better
+            cells.append({"metric": metric, "a": a, "b": b, "bad": bad, "good": good})
+        rows.append({"method": ra["method"], "task": ra["task"], "cells": cells})
+    page = render_comparison(run_a=str(run_a), run_b=str(run_b), rows=rows, metrics=list(METRICS), rel_tol=rel_tol)
+    out.write_text(page, encoding="utf-8")
+    return out

@@ -1,0 +1,230 @@
+"""The ``Decoder`` interface and the one decode loop every method runs.
+
+A method says what to verify each step (``draft``) and, if it keeps state across steps,
+what to remember from the verify pass (``update``). The base class owns the rest, the
+same for every method and for the vanilla baseline: prefill, choosing tokens (greedy or
+sampled), acceptance, keeping the accepted KV, stopping, the per-step record and its
+timing. Vanilla decoding is this loop with a draft of just the root.
+
+A step, in the spirit of EAGLE/Medusa's phase functions::
+
+    draft = method.draft(root)                  # tokens + layout (+ injections)
+    out   = engine.forward(draft.tokens, ...)   # one target pass over the whole layout
+    acc   = accept(draft.layout, tokens, out)   # greedy or rejection sampling; one host sync
+    engine.cache.keep(acc.nodes)                # the accepted path's KV, one gather
+    method.update(draft, out, acc)              # e.g. the hidden state the next draft reads
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from methods.core.engine import Engine, ForwardOutput, Injection
+from methods.core.errors import UserError
+from methods.core.options import NoOptions, parse_options
+from methods.core.timing import StepClock
+from methods.core.tree import TreeLayout, chain_layout
+from methods.core.verify import Acceptance, accept_greedy, accept_sampled, target_probs
+
+
+@dataclass(frozen=True)
+class GenConfig:
+    """What to generate: identical for every method of a run (it is part of a run's identity)."""
+
+    max_new_tokens: int
+    stop_ids: tuple[int, ...] = ()
+    temperature: float = 0.0   # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise UserError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens}")
+        if not (self.temperature >= 0.0):
+            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        object.__setattr__(self, "stop_ids", tuple(int(s) for s in self.stop_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Draft:
+    """One step's proposal: the tokens of a layout, node 0 being the root (the last emitted token).
+
+    ``injections`` add ephemeral tokens at inner layers (FIRP's pseudo chains): processed
+    by the target pass, never committed; ``ephemeral`` counts them. ``q`` [n, V] are the
+    distributions sampled drafts were drawn from (None: deterministic drafts).
+    ``host_rows``: rows whose greedy token the method needs on the host (Lookahead's
+    window); they travel with the acceptance, in the step's one transfer.
+    """
+
+    tokens: torch.Tensor
+    layout: TreeLayout
+    injections: Sequence[Injection] = ()
+    ephemeral: int = 0
+    q: torch.Tensor | None = None
+    host_rows: torch.Tensor | None = None
+
+    @property
+    def processed(self) -> int:
+        """Tokens the target pass processes beyond the one committed root."""
+        return self.layout.n - 1 + self.ephemeral
+
+
+@dataclass
+class Generation:
+    """One ``generate`` call's output.
+
+    Per-step lists are columnar, one entry per target forward pass, prefill included:
+    ``accepted[i]`` tokens committed (bonus included; vanilla: 1), ``draft_sizes[i]`` draft
+    tokens verified, ``processed[i]`` tokens the pass processed beyond the committed root
+    (draft tokens plus Lookahead's window or FIRP's pseudo tokens), ``step_times[i]`` its
+    seconds, split into ``draft_times`` and ``verify_times``.
+    """
+
+    tokens: list[int]
+    accepted: list[int] = field(default_factory=list)
+    draft_sizes: list[int] = field(default_factory=list)
+    processed: list[int] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    draft_times: list[float] = field(default_factory=list)
+    verify_times: list[float] = field(default_factory=list)
+    stopped_by: str = "length"  # "length" | "eos"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target_forwards(self) -> int:
+        return len(self.accepted)
+
+    def mean_accepted_length(self) -> float:
+        return len(self.tokens) / self.target_forwards if self.target_forwards else 0.0
+
+
+def truncate_at_stop(tokens: list[int], stop: Collection[int], limit: int) -> tuple[list[int], bool]:
+    """Cut accepted tokens at the first stop id (kept) and at ``limit``; report whether a stop was hit.
+
+    Speculative methods accept several tokens at once, so the stop can sit mid-block;
+    cutting here gives every method exactly the vanilla stopping semantics.
+    """
+    for i, t in enumerate(tokens[:limit]):
+        if t in stop:
+            return tokens[: i + 1], True
+    return tokens[:limit], False
+
+
+class Decoder:
+    """A decoding strategy on a shared engine. Subclasses override the hooks, never the loop."""
+
+    name: ClassVar[str] = "?"
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, engine: Engine, options: Any = None, *, model_name: str = "", **raw: Any) -> None:
+        """``options`` is the method's typed options; keyword arguments are parsed into them instead."""
+        self.engine = engine
+        self.model_name = model_name
+        if options is None:
+            options = parse_options(self.Options, raw, where=self.name)
+        elif raw:
+            raise TypeError("give either an options object or keyword options, not both")
+        self.options = options
+        self.setup()
+
+    # -- hooks ----------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Load weights and build per-shape constants once (the options are validated already)."""
+
+    @classmethod
+    def check_ready(cls, model_name: str, options: Any) -> None:
+        """Raise ``UserError`` before the model loads if the method lacks something (weights, a skip set)."""
+
+    def step_capacity(self) -> int:
+        """Most tokens one step writes to the cache (layout nodes + ephemeral tokens)."""
+        return 1
+
+    def prefill(self, prompt_ids: Sequence[int]) -> ForwardOutput:
+        return self.engine.forward(prompt_ids, logits_rows=slice(-1, None), commit=True)
+
+    def begin(self, prompt_ids: Sequence[int], out: ForwardOutput) -> None:
+        """Per-sequence state from the prefill pass (e.g. the hidden state the first draft reads)."""
+
+    def draft(self, root: int, root_t: torch.Tensor, room: int) -> Draft:
+        """This step's layout; ``room`` is how many drafts can still be used. Default: the root alone."""
+        return Draft(root_t, chain_layout(0, self.engine))
+
+    def update(self, draft: Draft, out: ForwardOutput, acc: Acceptance) -> None:
+        """State for the next draft, from this step's pass and what was accepted."""
+
+    def describe(self) -> dict[str, Any]:
+        """The method's configuration, recorded in the results manifest."""
+        from dataclasses import asdict
+
+        return {"name": self.name, **asdict(self.options)}
+
+    # -- the loop -------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt_ids: Sequence[int], config: GenConfig | int,
+                 stop: Collection[int] = ()) -> Generation:
+        """Decode after ``prompt_ids``; ``config`` may be just ``max_new_tokens`` (greedy, ``stop`` ids)."""
+        if not isinstance(config, GenConfig):
+            config = GenConfig(int(config), tuple(stop))
+        engine = self.engine
+        limit, stop_set = config.max_new_tokens, frozenset(config.stop_ids)
+        generator = None
+        if not config.greedy:
+            generator = torch.Generator(device=engine.device)
+            generator.manual_seed(config.seed)
+        engine.reset(capacity=len(prompt_ids) + limit + self.step_capacity() + 1)
+        clock = StepClock(engine.device)
+        clock.mark()
+        out = self.prefill(prompt_ids)
+        if config.greedy:
+            first_t = out.logits[-1].argmax().view(1)
+        else:
+            first_t = torch.multinomial(target_probs(out.logits[-1], config.temperature, config.top_p), 1,
+                                        generator=generator)
+        root = int(first_t[0])
+        self.begin(prompt_ids, out)
+        clock.mark()
+        gen = Generation(tokens=[root], accepted=[1], draft_sizes=[0], processed=[0])
+        done = root in stop_set
+        root_t = first_t
+        while not done and len(gen.tokens) < limit:
+            draft = self.draft(root, root_t, limit - len(gen.tokens) - 1)
+            clock.mark()
+            layout = draft.layout
+            past = engine.cache.length
+            out = engine.forward(
+                draft.tokens,
+                position_ids=None if layout.positions is None else layout.positions + past,
+                step_bias=layout.bias,
+                injections=draft.injections,
+                logits_rows=slice(0, layout.n),
+            )
+            if config.greedy:
+                acc = accept_greedy(layout, draft.tokens, out.logits, draft.host_rows)
+            else:
+                acc = accept_sampled(layout, draft.tokens, out.logits, config.temperature, config.top_p,
+                                     generator, draft.q, draft.host_rows)
+            engine.cache.keep(acc.nodes, acc.nodes_t)
+            self.update(draft, out, acc)
+            clock.mark()
+            new, done = truncate_at_stop(acc.tokens, stop_set, limit - len(gen.tokens))
+            gen.tokens.extend(new)
+            gen.accepted.append(len(new))
+            gen.draft_sizes.append(layout.draft_size)
+            gen.processed.append(draft.processed)
+            root, root_t = new[-1], acc.bonus_t
+        gen.stopped_by = "eos" if done else "length"
+        times = clock.seconds()  # on CUDA: the one synchronisation, after the last step
+        gen.step_times = [times[0]] + [times[i] + times[i + 1] for i in range(1, len(times) - 1, 2)]
+        gen.draft_times = [0.0] + times[1::2]
+        gen.verify_times = [0.0] + times[2::2]
+        return gen

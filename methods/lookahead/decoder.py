@@ -1,0 +1,141 @@
+"""Lookahead decoding (Fu et al. 2024): Jacobi iteration in a 2D window plus an n-gram pool.
+
+Every step feeds, in **one** forward pass with one combined mask:
+
+* the root (the last accepted token, not yet in the cache);
+* the *lookahead branch*: a window of W columns x (N-1) levels of guesses. Token (l, j)
+  sits at position root+1+j+l and attends to the root, level 0's columns 0..j, and its own
+  column's earlier levels: a Jacobi iteration on W overlapping trajectories;
+* the *verification branch*: up to G cached n-grams that start with the root, each a
+  chain of N-1 tokens attending to the root and its own prefix.
+
+The lookahead outputs harvest new n-grams (each column's levels plus its new prediction)
+into the pool; the verification branch accepts the longest matching guess (greedy, so
+lossless). Draft size counts the guess tokens verified; the window tokens count as processed.
+
+Defaults are smaller than upstream's (LEVEL=5, WINDOW=7, GUESS=7) because on a CPU every
+extra token costs time: W=5, N=4, G=5 feeds 15 + 15 = 30 extra tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from methods.core.decoder import Decoder, Draft
+from methods.core.engine import ForwardOutput
+from methods.core.options import option
+from methods.core.tree import TreeLayout
+from methods.core.verify import Acceptance
+
+
+def lookahead_visibility(window: int, levels: int, guesses: int, ngram: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(visible [n, n] bool, position offsets [n]) for root + levels x window + guesses x (ngram-1)."""
+    g_len = ngram - 1
+    n = 1 + levels * window + guesses * g_len
+    vis = torch.zeros((n, n), dtype=torch.bool)
+    off = torch.zeros(n, dtype=torch.long)
+    vis[:, 0] = True
+
+    def la(level: int, col: int) -> int:
+        return 1 + level * window + col
+
+    for level in range(levels):
+        for col in range(window):
+            i = la(level, col)
+            off[i] = 1 + col + level
+            vis[i, [la(0, c) for c in range(col + 1)]] = True
+            vis[i, [la(lv, col) for lv in range(level + 1)]] = True
+    base = 1 + levels * window
+    for g in range(guesses):
+        for k in range(g_len):
+            i = base + g * g_len + k
+            off[i] = 1 + k
+            vis[i, base + g * g_len: i + 1] = True
+    return vis, off
+
+
+@dataclass(frozen=True)
+class LookaheadOptions:
+    window: int = option(5, min=1, max=64, help="Jacobi window width W")
+    ngram: int = option(4, min=2, max=16, help="n-gram size N (levels = N - 1)")
+    guesses: int = option(5, min=0, max=64, help="cached n-grams verified per step G")
+    seed_from_prompt: bool = option(True, help="fill the n-gram pool from the prompt first")
+
+
+class LookaheadDecoder(Decoder):
+    """Lookahead decoding: Jacobi lookahead branch + n-gram verification branch in one pass."""
+
+    Options = LookaheadOptions
+
+    def setup(self) -> None:
+        o = self.options
+        self.W, self.N, self.G = o.window, o.ngram, o.guesses
+        self._layouts: dict[tuple[int, int], TreeLayout] = {}
+        self._window_rows: dict[int, torch.Tensor] = {}
+
+    def _layout(self, levels: int, guesses: int) -> TreeLayout:
+        """Root, ``levels`` x W window tokens (fed, never drafts), ``guesses`` n-gram chains from the root."""
+        key = (levels, guesses)
+        if key not in self._layouts:
+            W, g_len = self.W, self.N - 1
+            vis, off = lookahead_visibility(W, levels, guesses, self.N)
+            base = 1 + levels * W
+            parents = [-1] + [-2] * (levels * W)
+            for g in range(guesses):
+                parents += [0] + [base + g * g_len + k for k in range(g_len - 1)]
+            self._layouts[key] = TreeLayout(parents, self.engine, max_depth=g_len, visible=vis, positions=off)
+        return self._layouts[key]
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "draft_size_max": self.G * (self.N - 1),
+                "processed_max": self.W * (self.N - 1) + self.G * (self.N - 1)}
+
+    def step_capacity(self) -> int:
+        return 1 + self.W * (self.N - 1) + self.G * (self.N - 1)
+
+    def _add(self, pool: dict[int, list[tuple[int, ...]]], gram: tuple[int, ...]) -> None:
+        bucket = pool.setdefault(gram[0], [])
+        tail = gram[1:]
+        if tail in bucket:
+            bucket.remove(tail)
+        bucket.append(tail)
+        if len(bucket) > self.G:
+            del bucket[0]
+
+    def begin(self, prompt_ids: Sequence[int], out: ForwardOutput) -> None:
+        N, W = self.N, self.W
+        self.pool: dict[int, list[tuple[int, ...]]] = {}
+        prompt = list(prompt_ids)
+        if self.options.seed_from_prompt:
+            for i in range(len(prompt) - N + 1):
+                self._add(self.pool, tuple(prompt[i:i + N]))
+        # level 0 starts as a slice of the prompt (any tokens work; Jacobi iterations fix them up)
+        self.levels: list[list[int]] = [[prompt[(i * 7) % len(prompt)] for i in range(W)]]
+
+    def draft(self, root: int, root_t: torch.Tensor, room: int) -> Draft:
+        guesses = self.pool.get(root, [])[-self.G:] if self.G else []
+        layout = self._layout(len(self.levels), len(guesses))
+        fed = [t for lv in self.levels for t in lv] + [t for g in guesses for t in g]
+        tokens = torch.cat([root_t, torch.tensor(fed, dtype=torch.long, device=root_t.device)])
+        last = 1 + (len(self.levels) - 1) * self.W
+        return Draft(tokens, layout, host_rows=self._rows(last))
+
+    def _rows(self, start: int) -> torch.Tensor:
+        """The window's last level, whose greedy outputs come back with the acceptance (no extra sync)."""
+        if start not in self._window_rows:
+            self._window_rows[start] = torch.arange(start, start + self.W, device=self.engine.device)
+        return self._window_rows[start]
+
+    def update(self, draft: Draft, out: ForwardOutput, acc: Acceptance) -> None:
+        # lookahead branch: harvest n-grams, then shift the window by one level
+        last, n_lv = acc.host_rows, len(self.levels)
+        if n_lv == self.N - 1:
+            for c in range(self.W):
+                self._add(self.pool, tuple([self.levels[lv][c] for lv in range(n_lv)] + [last[c]]))
+            self.levels = self.levels[1:] + [last]
+        else:
+            self.levels = self.levels + [last]

@@ -1,0 +1,137 @@
+"""Self-speculative decoding / Draft & Verify (Zhang et al., ACL 2024).
+
+The draft model is the target model itself with a set of attention and MLP sublayers
+skipped; verification runs the full model over the drafts in one pass, so the output is
+exactly greedy decoding's. Drafting stops early when the draft's top-1 probability falls
+below a threshold, and the threshold adapts to the running acceptance rate as in the
+paper: too many rejections raise it (shorter, safer drafts), high acceptance lowers it.
+
+Draft tokens are written to the cache while drafting (non-skipped layers need each
+other's keys), then rolled back; the verification pass rewrites every layer's entries,
+so skipped layers' keys are right for every verified token.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from methods.core.decoder import Decoder, Draft
+from methods.core.engine import ForwardOutput
+from methods.core.errors import UserError
+from methods.core.options import option
+from methods.core.tree import chain_layout
+from methods.core.verify import Acceptance
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+TUNE_HINT = ("python -m harness tune self_spec --model {model} --data ../shared/data/gsm8k/train.jsonl "
+             "../shared/data/boolq/dev.jsonl --out skip.json")
+
+
+def shipped_skip_set(model_name: str) -> Path | None:
+    path = WEIGHTS_DIR / f"{model_name}.json"
+    return path if path.is_file() else None
+
+
+def load_skip_set(value: Any) -> dict[str, list[int]]:
+    """``{"attention": [...], "mlp": [...]}`` from a dict, a JSON string or a JSON file."""
+    shape = '{"attention": [layers], "mlp": [layers]}'
+    if isinstance(value, dict):
+        data = value
+    else:
+        text = str(value)
+        try:
+            data = json.loads(Path(text).read_text(encoding="utf-8") if Path(text).is_file() else text)
+        except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+            raise UserError(f"bad self_spec skip set {value!r}: give a JSON file or {shape}") from None
+    try:
+        if not isinstance(data, dict):
+            raise TypeError
+        return {"attention": sorted(int(x) for x in data.get("attention", [])),
+                "mlp": sorted(int(x) for x in data.get("mlp", []))}
+    except (TypeError, ValueError):
+        raise UserError(f"bad self_spec skip set {value!r}: expected {shape} with integer layer indices") from None
+
+
+@dataclass(frozen=True)
+class SelfSpecOptions:
+    skip: str | None = option(None, help='skip set: a JSON file or {"attention": [...], "mlp": [...]} (default: shipped)')
+    max_draft: int = option(8, min=1, max=64, help="most draft tokens per step")
+    threshold: float = option(0.6, min=0.0, max=1.0, help="initial confidence needed to keep drafting")
+    adaptive: bool = option(True, help="adapt the threshold to the running acceptance rate")
+    target_acceptance: float = option(0.8, min=0.0, max=1.0, help="acceptance rate the adaptation aims for")
+
+    def validate(self) -> None:
+        if self.skip is not None:
+            load_skip_set(self.skip)
+
+
+class SelfSpeculativeDecoder(Decoder):
+    """Draft & Verify: the model with skipped sublayers drafts, the full model verifies."""
+
+    Options = SelfSpecOptions
+
+    def setup(self) -> None:
+        opts = self.options
+        source = opts.skip if opts.skip is not None else shipped_skip_set(self.model_name)
+        if source is None:
+            raise UserError(f"no self_spec skip set for model {self.model_name!r}; search one with: "
+                            + TUNE_HINT.format(model=self.model_name) + " and pass --method-option self_spec.skip=FILE")
+        self.skip = load_skip_set(source)
+        n = self.engine.num_layers
+        bad = [i for i in self.skip["attention"] + self.skip["mlp"] if not 0 <= i < n]
+        if bad:
+            raise UserError(f"self_spec skip set names layer {bad[0]}, but the model has layers 0..{n - 1}")
+        self._skip_attn = frozenset(self.skip["attention"])
+        self._skip_mlp = frozenset(self.skip["mlp"])
+
+    @classmethod
+    def check_ready(cls, model_name: str, options: SelfSpecOptions) -> None:
+        if options.skip is None and shipped_skip_set(model_name) is None:
+            raise UserError(f"no self_spec skip set for model {model_name!r}; search one with: "
+                            + TUNE_HINT.format(model=model_name) + " and pass --method-option self_spec.skip=FILE")
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "skip": self.skip}
+
+    def step_capacity(self) -> int:
+        return self.options.max_draft + 1
+
+    def begin(self, prompt_ids: Sequence[int], out: ForwardOutput) -> None:
+        self.threshold, self.rate = self.options.threshold, self.options.target_acceptance
+
+    def _draft(self, root: int, room: int) -> list[int]:
+        engine = self.engine
+        drafts: list[int] = []
+        token, forwards = root, 0
+        for _ in range(min(self.options.max_draft, room)):
+            out = engine.forward([token], skip_attention=self._skip_attn, skip_mlp=self._skip_mlp, commit=True)
+            forwards += 1
+            p, d = torch.softmax(out.logits[-1], dim=-1).max(dim=-1)
+            if float(p) < self.threshold:
+                break
+            token = int(d)
+            drafts.append(token)
+        engine.cache.rollback(forwards)  # the verification pass rewrites these positions in every layer
+        return drafts
+
+    def draft(self, root: int, root_t: torch.Tensor, room: int) -> Draft:
+        drafts = self._draft(root, room)
+        tokens = torch.cat([root_t, torch.tensor(drafts, dtype=torch.long, device=root_t.device)]) if drafts else root_t
+        return Draft(tokens, chain_layout(len(drafts), self.engine))
+
+    def update(self, draft: Draft, out: ForwardOutput, acc: Acceptance) -> None:
+        if not self.options.adaptive:
+            return
+        drafted = draft.layout.draft_size
+        if drafted:
+            self.rate = 0.9 * self.rate + 0.1 * (acc.accepted_drafts / drafted)
+            raise_it = self.rate < self.options.target_acceptance
+        else:  # nothing passed the threshold: no evidence of bad drafts, so probe lower
+            raise_it = False
+        self.threshold = min(0.99, self.threshold + 0.05) if raise_it else max(0.05, self.threshold - 0.05)
