@@ -35,7 +35,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, record failures, ke
     step "every method, $shape shape, bf16" 60 python benchmarks/methods_speed.py --device cuda --dtype bfloat16 \
       --model "random:$shape" --prompts 4 --new 64
   done
-  step "memory over 100 generations" 40 python benchmarks/memory.py --device cuda --dtype bfloat16 \
+  step "memory over 100 generations" 90 python benchmarks/memory.py --device cuda --dtype bfloat16 \
     --model random:smollm2-135m --generations 100 --new 16
   echo; [ $status -eq 0 ] && echo "GPU CHECK PASSED" || echo "GPU CHECK FAILED"
   exit $status

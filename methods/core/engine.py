@@ -15,6 +15,7 @@ comes from the method and not from a faster cache or mask path.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
@@ -24,6 +25,18 @@ from torch import nn
 from methods.core.kv_cache import KVCache
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# What attention modules call their cache argument, newest transformers first (5.2x: ``cache``).
+_CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value")
+
+
+def cache_keyword(attention: nn.Module) -> str:
+    """The keyword this transformers version's attention takes its KV cache under."""
+    params = inspect.signature(attention.forward).parameters
+    for name in _CACHE_KEYWORDS:
+        if name in params:
+            return name
+    raise ValueError(f"{type(attention).__name__}.forward takes no cache argument ({', '.join(_CACHE_KEYWORDS)}); "
+                     "this transformers version is not supported")
 
 
 @dataclass
@@ -68,6 +81,7 @@ class Engine:
         self.norm = backbone.norm
         self.lm_head = model.lm_head
         self.rotary = backbone.rotary_emb
+        self._cache_kw = cache_keyword(self.layers[0].self_attn)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.neg_inf = torch.finfo(self.dtype).min
@@ -218,7 +232,7 @@ class Engine:
                     hidden_states=layer.input_layernorm(h),
                     position_embeddings=rope,
                     attention_mask=mask,
-                    cache=cache,
+                    **{self._cache_kw: cache},
                 )
                 h = h + attn
             if i not in skip_mlp:

@@ -69,7 +69,7 @@ class KVCache:
 
     # -- the interface transformers' attention modules call -------------------------------
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, **_: object
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_: object, **__: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys/values after the committed context and return the whole span."""
         end = self.length + key_states.shape[2]
