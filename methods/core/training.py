@@ -61,6 +61,11 @@ class TrainConfig:
     options: dict[str, Any] = field(default_factory=dict)  # method-specific
 
 
+def autocast(device: torch.device) -> Any:
+    """bf16 autocast on the device the frozen model runs on (CPU with AMX, or CUDA)."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
 def split_train_val(items: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)

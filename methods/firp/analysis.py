@@ -43,23 +43,23 @@ def analyze_maps(model: Any, maps: Any, data: list[dict[str, Any]], anchors_per_
             continue
         ids = torch.tensor([item["ids"]], device=model.device)
         hs = backbone(input_ids=ids, output_hidden_states=True).hidden_states  # [0]=embeddings, [-1]=final norm
-        idx = torch.tensor(anchors)
+        idx = torch.tensor(anchors, device=model.device)
         pseudo, captured = pseudo_forward(model, maps, hs[first][0].float(), idx, capture=True)
         T, a = len(item["ids"]), len(anchors)
         final_real = hs[-1][0].float()
         for k in range(maps.K):
             target_pos = idx + k + 1
-            rows = T + k * a + torch.arange(a)
+            rows = T + k * a + torch.arange(a, device=model.device)
             for j, layer_h in enumerate(captured):  # entering layer first + j
                 real = hs[first + j][0].float()[target_pos]
                 if layer_h.shape[0] > rows.max():
-                    cos_sum[k, j] += F.cosine_similarity(layer_h[rows].float(), real, dim=-1).sum().double()
-            cos_sum[k, -1] += F.cosine_similarity(pseudo[k].float(), final_real[target_pos], dim=-1).sum().double()
+                    cos_sum[k, j] += F.cosine_similarity(layer_h[rows].float(), real, dim=-1).sum().double().cpu()
+            cos_sum[k, -1] += F.cosine_similarity(pseudo[k].float(), final_real[target_pos], dim=-1).sum().double().cpu()
             want = model.lm_head(final_real[target_pos]).argmax(-1)
             logits = model.lm_head(pseudo[k].to(model.lm_head.weight.dtype))
             t3 = logits.topk(3, dim=-1).indices
-            top1[k] += (t3[:, 0] == want).sum()
-            top3[k] += (t3 == want[:, None]).any(-1).sum()
+            top1[k] += (t3[:, 0] == want).sum().cpu()
+            top3[k] += (t3 == want[:, None]).any(-1).sum().cpu()
         count += a
     layers = [first + j for j in range(n_layers - first)] + ["final"]
     return {

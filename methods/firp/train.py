@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.core.errors import UserError
-from methods.core.training import Toolkit, TrainConfig, cached_features, optimise, prepare_out, split_train_val, write_result
+from methods.core.training import Toolkit, autocast, TrainConfig, cached_features, optimise, prepare_out, split_train_val, write_result
 from methods.core.tree import tree_search, tree_search_default
 from methods.firp.decoder import FirpMaps, build_plan, injections
 
@@ -32,12 +32,13 @@ def pseudo_forward(model: Any, maps: FirpMaps, h_start: torch.Tensor, anchors: t
     ``capture``, every layer's full hidden states (for the analysis of pseudo vs real).
     """
     backbone = model.model
-    T = h_start.shape[0]
+    T, device = h_start.shape[0], h_start.device
     causal = torch.ones((T, T), dtype=torch.bool).tril()
-    plan = build_plan(maps, causal[anchors], anchors.tolist())
-    injs = {inj.layer: inj for inj in injections(maps, plan, anchors, h_start.device)}
+    plan = build_plan(maps, causal[anchors.cpu()], anchors.tolist())
+    injs = {inj.layer: inj for inj in injections(maps, plan, anchors.to(device), device)}
+    causal = causal.to(device)
     h = h_start[None]
-    pos = torch.arange(T)
+    pos = torch.arange(T, device=device)
     visible = causal
     neg = torch.finfo(torch.float32).min
     mask = rope = None
@@ -47,12 +48,12 @@ def pseudo_forward(model: Any, maps: FirpMaps, h_start: torch.Tensor, anchors: t
         if inj is not None:
             extra, extra_pos, vis = inj.make(h)
             n_cur, m = h.shape[1], extra.shape[1]
-            grown = torch.zeros((n_cur + m, n_cur + m), dtype=torch.bool)
+            grown = torch.zeros((n_cur + m, n_cur + m), dtype=torch.bool, device=device)
             grown[:n_cur, :n_cur] = visible
-            grown[n_cur:] = vis
+            grown[n_cur:] = vis.to(device)
             visible = grown
             h = torch.cat([h, extra.to(h.dtype)], dim=1)
-            pos = torch.cat([pos, extra_pos.cpu()])
+            pos = torch.cat([pos, extra_pos.to(device)])
             mask = rope = None
         if mask is None:
             mask = torch.where(visible, 0.0, neg)[None, None].to(h.dtype)
@@ -79,9 +80,10 @@ def anchor_positions(item: dict[str, Any], K: int, limit: int | None, rng: rando
 
 def firp_loss(model: Any, lm_head: torch.nn.Module, maps: FirpMaps, feats: dict[int, torch.Tensor],
               anchors: list[int], need_stats: bool = False) -> tuple[torch.Tensor, list[dict[str, float]]]:
-    idx = torch.tensor(anchors)
-    pseudo, _ = pseudo_forward(model, maps, feats[maps.layers[0]].float(), idx)
-    final = feats[-1].float()
+    device = model.device
+    idx = torch.tensor(anchors, device=device)
+    pseudo, _ = pseudo_forward(model, maps, feats[maps.layers[0]].to(device).float(), idx)
+    final = feats[-1].to(device).float()
     total = pseudo.new_zeros((), dtype=torch.float32)
     stats = []
     for k in range(maps.K):
@@ -107,12 +109,12 @@ def evaluate(model, lm_head, maps, data, feats, anchors_per_seq: int | None) -> 
         anchors = anchor_positions(item, maps.K, anchors_per_seq, rng)
         if not anchors:
             continue
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(model.device):
             _, stats = firp_loss(model, lm_head, maps, feat, anchors, need_stats=True)
         for a, s in zip(agg, stats):
             for key in a:
                 a[key] += s[key]
-        ranks.append(torch.stack([s["ranks"] for s in stats], dim=1))
+        ranks.append(torch.stack([s["ranks"] for s in stats], dim=1).cpu())
     accuracy = {f"step{k + 1}": {"top1": a["top1"] / max(1, a["n"]), "top3": a["top3"] / max(1, a["n"]),
                                  "positions": a["n"]} for k, a in enumerate(agg)}
     return accuracy, (torch.cat(ranks) if ranks else torch.zeros((0, maps.K), dtype=torch.long))
@@ -144,6 +146,7 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
     anchors_per_seq = int(opts.get("anchors_per_seq", 48))
     feats = cached_features(model, data, [layers[0], -1], data_key, toolkit.cache_dir)
     model.float()  # the frozen layers run under bf16 autocast; fp32 masters keep W_k's gradients exact
+    maps.to(model.device)
     model.requires_grad_(False)
     train_idx, val_idx = split_train_val(list(range(len(data))), config.val_fraction, config.seed)
     lm_head = model.lm_head
@@ -151,7 +154,7 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
         anchors = anchor_positions(data[i], K, anchors_per_seq, rng)
         if not anchors:
             return None
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(model.device):
             return firp_loss(model, lm_head, maps, feats[i], anchors)[0]
 
     elapsed, losses = optimise(config, maps, train_idx, loss_of, out, "training FIRP maps")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from methods.core.training import Toolkit, TrainConfig, cached_features, optimise, prepare_out, split_train_val, write_result
+from methods.core.training import Toolkit, autocast, TrainConfig, cached_features, optimise, prepare_out, split_train_val, write_result
 from methods.core.tree import tree_search, tree_search_default
 from methods.medusa.decoder import MedusaHeads
 
@@ -58,16 +58,17 @@ def head_losses(heads: MedusaHeads, lm_head: torch.nn.Module, hidden: torch.Tens
 def evaluate(heads: MedusaHeads, lm_head: torch.nn.Module, data: list, feats: list) -> dict[str, Any]:
     agg = [{"n": 0, "top1": 0.0, "top3": 0.0} for _ in range(heads.num_heads)]
     ranks = []
+    device = lm_head.weight.device
     for item, feat in zip(data, feats):
         start, _ = _positions(item)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            _, stats = head_losses(heads, lm_head, feat[-1].float(), start, need_stats=True)
+        with autocast(device):
+            _, stats = head_losses(heads, lm_head, feat[-1].to(device).float(), start, need_stats=True)
         for a, s in zip(agg, stats):
             for key in a:
                 a[key] += s[key]
         n = min(len(s["ranks"]) for s in stats)  # positions where every head has a target
         if n:
-            ranks.append(torch.stack([s["ranks"][:n] for s in stats], dim=1))
+            ranks.append(torch.stack([s["ranks"][:n] for s in stats], dim=1).cpu())
     accuracy = {f"head{k + 1}": {"top1": a["top1"] / max(1, a["n"]), "top3": a["top3"] / max(1, a["n"]),
                                  "positions": a["n"]} for k, a in enumerate(agg)}
     return accuracy, (torch.cat(ranks) if ranks else torch.zeros((0, heads.num_heads), dtype=torch.long))
@@ -81,18 +82,19 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
     feats = cached_features(model, data, [-1], data_key, toolkit.cache_dir)
     train_idx, val_idx = split_train_val(list(range(len(data))), config.val_fraction, config.seed)
     cfg = model.config
-    lm_head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+    device = model.device
+    lm_head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device)
     lm_head.weight.data.copy_(model.lm_head.weight.data.float())
     lm_head.requires_grad_(False)
-    heads = MedusaHeads(cfg.hidden_size, cfg.vocab_size, num_heads, layout)
+    heads = MedusaHeads(cfg.hidden_size, cfg.vocab_size, num_heads, layout).to(device)
     if layout == "upstream":  # per-head LM heads start from the base LM head, as upstream does
         for head in heads.heads:
             head[1].weight.data.copy_(lm_head.weight.data)
 
     def loss_of(i: int, rng: random.Random) -> torch.Tensor:
         start = _positions(data[i])[0]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return head_losses(heads, lm_head, feats[i][-1].float(), start)[0]
+        with autocast(device):
+            return head_losses(heads, lm_head, feats[i][-1].to(device).float(), start)[0]
 
     elapsed, losses = optimise(config, heads, train_idx, loss_of, out, "training medusa heads")
     val, ranks = evaluate(heads, lm_head, [data[i] for i in val_idx], [feats[i] for i in val_idx])
