@@ -23,6 +23,7 @@ BUILTIN: dict[str, str] = {
     "pld": "methods.pld",
     "lookahead": "methods.lookahead",
     "self_spec": "methods.self_spec",
+    "eagle": "methods.eagle",
 }
 
 ENTRY_POINTS = ("train", "tune", "analyze", "report")

@@ -188,6 +188,8 @@ class Engine:
         skip_mlp: Collection[int] = (),
         capture: Collection[int] = (),
         commit: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
+        past_bias: torch.Tensor | None = None,
     ) -> ForwardOutput:
         """Run the new tokens through the model after the committed cache.
 
@@ -195,11 +197,17 @@ class Engine:
         omitted); ``position_ids`` default to consecutive positions. ``capture`` returns the
         hidden states *entering* those layers (index ``num_layers`` = before the final norm).
         The step's tokens stay pending unless ``commit``; use ``cache.keep`` for a branch.
+        ``inputs_embeds`` [n, d] replaces the embedding of ``input_ids`` (a draft head's fused
+        inputs); ``past_bias`` [n, past] masks part of the cached context (a drafter's own
+        scratch tokens of other branches).
         """
-        if not isinstance(input_ids, torch.Tensor):
-            input_ids = torch.tensor(input_ids, dtype=torch.long)
-        input_ids = input_ids.to(self.device).view(-1)
-        n = input_ids.shape[0]
+        if inputs_embeds is not None:
+            n = inputs_embeds.shape[0]
+        else:
+            if not isinstance(input_ids, torch.Tensor):
+                input_ids = torch.tensor(input_ids, dtype=torch.long)
+            input_ids = input_ids.to(self.device).view(-1)
+            n = input_ids.shape[0]
         cache = self.cache
         past = cache.length
         if position_ids is None:
@@ -209,8 +217,11 @@ class Engine:
         cache.reserve(past + n)
         self._ensure_rope(past + n)
 
-        h = self.embed_tokens(input_ids[None])
-        mask = self._mask(n, past, step_bias)
+        h = self.embed_tokens(input_ids[None]) if inputs_embeds is None else inputs_embeds[None].to(self.dtype)
+        if past_bias is None:
+            mask = self._mask(n, past, step_bias)
+        else:
+            mask = torch.cat([past_bias.to(self.dtype), self._causal(n) if step_bias is None else step_bias], dim=1)[None, None]
         rope = self._rope(position_ids)
         by_layer = {inj.layer: inj for inj in injections}
         captured: dict[int, torch.Tensor] = {}

@@ -35,7 +35,7 @@ from torch import nn
 
 from methods.core.decoder import Decoder, Draft
 from methods.core.engine import ForwardOutput, Injection
-from methods.core.errors import UserError
+from methods.core.errors import UserError, first_line
 from methods.core.options import option
 from methods.core.tree import TreeLayout, chain_layout, parse_tree
 from methods.core.verify import Acceptance
@@ -188,7 +188,7 @@ def load_firp(path: Path, hidden: int) -> tuple[FirpMaps, dict[str, Any]]:
         maps = FirpMaps(hidden, config["layers"], config.get("mode", "serialized"), config.get("input", "prev"))
         maps.load_state_dict(load_file(str(path / "firp.safetensors")))
     except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint is the user's file, not our bug
-        raise UserError(f"cannot load FIRP weights from {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        raise UserError(f"cannot load FIRP weights from {path}: {first_line(exc)}"
                         " (expected firp.safetensors + config.json from `harness train firp` for this model)") from None
     return maps, config
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from methods.core.decoder import Decoder, Draft
 from methods.core.engine import ForwardOutput
-from methods.core.errors import UserError
+from methods.core.errors import UserError, first_line
 from methods.core.options import option
 from methods.core.tree import TreeLayout, parse_tree
 from methods.core.verify import Acceptance
@@ -100,7 +100,7 @@ def load_heads(path: Path, hidden: int, vocab: int) -> tuple[MedusaHeads, dict[s
         heads = MedusaHeads(hidden, vocab, num_heads, layout)
         heads.load_upstream_state_dict(state)
     except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is the user's file, not our bug
-        raise UserError(f"cannot load Medusa heads from {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        raise UserError(f"cannot load Medusa heads from {path}: {first_line(exc)}"
                         " (expected a heads folder from `harness train medusa` or an upstream medusa_lm_head file "
                         "for this model)") from None
     return heads, config

@@ -1,0 +1,115 @@
+"""EAGLE-2: lossless dynamic trees on tiny models, the upstream checkpoint layout, and training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from methods.core.engine import Engine
+from methods.core.errors import UserError
+from methods.eagle import EagleDecoder, EagleHead
+from methods.vanilla import VanillaDecoder
+from tests.conftest import tiny_model
+
+
+def random_head(engine: Engine, seed: int = 0, bias: bool = False) -> EagleHead:
+    torch.manual_seed(seed)
+    head = EagleHead(engine.config, type(engine.layers[0]), bias=bias)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return head
+
+
+def save_head(head: EagleHead, folder, layout: str = "ours", extra: dict | None = None) -> str:
+    """Our layout (model.safetensors) or upstream's (pytorch_model.bin, with a stray embed_tokens key)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in head.state_dict().items()}
+    if layout == "upstream":
+        state["embed_tokens.weight"] = torch.zeros(3, 3)  # upstream files may carry it; it must be ignored
+        torch.save(state, folder / "pytorch_model.bin")
+        (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "bias": False,
+                                                        "num_hidden_layers": 1, **(extra or {})}))
+    else:
+        save_file(state, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps(extra or {}))
+    return str(folder)
+
+
+@pytest.mark.parametrize("depth,topk,total", [(1, 1, 1), (3, 2, 6), (5, 4, 16), (4, 3, 30)])
+def test_eagle_is_lossless_on_tiny_models(tiny, depth, topk, total, tmp_path):
+    engine = Engine(tiny)
+    decoder = EagleDecoder(engine, head=save_head(random_head(engine), tmp_path / "head"), depth=depth, topk=topk,
+                           total=total)
+    vanilla = VanillaDecoder(engine)
+    for seed in range(3):
+        prompt = torch.randint(0, 97, (7,), generator=torch.Generator().manual_seed(seed)).tolist()
+        ref = vanilla.generate(prompt, 30).tokens
+        got = decoder.generate(prompt, 30)
+        assert got.tokens == ref
+        assert max(got.draft_sizes) == min(total, topk + (depth - 1) * topk * topk)
+        assert sum(got.accepted) == len(got.tokens)
+
+
+def test_trained_head_is_accepted(tmp_path, monkeypatch):
+    """Train the head on the model's own greedy text (the real trainer); its drafts must then be accepted."""
+    from harness.train import toolkit
+    from methods.core.training import TrainConfig
+    from methods.eagle import train as eagle_train
+    from tests.test_decode_loop import _sampling_model
+
+    monkeypatch.setenv("SPECDEC_HARNESS_CACHE", str(tmp_path / "cache"))
+    model = _sampling_model()
+    engine = Engine(model)
+    vanilla = VanillaDecoder(engine)
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(24):
+        prompt = torch.randint(0, 12, (6,), generator=g).tolist()
+        data.append({"ids": prompt + vanilla.generate(prompt, 26).tokens, "prompt_len": 6})
+    cfg = TrainConfig(method="eagle", out=str(tmp_path / "head"), epochs=6, batch_sequences=4, lr=3e-3,
+                      checkpoint_every=10, val_fraction=0.1)
+    meta = eagle_train.train(cfg, model, None, data, "tiny-eagle", toolkit("cpu"))
+    losses = meta["train_loss"]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+    assert meta["val_accuracy"]["depth1"]["top1"] > 0.5
+    decoder = EagleDecoder(Engine(model), head=str(tmp_path / "head"), depth=3, topk=2, total=6)
+    prompt = data[0]["ids"][:6]
+    got = decoder.generate(prompt, 24)
+    assert got.tokens == VanillaDecoder(Engine(model)).generate(prompt, 24).tokens
+    assert got.mean_accepted_length() > 1.5, got.accepted
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_upstream_checkpoint_layout_loads(tmp_path, bias):
+    model = tiny_model("llama")
+    engine = Engine(model)
+    head = random_head(engine, bias=bias)
+    keys = set(head.state_dict())
+    assert "fc.weight" in keys and ("fc.bias" in keys) == bias
+    assert {k.split(".")[0] for k in keys} == {"fc", "layers"}
+    assert not any("input_layernorm" in k for k in keys)  # upstream's layer 0 has none
+    ours = EagleDecoder(engine, head=save_head(head, tmp_path / "ours"), depth=3, topk=2, total=5)
+    upstream = EagleDecoder(engine, head=save_head(head, tmp_path / "up", "upstream"), depth=3, topk=2, total=5)
+    for a, b in zip(ours.head.state_dict().values(), upstream.head.state_dict().values()):
+        assert torch.equal(a, b)
+    prompt = [5, 6, 7, 8]
+    assert ours.generate(prompt, 12).draft_sizes == upstream.generate(prompt, 12).draft_sizes
+
+
+def test_bad_heads_are_one_line_errors(tmp_path):
+    engine = Engine(tiny_model("llama"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no EAGLE head in"):
+        EagleDecoder(engine, head=str(tmp_path / "empty"))
+    other = Engine(tiny_model("llama"))
+    small = EagleHead(other.config, type(other.layers[0]))
+    state = {k: v for k, v in small.state_dict().items()}
+    state["fc.weight"] = torch.zeros(8, 16)
+    (tmp_path / "bad").mkdir()
+    save_file(state, str(tmp_path / "bad" / "model.safetensors"))
+    with pytest.raises(UserError, match="cannot load the EAGLE head"):
+        EagleDecoder(engine, head=str(tmp_path / "bad"))
