@@ -65,8 +65,13 @@ def load_prompts(files: Sequence[Path], *, limit: int | None, seed: int, allow_e
 
 @torch.no_grad()
 def generate_continuations(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
-                           batch_size: int, max_prompt_tokens: int, stop_ids: Sequence[int]) -> list[dict[str, Any]]:
-    """[{"ids": prompt + greedy answer, "prompt_len": n}], generated in left-padded batches."""
+                           batch_size: int, max_prompt_tokens: int, stop_ids: Sequence[int],
+                           partial: Path | None = None) -> list[dict[str, Any]]:
+    """[{"ids": prompt + greedy answer, "prompt_len": n}], generated in left-padded batches.
+
+    With ``partial``, finished batches are saved there after each batch and skipped on a
+    rerun, so a long distillation can be stopped (a session's end, Ctrl-C) and resumed.
+    """
     from tqdm import tqdm
 
     encoded = [encode_conversation(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
@@ -75,7 +80,16 @@ def generate_continuations(model: Any, tokenizer: Any, prompts: Sequence[str], *
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stop = set(stop_ids)
     data: list[dict[str, Any]] = []
-    for start in tqdm(range(0, len(order), batch_size), desc="self-distilling", file=sys.stderr):
+    first = 0
+    if partial is not None and partial.is_file():
+        try:
+            saved = torch.load(partial)
+            data, first = saved["data"], saved["next_batch"]
+            print(f"Resuming self-distillation at batch {first} ({partial})", file=sys.stderr)
+        except Exception:  # noqa: BLE001 - a torn partial file only costs the batches in it
+            data, first = [], 0
+    starts = list(enumerate(range(0, len(order), batch_size)))
+    for b, start in tqdm(starts[first:], desc="self-distilling", file=sys.stderr, total=len(starts), initial=first):
         idx = order[start:start + batch_size]
         width = max(len(encoded[i]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -91,6 +105,11 @@ def generate_continuations(model: Any, tokenizer: Any, prompts: Sequence[str], *
             cut = next((j + 1 for j, tok in enumerate(answer) if tok in stop), len(answer))
             if cut:
                 data.append({"ids": encoded[i] + answer[:cut], "prompt_len": len(encoded[i])})
+        if partial is not None:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            tmp = partial.with_suffix(".tmp")
+            torch.save({"data": data, "next_batch": b + 1}, tmp)
+            tmp.replace(partial)
     return data
 
 
@@ -116,11 +135,13 @@ def self_distilled_sequences(model: Any, tokenizer: Any, model_name: str, files:
         print(f"Using cached self-distilled data {path}", file=sys.stderr)
         return torch.load(path)
     prompts = load_prompts(files, limit=limit, seed=seed, allow_eval=allow_eval)
+    partial = path.with_suffix(".partial.pt")
     data = generate_continuations(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                   batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
-                                  stop_ids=stop_token_ids(tokenizer, model))
+                                  stop_ids=stop_token_ids(tokenizer, model), partial=partial)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(data, tmp)
     tmp.replace(path)
+    partial.unlink(missing_ok=True)
     return data

@@ -24,6 +24,7 @@ BUILTIN: dict[str, str] = {
     "lookahead": "methods.lookahead",
     "self_spec": "methods.self_spec",
     "eagle": "methods.eagle",
+    "sps": "methods.sps",
 }
 
 ENTRY_POINTS = ("train", "tune", "analyze", "report")

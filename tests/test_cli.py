@@ -31,7 +31,7 @@ def _no_cuda() -> bool:
 
 
 BAD_INPUT = [
-    (["run", "--methods", "nosuch"], "unknown method 'nosuch'; valid methods: eagle, firp, lookahead, medusa, pld, self_spec, vanilla"),
+    (["run", "--methods", "nosuch"], "unknown method 'nosuch'; valid methods: eagle, firp, lookahead, medusa, pld, self_spec, sps, vanilla"),
     (["run", "--tasks", "nosuch"], "unknown task 'nosuch'; valid tasks:"),
     (["run", "--model", "no-such-model"], "unknown model 'no-such-model'"),
     (["run", "--dtype", "float8"], "unknown dtype 'float8'; valid dtypes: float32, bfloat16, float16, auto"),

@@ -161,10 +161,11 @@ def prepare_out(out: str) -> Path:
 
 
 def write_result(out: Path, config: TrainConfig, state: dict[str, torch.Tensor], meta: dict[str, Any],
-                 filename: str) -> None:
+                 filename: str, dtype: torch.dtype | None = None) -> None:
+    """Weights (in ``dtype`` if given: bf16 halves what a shipped file weighs) and ``config.json``."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(out / filename))
+    save_file({k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}, str(out / filename))
     meta = {**meta, "train_config": asdict(config),
             "command": "python -m harness train " + config.method + " " + " ".join(sys.argv[3:])}
     (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -1,0 +1,191 @@
+"""Speculative sampling with a small draft model (SpS: Leviathan et al. 2023; Chen et al. 2023).
+
+The draft model proposes γ tokens autoregressively on its own engine and KV cache; the
+target verifies them as a chain in one pass. Drafts are the draft model's greedy tokens,
+kept on the device (no host round trip while drafting); acceptance is the shared loop's,
+so greedy output is exactly the target's and sampled output keeps its distribution.
+``sps.gamma`` is fixed, or ``adaptive`` (transformers' heuristic: +2 after a step that
+accepted every draft, -1 otherwise).
+
+The draft is a local Hugging Face folder sharing the target's tokenizer (refused with a
+clear error otherwise), or the shipped draft for the target: a few layers initialised from
+the target's first layers and final norm, distilled on the self-distillation data, whose
+file holds only those layers: it uses the target's own embedding and LM head at load time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from methods.core.decoder import Decoder, Draft
+from methods.core.engine import Engine, ForwardOutput
+from methods.core.errors import UserError, first_line
+from methods.core.options import option
+from methods.core.tree import chain_layout
+from methods.core.verify import Acceptance
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"  # one folder per target model name
+LAYERS_FILE = "draft_layers.safetensors"
+TRAIN_HINT = ("python -m harness train sps --model {model} --data ../shared/data/gsm8k/train.jsonl "
+              "../shared/data/boolq/dev.jsonl --out DIR")
+
+
+def layers_only_draft(target: Any, num_layers: int) -> nn.Module:
+    """A model of the target's class with ``num_layers`` layers that shares the target's embedding and LM head."""
+    values = {**target.config.to_dict(), "num_hidden_layers": num_layers}
+    if isinstance(values.get("layer_types"), list):  # per-layer attention kinds, where the config lists them
+        values["layer_types"] = values["layer_types"][:num_layers]
+    config = target.config.__class__.from_dict(values)
+    config._attn_implementation = "sdpa"
+    draft = type(target)(config)
+    draft.model.embed_tokens = target.model.embed_tokens
+    draft.lm_head = target.lm_head
+    return draft
+
+
+def init_from_target(draft: nn.Module, target: Any) -> None:
+    """The draft's layers start as the target's first layers, its norm as the target's final norm."""
+    with torch.no_grad():
+        for mine, theirs in zip(draft.model.layers, target.model.layers):
+            mine.load_state_dict(theirs.state_dict())
+        draft.model.norm.load_state_dict(target.model.norm.state_dict())
+
+
+def own_state(draft: nn.Module) -> dict[str, torch.Tensor]:
+    """What a layers-only draft file holds: its layers and final norm, never the shared embedding / LM head."""
+    return {k: v for k, v in draft.model.state_dict().items() if not k.startswith("embed_tokens.")}
+
+
+def load_layers_only(path: Path, target: Any) -> tuple[nn.Module, dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        state = load_file(str(path / LAYERS_FILE))
+        draft = layers_only_draft(target, int(config["num_layers"]))
+        missing = draft.model.load_state_dict(state, strict=False)
+        if missing.unexpected_keys or any(not k.startswith("embed_tokens.") for k in missing.missing_keys):
+            raise ValueError(f"keys do not match a {config['num_layers']}-layer draft of this model")
+    except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint is the user's file, not our bug
+        raise UserError(f"cannot load the SpS draft from {path}: {first_line(exc)}") from None
+    return draft, config
+
+
+def load_hf_draft(path: Path, target: Any) -> nn.Module:
+    """A full Hugging Face model folder, checked to share the target's tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        draft = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="sdpa")
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"cannot load the SpS draft model from {path}: {first_line(exc)}") from None
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise UserError(f"the SpS draft {path} has a vocabulary of {draft.config.vocab_size} tokens, the target "
+                        f"{target.config.vocab_size}: a draft must share the target's tokenizer")
+    source = getattr(target, "name_or_path", "") or ""
+    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        if not source or not Path(source).is_dir():
+            raise UserError(f"cannot check that the SpS draft {path} shares the target's tokenizer: the target "
+                            "was not loaded from a local folder")
+        try:
+            same = AutoTokenizer.from_pretrained(str(path)).get_vocab() == AutoTokenizer.from_pretrained(source).get_vocab()
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"cannot read the tokenizer of the SpS draft {path}: {first_line(exc)}") from None
+        if not same:
+            raise UserError(f"the SpS draft {path} does not share the target's tokenizer (their vocabularies "
+                            "differ); give a draft trained with the target's tokenizer")
+    return draft
+
+
+def shipped_draft(model_name: str) -> Path | None:
+    path = WEIGHTS_DIR / model_name
+    return path if (path / LAYERS_FILE).is_file() else None
+
+
+@dataclass(frozen=True)
+class SpsOptions:
+    draft: str | None = option(None, help="draft: a Hugging Face folder with the target's tokenizer, or a "
+                                           "layers-only draft folder (default: shipped)")
+    gamma: int = option(4, min=1, max=32, help="draft tokens per step (the start value when adaptive)")
+    adaptive: bool = option(False, help="+2 after a fully accepted step, -1 otherwise (transformers' heuristic)")
+
+    def validate(self) -> None:
+        if self.draft is not None and not Path(self.draft).is_dir():
+            raise UserError(f"SpS draft folder {self.draft} does not exist")
+
+
+class SpsDecoder(Decoder):
+    """Speculative decoding with a small draft model on its own engine and cache."""
+
+    Options = SpsOptions
+
+    def setup(self) -> None:
+        engine, opts = self.engine, self.options
+        path = Path(opts.draft) if opts.draft else shipped_draft(self.model_name)
+        if path is None:
+            raise UserError(f"no SpS draft for model {self.model_name!r}; train one with: "
+                            + TRAIN_HINT.format(model=self.model_name) + " or pass --method-option sps.draft=DIR")
+        self.draft_path = path
+        if (path / LAYERS_FILE).is_file():
+            draft, self.draft_config = load_layers_only(path, engine.model)
+        else:
+            draft, self.draft_config = load_hf_draft(path, engine.model), {}
+        draft.to(device=engine.device, dtype=engine.dtype).eval().requires_grad_(False)
+        self.draft_engine = Engine(draft)
+        self.max_gamma = 32 if opts.adaptive else opts.gamma
+
+    @classmethod
+    def check_ready(cls, model_name: str, options: SpsOptions) -> None:
+        if not options.draft and shipped_draft(model_name) is None:
+            raise UserError(f"no SpS draft for model {model_name!r}; train one with: "
+                            + TRAIN_HINT.format(model=model_name) + " or pass --method-option sps.draft=DIR")
+
+    def describe(self) -> dict[str, Any]:
+        de = self.draft_engine
+        return {**super().describe(), "draft": str(self.draft_path), "draft_layers": de.num_layers,
+                "draft_parameters": sum(p.numel() for p in de.model.parameters())}
+
+    def step_capacity(self) -> int:
+        return self.max_gamma + 1
+
+    def begin(self, prompt_ids: Sequence[int], out: ForwardOutput) -> None:
+        de = self.draft_engine
+        de.reset(capacity=len(prompt_ids) + 2 * self.max_gamma + 512)
+        de.forward(prompt_ids, want_logits=False, commit=True)
+        self.gamma = self.options.gamma
+        self.unfed = torch.zeros(0, dtype=torch.long, device=self.engine.device)  # committed, not yet in its cache
+
+    def draft(self, root: int, root_t: torch.Tensor, room: int) -> Draft:
+        de = self.draft_engine
+        gamma = min(self.gamma, room)
+        if gamma <= 0:
+            return Draft(root_t, chain_layout(0, self.engine))
+        self.base = de.cache.length
+        feed = torch.cat([self.unfed, root_t])
+        drafts = []
+        for _ in range(gamma):  # greedy drafts stay on the device: no host round trip per token
+            out = de.forward(feed, logits_rows=slice(-1, None), commit=True)
+            feed = out.logits[-1].argmax().view(1)
+            drafts.append(feed)
+        self.fed = de.cache.length - self.base  # unfed + root + the first gamma - 1 drafts
+        return Draft(torch.cat([root_t, *drafts]), chain_layout(gamma, self.engine))
+
+    def update(self, draft: Draft, out: ForwardOutput, acc: Acceptance) -> None:
+        gamma = draft.layout.draft_size
+        if gamma == 0:
+            self.unfed = torch.cat([self.unfed, draft.tokens[:1]])
+            return
+        accepted = acc.accepted_drafts
+        # keep what the target accepted: unfed + root + accepted drafts (the last draft was never fed)
+        keep = self.fed - (gamma - 1) + min(accepted, gamma - 1)
+        self.draft_engine.cache.rollback(self.fed - keep)
+        self.unfed = draft.tokens[gamma:gamma + 1] if accepted == gamma else draft.tokens[:0]
+        if self.options.adaptive:
+            self.gamma = min(self.max_gamma, self.gamma + 2) if accepted == gamma else max(1, self.gamma - 1)

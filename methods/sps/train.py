@@ -1,0 +1,83 @@
+"""``python -m harness train sps``: distil a small draft from the target's first layers.
+
+The draft has ``--option layers=N`` (default 2) decoder layers initialised from the
+target's first N layers and its final norm, and uses the target's own embedding and LM
+head (frozen, shared at load time, never saved). It learns the target's next-token
+distributions on the self-distillation data that Medusa, FIRP and EAGLE use: KL(target ||
+draft) on answer positions, the target's distributions taken from the cached final
+features. The file holds only the draft's layers and norm, in bfloat16.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.core.training import (Toolkit, TrainConfig, autocast, cached_features, optimise, prepare_out,
+                                   split_train_val, write_result)
+from methods.sps.decoder import LAYERS_FILE, init_from_target, layers_only_draft, own_state
+
+
+def draft_loss(draft: nn.Module, model: Any, ids: torch.Tensor, final: torch.Tensor, start: int,
+               need_stats: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """KL(target || draft) for the tokens after positions ``start``..T-2."""
+    hidden = draft.model(input_ids=ids[None]).last_hidden_state[0, start:-1]
+    log_q = F.log_softmax(draft.lm_head(hidden).float(), dim=-1)
+    with torch.no_grad():
+        teacher = F.log_softmax(model.lm_head(final[start:-1]).float(), dim=-1)
+    loss = F.kl_div(log_q, teacher, log_target=True, reduction="batchmean")
+    stats = {}
+    if need_stats:
+        with torch.no_grad():
+            stats = {"n": int(teacher.shape[0]), "top1": float((log_q.argmax(-1) == teacher.argmax(-1)).sum())}
+    return loss, stats
+
+
+def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, Any]], data_key: str,
+          toolkit: Toolkit) -> dict[str, Any]:
+    out = prepare_out(config.out)
+    device = model.device
+    layers = int(config.options.get("layers", 2))
+    feats = cached_features(model, data, [-1], data_key, toolkit.cache_dir)
+    model.float()
+    model.requires_grad_(False)
+    draft = layers_only_draft(model, layers)
+    init_from_target(draft, model)
+    draft.to(device)
+    trainable = nn.ModuleList([*draft.model.layers, draft.model.norm])
+    trainable.requires_grad_(True)
+    train_idx, val_idx = split_train_val(list(range(len(data))), config.val_fraction, config.seed)
+    ids = [torch.tensor(d["ids"]) for d in data]
+
+    def loss_of(i: int, rng: random.Random) -> torch.Tensor | None:
+        start = max(0, data[i]["prompt_len"] - 1)
+        if len(ids[i]) - 1 <= start:
+            return None
+        with autocast(device):
+            return draft_loss(draft, model, ids[i].to(device), feats[i][-1].to(device).float(), start)[0]
+
+    elapsed, losses = optimise(config, trainable, train_idx, loss_of, out, f"distilling a {layers}-layer draft")
+    n = top1 = 0.0
+    with torch.no_grad():
+        for i in val_idx:
+            start = max(0, data[i]["prompt_len"] - 1)
+            if len(ids[i]) - 1 <= start:
+                continue
+            with autocast(device):
+                _, s = draft_loss(draft, model, ids[i].to(device), feats[i][-1].to(device).float(), start, True)
+            n, top1 = n + s["n"], top1 + s["top1"]
+    agreement = top1 / max(1.0, n)
+    print(f"  draft top-1 = target's greedy token on {agreement:.1%} of {int(n)} val positions", file=sys.stderr)
+    meta = {"method": "sps", "model": config.model, "num_layers": layers,
+            "init": f"the target's first {layers} layers and final norm; embedding and LM head shared with the target",
+            "val_accuracy": {"top1_agreement": agreement, "positions": int(n)},
+            "train_time_s": round(elapsed, 1), "train_sequences": len(train_idx), "train_steps": len(losses),
+            "train_loss": [round(x, 5) for x in losses], "val_sequences": len(val_idx)}
+    write_result(out, config, own_state(draft), meta, LAYERS_FILE, dtype=torch.bfloat16)
+    print(f"Wrote {out / LAYERS_FILE} and {out / 'config.json'} (training {elapsed / 60:.1f} min)", file=sys.stderr)
+    return meta
