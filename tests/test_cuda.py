@@ -64,7 +64,7 @@ def _agree_or_near_tie(model32, prompt: list[int], ref: list[int], got: list[int
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("method", ["pld", "lookahead", "medusa", "firp", "self_spec", "eagle"])
+@pytest.mark.parametrize("method", ["pld", "lookahead", "medusa", "firp", "self_spec", "eagle", "sps"])
 def test_methods_are_lossless_on_cuda(method, dtype, tmp_path):
     from tests.test_decode_loop import _decoders, _sampling_model
     from methods.vanilla import VanillaDecoder
