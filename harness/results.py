@@ -52,8 +52,14 @@ def read_records(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     data = read_bytes(path, "pass a run folder written by `run`")
+    cut = data.rfind(b"\n") + 1
+    try:  # complete lines first: a UTF-16 or binary file is not "truncated", it is the wrong file
+        data[:cut].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        lineno = data[:exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{lineno}: cannot decode byte 0x{data[exc.start]:02x} (not UTF-8 JSON lines: "
+                        f"UTF-16 or binary?); {RESULTS_HINT}") from None
     if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
         if not repair:
             raise UserError(f"{path}: the last line is truncated (an interrupted run?); rerun `run` to repair it")
         print(f"warning: {path}: dropping a truncated last record (it will be run again)", file=sys.stderr)
