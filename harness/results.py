@@ -68,7 +68,15 @@ def read_records(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
                 fh.truncate(cut)
         except OSError as exc:
             raise UserError(f"cannot repair {path} ({exc.strerror}); make it writable or use another --out") from None
-    return [check_record(rec, f"{path}:{lineno}") for lineno, rec in iter_jsonl(path, RESULTS_HINT)]
+    records, seen = [], {}
+    for lineno, rec in iter_jsonl(path, RESULTS_HINT):
+        key = record_key(check_record(rec, f"{path}:{lineno}"))
+        if key in seen:  # two records of one key would pair with each other and skew every metric
+            raise UserError(f"{path}: lines {seen[key]} and {lineno} both hold {key[2]} on {key[0]} example "
+                            f"{key[1]}; delete one of them (two runs wrote to one folder?)")
+        seen[key] = lineno
+        records.append(rec)
+    return records
 
 
 class ResultsWriter:

@@ -191,6 +191,8 @@ REPORT: list[Case] = [
         {**_record(), "turns": [{"text": "a"}]}) + "\n").encode())], "turn 1 lacks 'tokens'"),
     ("report: new_tokens is a string", lambda w: ["report", w.run("r", records=(json.dumps(
         {**_record(), "new_tokens": "3"}) + "\n").encode())], "'new_tokens' should be an integer"),
+    ("report: a record twice", lambda w: ["report", w.run("r", records=(json.dumps(_record()) + "\n").encode() * 2)],
+     "lines 1 and 2 both hold vanilla on builtin example x"),
     ("report: divergences are binary", lambda w: ["report", _with(w.run("r"), "divergences.jsonl", BINARY)],
      "divergences.jsonl:1: cannot decode"),
     ("report -o into a missing folder", lambda w: ["report", w.run("r"), "-o", w.p("nowhere/report.html")],
@@ -308,3 +310,55 @@ def test_ctrl_c_while_the_model_loads(monkeypatch, capsys, tmp_path):
     assert code == 130
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "interrupted" in err
     assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_duplicate_ids_never_change_a_metric(tmp_path, capsys):
+    """Two rows of id 1 once paired vanilla with itself four ways (exact match 50%); now they are refused,
+    and the same rows with unique ids give every example exactly one record and 100% exact match."""
+    from harness.metrics import records_frame, summarize
+    from harness.results import read_records
+
+    rows = [{"id": 1, "key": "a", "prompt": "Name a colour."}, {"id": 1, "key": "b", "prompt": "Name a fruit."}]
+    data = World(tmp_path).jsonl("dup.jsonl", rows)
+    args = ["run", "--methods", "vanilla,pld", "--tasks", f"jsonl:{data}", "--max-new-tokens", "4", "--warmup", "0",
+            "--device", "cpu", "--dtype", "float32"]
+    code, err = run_cli([*args, "--out", str(tmp_path / "dup")], capsys)
+    assert code == 2 and "lines 1 and 2 both have id '1'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "dup").exists()
+
+    out = tmp_path / "unique"
+    assert main([*args, "--task-option", "jsonl.id=key", "--out", str(out)]) == 0
+    records = read_records(out / "results.jsonl")
+    assert sorted((r["example_id"], r["method"]) for r in records) == [
+        ("jsonl-a", "pld"), ("jsonl-a", "vanilla"), ("jsonl-b", "pld"), ("jsonl-b", "vanilla")]
+    summary = summarize(records_frame(records), by=("method",)).set_index("method")
+    assert summary.loc["vanilla", "exact_match"] == 1.0 and summary.loc["pld", "exact_match"] == 1.0
+    assert summary.loc["vanilla", "examples"] == 2 and summary.loc["pld", "examples"] == 2
+
+
+def test_settings_differ_names_each_difference():
+    from harness.checks import settings_differ
+
+    def ident(max_new_tokens=16, temperature=0.0, options=None):
+        return {"generation": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": 1.0},
+                "method_options": options or {"pld": {"num_tokens": 3}}}
+
+    assert settings_differ(ident(), ident()) == []
+    assert settings_differ(ident(), ident(max_new_tokens=8, temperature=0.5)) == [
+        "max_new_tokens 16 vs 8", "temperature 0.0 vs 0.5"]
+    assert settings_differ(ident(), ident(options={"pld": {"num_tokens": 5}})) == ["options of pld"]
+    # a method only one run has is not a difference of settings (compare shows the common rows)
+    assert settings_differ(ident(), ident(options={"pld": {"num_tokens": 3}, "medusa": {}})) == []
+
+
+@pytest.mark.parametrize("command", ["check", "compare"])
+def test_force_compares_runs_with_other_settings(command, capsys, tmp_path):
+    w = World(tmp_path)
+    other = w.run("other", max_new_tokens=8, pld_tokens=5)
+    argv = (["check", other, "--baseline", w.baseline()] if command == "check"
+            else ["compare", w.run("a"), other, "-o", w.p("c.html")])
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and "max_new_tokens" in err and "options of pld" in err
+    code, err = run_cli([*argv, "--force"], capsys)
+    assert code == 0, err
