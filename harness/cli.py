@@ -234,7 +234,7 @@ def cmd_list(_: argparse.Namespace) -> int:
     from harness.models import EMBEDDED_MODELS
     from methods.core.options import describe_options
     from methods.registry import available_methods, get_spec
-    from tasks.base import available_tasks, describe_task
+    from tasks.base import available_tasks, describe_task, describe_task_options
 
     print("Methods:")
     for name in available_methods():
@@ -247,6 +247,8 @@ def cmd_list(_: argparse.Namespace) -> int:
     print("Tasks:")
     for name in available_tasks():
         print(f"  {name:<12} {describe_task(name)}")
+        for line in describe_task_options(name):
+            print(f"  {'':<14}{name}.{line}")
     print("Models:")
     for name, spec in EMBEDDED_MODELS.items():
         print(f"  {name:<12} {spec.description} (default)")

@@ -3,7 +3,8 @@
 Field names come from ``--task-option``: ``jsonl.prompt=FIELD`` (default ``prompt``; a
 list of strings is taken as turns), ``jsonl.reference=FIELD`` (default ``reference``,
 optional), ``jsonl.id=FIELD`` (default ``id``, else the line number) and
-``jsonl.category=FIELD`` (default ``category``, else ``jsonl``)."""
+``jsonl.category=FIELD`` (default ``category``, else ``jsonl``). Ids must be unique within
+the file (results are keyed by them): a repeated id is refused, naming both lines."""
 
 from __future__ import annotations
 

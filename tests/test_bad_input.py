@@ -195,6 +195,8 @@ REPORT: list[Case] = [
      "lines 1 and 2 both hold vanilla on builtin example x"),
     ("report: divergences are binary", lambda w: ["report", _with(w.run("r"), "divergences.jsonl", BINARY)],
      "divergences.jsonl:1: cannot decode"),
+    ("report: FIRP analysis is a list", lambda w: ["report", _with(w.run("r", manifest={"config": {
+        "methods": ["vanilla", "firp"]}}), "firp_analysis.json", b"[]")], "firp_analysis.json: expected a JSON object"),
     ("report -o into a missing folder", lambda w: ["report", w.run("r"), "-o", w.p("nowhere/report.html")],
      "does not exist; create it first"),
     ("report -o is a folder", lambda w: ["report", w.run("r"), "-o", str(w.root)], "is a folder; give a file name"),
