@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -213,8 +213,10 @@ def prepare_out_dir(config: RunConfig, out: Path, task_info: dict[str, dict[str,
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create output directory {out}: {exc.strerror}; choose another --out") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise UserError(f"output directory {out} is not writable; choose another --out")
+    try:  # a real probe: os.access says yes to root even where writes fail (read-only mounts, /proc)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as exc:
+        raise UserError(f"output directory {out} is not writable ({exc.strerror}); choose another --out") from None
     manifest_path = out / MANIFEST_FILE
     results_path = out / RESULTS_FILE
     if config.overwrite:
