@@ -109,7 +109,7 @@ _MANIFEST_SHAPE = {"config": dict, "tasks": dict, "method_options": dict, "metho
 def load_manifest_file(path: Path) -> dict[str, Any]:
     """``manifest.json`` parsed and shape-checked: a list, or a ``config`` that is a string, is one line."""
     manifest = read_json(path, MANIFEST_HINT)
-    require_shape(manifest, _MANIFEST_SHAPE, str(path), MANIFEST_HINT)
+    require_shape(manifest, _MANIFEST_SHAPE, str(path), MANIFEST_HINT, allow_null=False)
     require_shape(manifest.get("config") or {}, {"identity": dict, "methods": list, "model": str},
                   f"{path} (config)", MANIFEST_HINT)
     for name, info in (manifest.get("tasks") or {}).items():

@@ -181,6 +181,8 @@ RUN: list[Case] = [
 REPORT: list[Case] = [
     ("report: manifest is a list", lambda w: ["report", w.run("r", manifest=[])], "got a JSON list"),
     ("report: manifest is binary", lambda w: ["report", w.run("r", manifest=BINARY)], "manifest.json: cannot decode"),
+    ("report: manifest config is null", lambda w: ["report", w.run("r", manifest={"config": None})],
+     "'config' should be a JSON object, got null"),
     ("report: manifest tasks is a list", lambda w: ["report", w.run("r", manifest={"tasks": []})], "'tasks' should be a JSON object"),
     ("report: results are binary", lambda w: ["report", w.run("r", records=BINARY + b"\n")], "results.jsonl:1: cannot decode"),
     ("report: results are utf-16", lambda w: ["report", w.run("r", records=(json.dumps(_record()) + "\n").encode("utf-16"))],

@@ -106,12 +106,13 @@ def iter_jsonl(path: Path, hint: str, required: Sequence[str] = ()) -> Iterator[
         yield lineno, row
 
 
-def require_shape(value: Any, shape: Mapping[str, type | tuple[type, ...]], where: str, hint: str) -> None:
-    """``value`` is an object whose listed keys, where present, have the listed JSON types."""
+def require_shape(value: Any, shape: Mapping[str, type | tuple[type, ...]], where: str, hint: str, *,
+                  allow_null: bool = True) -> None:
+    """``value`` is an object whose listed keys, where present (and not null, if allowed), have the listed types."""
     if not isinstance(value, dict):
         raise UserError(f"{where}: expected a JSON object, got {json_type_name(value)}; {hint}")
     for key, kind in shape.items():
-        if key in value and value[key] is not None and not isinstance(value[key], kind):
+        if key in value and not (allow_null and value[key] is None) and not isinstance(value[key], kind):
             raise UserError(f"{where}: {key!r} should be {_kind_name(kind)}, got {json_type_name(value[key])}; {hint}")
 
 
