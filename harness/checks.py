@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from methods.core.errors import UserError
+from methods.core.files import check_writable, read_json, require_shape, write_text
 from harness.metrics import records_frame, summarize
 from harness.results import RESULTS_FILE, read_manifest, read_records
 
 # /2: speedup is the per-token ratio (method tokens/s / vanilla tokens/s); /1 divided wall times.
 FORMAT = "specdec-harness-baseline/2"
+REGENERATE = "`python -m harness baseline RUN_DIR -o FILE`"
 METRICS = ("mean_accepted_length", "exact_match", "rouge2", "speedup_geomean")
 
 
@@ -59,6 +61,7 @@ def settings_differ(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 def write_baseline(run_dir: Path, out: Path) -> dict[str, Any]:
+    check_writable(out, "-o")
     manifest, rows = run_metrics(run_dir)
     baseline = {
         "format": FORMAT,
@@ -69,11 +72,7 @@ def write_baseline(run_dir: Path, out: Path) -> dict[str, Any]:
             {"method": r["method"], "task": r["task"], **{m: _clean(r[m]) for m in METRICS}} for r in rows
         ],
     }
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(baseline, indent=2) + "\n")
-    except OSError as exc:
-        raise UserError(f"cannot write baseline {out}: {exc.strerror}") from None
+    write_text(out, json.dumps(baseline, indent=2) + "\n", "-o")
     return baseline
 
 
@@ -82,13 +81,10 @@ def _clean(value: Any) -> float | None:
 
 
 def read_baseline(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise UserError(f"cannot read baseline {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{exc.lineno}: corrupted baseline ({exc.msg}); regenerate it with "
-                        "`python -m harness baseline RUN_DIR -o FILE`") from None
+    if not path.exists():
+        raise UserError(f"cannot read baseline {path}: no such file; write one with "
+                        "`python -m harness baseline RUN_DIR -o FILE`")
+    data = read_json(path, f"corrupted baseline: regenerate it with {REGENERATE}", expect=None)
     if isinstance(data, dict) and data.get("format") == "specdec-harness-baseline/1":
         raise UserError(f"{path} is a baseline of the old format (speedup as a ratio of wall times); its speedups "
                         "do not compare with today's per-token speedups: regenerate it with "
@@ -96,9 +92,16 @@ def read_baseline(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), list):
         raise UserError(f"{path} is not a specdec-harness baseline (format {FORMAT}); regenerate it with "
                         "`python -m harness baseline RUN_DIR -o FILE`")
+    require_shape(data, {"generation": dict, "method_options": dict, "task_hashes": dict}, str(path),
+                  f"regenerate it with {REGENERATE}")
     for i, entry in enumerate(data["entries"]):
         if not isinstance(entry, dict) or not {"method", "task"} <= entry.keys():
-            raise UserError(f"{path}: entry {i} lacks 'method'/'task'; regenerate the baseline")
+            raise UserError(f"{path}: entry {i} lacks 'method'/'task'; regenerate it with {REGENERATE}")
+        for metric in METRICS:
+            value = entry.get(metric)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise UserError(f"{path}: entry {i} has {metric} {value!r}, not a number; "
+                                f"regenerate it with {REGENERATE}")
     return data
 
 

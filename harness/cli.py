@@ -53,9 +53,12 @@ def _method_options(args: argparse.Namespace) -> dict[str, dict[str, str]]:
 
 def _float(text: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _methods(text: str) -> list[str]:
@@ -114,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--limit", type=_int, default=1200, help="training prompts (default 1200)")
     tr.add_argument("--max-new-tokens", type=_int, default=96, help="self-distilled answer length (default 96)")
     tr.add_argument("--epochs", type=_int, default=2)
-    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--lr", type=_float, default=1e-3)
     tr.add_argument("--batch", type=_int, default=4, help="sequences per optimiser step (default 4)")
     tr.add_argument("--seed", type=_int, default=0)
     tr.add_argument("--max-steps", type=_int, default=None, help="stop after this many optimiser steps")
@@ -164,10 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
         "speedup falls below a fraction of the baseline's."))
     check.add_argument("run_dir", metavar="RUN_DIR")
     check.add_argument("--baseline", required=True, metavar="FILE")
-    check.add_argument("--tol-accepted-length", type=float, default=0.01, help="absolute drop allowed (0.01)")
-    check.add_argument("--tol-exact-match", type=float, default=0.0, help="absolute drop allowed (0.0)")
-    check.add_argument("--tol-rouge2", type=float, default=0.005, help="absolute drop allowed (0.005)")
-    check.add_argument("--speedup-floor", type=float, default=0.5,
+    check.add_argument("--tol-accepted-length", type=_float, default=0.01, help="absolute drop allowed (0.01)")
+    check.add_argument("--tol-exact-match", type=_float, default=0.0, help="absolute drop allowed (0.0)")
+    check.add_argument("--tol-rouge2", type=_float, default=0.005, help="absolute drop allowed (0.005)")
+    check.add_argument("--speedup-floor", type=_float, default=0.5,
                        help="speedup must stay >= this fraction of the baseline's (0.5; timing is noisy)")
     check.add_argument("--force", action="store_true", help="compare even if the task hashes differ")
     return parser
@@ -231,7 +234,7 @@ def cmd_list(_: argparse.Namespace) -> int:
     from harness.models import EMBEDDED_MODELS
     from methods.core.options import describe_options
     from methods.registry import available_methods, get_spec
-    from tasks.base import available_tasks, describe_task
+    from tasks.base import available_tasks, describe_task, describe_task_options
 
     print("Methods:")
     for name in available_methods():
@@ -244,6 +247,8 @@ def cmd_list(_: argparse.Namespace) -> int:
     print("Tasks:")
     for name in available_tasks():
         print(f"  {name:<12} {describe_task(name)}")
+        for line in describe_task_options(name):
+            print(f"  {'':<14}{name}.{line}")
     print("Models:")
     for name, spec in EMBEDDED_MODELS.items():
         print(f"  {name:<12} {spec.description} (default)")
@@ -319,6 +324,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        # Ctrl-C outside decoding (model loading, reading data): nothing was written yet, so
+        # there is nothing to lose and nothing to show but one line. Decoding handles its own.
+        print("\ninterrupted before any results were written; rerun the command to start again", file=sys.stderr)
+        return 130
 
 
 def _quiet_transformers() -> None:

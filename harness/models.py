@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from methods.core.errors import UserError
+from methods.core.files import read_json
 from methods.core.engine import SUPPORTED_MODEL_TYPES  # one list: what the engine can drive
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -134,6 +135,12 @@ def check_model_name(name_or_path: str) -> None:
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(f"{path} is not a Hugging Face model folder (no config.json)")
+        config = read_json(path / "config.json", "pass a Hugging Face model folder (its config.json)")
+        model_type = config.get("model_type")
+        if not model_type:
+            raise UserError(f"{path / 'config.json'} has no 'model_type'; add the architecture's type (one of "
+                            f"{', '.join(SUPPORTED_MODEL_TYPES)}) or pass a complete Hugging Face model folder")
+        _check_model_type(name_or_path, model_type)
         return
     if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
         return  # a hub id; whether it exists is known only when loading
@@ -152,12 +159,18 @@ def model_source(name_or_path: str) -> str:
     return str(path) if path.exists() else name_or_path
 
 
-def load_model(name_or_path: str, *, device: str = "auto", dtype: str = "auto"):
-    """Load (model, tokenizer) on the requested device and dtype, with SDPA attention."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _check_model_type(name_or_path: str, model_type: object) -> None:
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(
+            f"model {name_or_path!r} is of type {model_type!r}; supported Llama-family types: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
 
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
+
+def model_config(name_or_path: str):
+    """The model's config alone (no weights): its type and context length are known in a second."""
+    from transformers import AutoConfig
+
     source = model_source(name_or_path)
     try:
         config = AutoConfig.from_pretrained(source)
@@ -166,15 +179,43 @@ def load_model(name_or_path: str, *, device: str = "auto", dtype: str = "auto"):
             f"could not load model {name_or_path!r} ({_first_line(exc)}). Offline? Download it where a "
             "network exists and pass its local folder with --model PATH"
         ) from None
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise UserError(
-            f"model {name_or_path!r} is of type {config.model_type!r}; supported Llama-family types: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    except ValueError as exc:  # no or unknown model_type
+        raise UserError(f"could not read the config of model {name_or_path!r} ({_first_line(exc)}); pass a "
+                        "Llama-family Hugging Face model folder") from None
+    _check_model_type(name_or_path, config.model_type)
+    return config
+
+
+def context_length(config) -> int | None:
+    """Positions the model can attend over (prompt + generated), from its config."""
+    value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer alone; a folder without tokenizer files is one line saying what to add."""
+    from transformers import AutoTokenizer
+
+    source = model_source(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"model {name_or_path!r} has no usable tokenizer ({_first_line(exc)}); copy the "
+                        "tokenizer files (tokenizer.json, tokenizer_config.json) into the model folder") from None
+
+
+def load_model(name_or_path: str, *, device: str = "auto", dtype: str = "auto"):
+    """Load (model, tokenizer) on the requested device and dtype, with SDPA attention."""
+    from transformers import AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    model_config(name_or_path)
+    tokenizer = load_tokenizer(name_or_path)
+    source = model_source(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa")
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise UserError(f"could not load model {name_or_path!r}: {_first_line(exc)}") from None
     model.to(dev).eval()
     model.requires_grad_(False)

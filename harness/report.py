@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from html import escape
 from pathlib import Path
@@ -14,6 +13,7 @@ from harness.checks import _identity, run_metrics, settings_differ
 from harness.metrics import BASELINE, first_divergence, in_run_order, records_frame, summarize
 from harness.results import DIVERGENCES_FILE, RESULTS_FILE, read_manifest, read_records
 from methods.core.errors import UserError
+from methods.core.files import check_writable, iter_jsonl, write_text
 from methods.registry import UnknownMethodError, get_spec
 from reports import plots
 from reports.html import fmt, first_char_divergence, highlight, render_comparison, render_report
@@ -79,6 +79,8 @@ def drilldown(frame: pd.DataFrame, records: list[dict[str, Any]], limit: int = 2
 
 
 def build_report(run_dir: Path, out: Path | None = None) -> Path:
+    if out is not None:
+        check_writable(out, "-o")
     manifest = read_manifest(run_dir)
     records = read_records(run_dir / RESULTS_FILE)
     frame = records_frame(records)
@@ -111,17 +113,16 @@ def build_report(run_dir: Path, out: Path | None = None) -> Path:
     divergences = []
     div_path = run_dir / DIVERGENCES_FILE
     if div_path.is_file():
-        divergences = [json.loads(line) for line in div_path.read_text().splitlines() if line.strip()]
+        divergences = [row for _, row in iter_jsonl(div_path, "delete it and rerun `run` to recompute it")]
     page = render_report(run_dir=str(run_dir), manifest=manifest, summary=summary, charts=charts,
                          categories=categories, divergences=divergences, examples=drilldown(frame, records),
                          method_sections=method_sections(run_dir, manifest),
                          skipped=sum(1 for r in records if r.get("skipped")))
-    out = out or run_dir / "report.html"
-    out.write_text(page, encoding="utf-8")
-    return out
+    return write_text(out or run_dir / "report.html", page, "-o")
 
 
 def build_comparison(run_a: Path, run_b: Path, out: Path, *, force: bool = False, rel_tol: float = 0.02) -> Path:
+    check_writable(out, "-o")
     man_a, rows_a = run_metrics(run_a)
     man_b, rows_b = run_metrics(run_b)
     id_a, id_b = _identity(man_a), _identity(man_b)
@@ -151,5 +152,4 @@ def build_comparison(run_a: Path, run_b: Path, out: Path, *, force: bool = False
             cells.append({"metric": metric, "a": a, "b": b, "bad": bad, "good": good})
         rows.append({"method": ra["method"], "task": ra["task"], "cells": cells})
     page = render_comparison(run_a=str(run_a), run_b=str(run_b), rows=rows, metrics=list(METRICS), rel_tol=rel_tol)
-    out.write_text(page, encoding="utf-8")
-    return out
+    return write_text(out, page, "-o")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,13 +21,14 @@ from harness.results import (
     MANIFEST_FILE,
     RESULTS_FILE,
     ResultsWriter,
+    load_manifest_file,
     read_records,
     record_key,
     write_manifest,
 )
 from methods.core.options import parse_options
 from methods.registry import get_spec
-from tasks.base import Example, TaskOptions, load_task, split_spec, task_hash
+from tasks.base import Example, TaskOptions, check_task_settings, load_task, split_spec, task_hash
 
 BASELINE = "vanilla"
 
@@ -130,6 +131,9 @@ def validate(config: RunConfig) -> list[MethodRun]:
         raise UserError(f"--temperature must be >= 0, got {config.temperature}")
     if not 0 < config.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {config.top_p}")
+    check_task_settings(config.tasks, config.task_options, config.task_paths)
+    if config.warmup < 0:
+        raise UserError(f"--warmup must be 0 or more, got {config.warmup}")
     runs = parse_method_runs(config.method_labels(), config.method_options)
     named = {r.name for r in runs}
     for method in config.method_options:
@@ -156,15 +160,45 @@ def load_examples(config: RunConfig) -> tuple[list[Example], dict[str, dict[str,
     )
     examples: list[Example] = []
     info: dict[str, dict[str, Any]] = {}
+    owner: dict[tuple[str, str], str] = {}  # (source, id) -> the --tasks entry that selected it
     for spec in config.tasks:
         chosen = load_task(spec, options)
         name, _ = split_spec(spec)
+        for e in chosen:
+            other = owner.setdefault((e.source, e.id), spec)
+            if other != spec:
+                raise UserError(f"--tasks entries {other!r} and {spec!r} both select example {e.id}; an example "
+                                "must be counted once: merge them into one entry")
         # Examples carry the full spec as their task so categories selections stay apart.
         chosen = [Example(e.id, e.category, e.turns, e.reference, e.source, spec) for e in chosen]
         examples.extend(chosen)
         info[spec] = {"suite": name, "hash": task_hash(chosen), "examples": len(chosen),
                       "source": chosen[0].source}
     return examples, info
+
+
+def check_fits_context(config: RunConfig, examples: list[Example]) -> None:
+    """Refuse, before the weights load, a run in which no generation could happen.
+
+    The context length comes from the model's config and prompt lengths from its tokenizer,
+    both read in about a second; otherwise every example would be skipped and the run would
+    end "successfully" with nothing done.
+    """
+    from harness.models import context_length, load_tokenizer, model_config
+    from methods.core.prompts import encode_conversation
+
+    context = context_length(model_config(config.model))
+    if context is None:
+        return
+    if config.max_new_tokens >= context:
+        raise UserError(f"--max-new-tokens {config.max_new_tokens} does not fit the model's context of {context} "
+                        f"tokens (prompt included); use at most {context - 1}, well below it to leave room for prompts")
+    tokenizer = load_tokenizer(config.model)
+    shortest = min(len(encode_conversation(tokenizer, [{"role": "user", "content": e.turns[0]}])) for e in examples)
+    if shortest + config.max_new_tokens > context:
+        raise UserError(f"every prompt is too long for the model's context of {context} tokens: the shortest is "
+                        f"{shortest} tokens + {config.max_new_tokens} new; lower --max-new-tokens to at most "
+                        f"{max(context - shortest, 0)} or use shorter prompts (e.g. --task-option xsum.max_words=N)")
 
 
 def default_out_dir(config: RunConfig) -> Path:
@@ -179,8 +213,10 @@ def prepare_out_dir(config: RunConfig, out: Path, task_info: dict[str, dict[str,
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create output directory {out}: {exc.strerror}; choose another --out") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise UserError(f"output directory {out} is not writable; choose another --out")
+    try:  # a real probe: os.access says yes to root even where writes fail (read-only mounts, /proc)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as exc:
+        raise UserError(f"output directory {out} is not writable ({exc.strerror}); choose another --out") from None
     manifest_path = out / MANIFEST_FILE
     results_path = out / RESULTS_FILE
     if config.overwrite:
@@ -189,10 +225,7 @@ def prepare_out_dir(config: RunConfig, out: Path, task_info: dict[str, dict[str,
         return set(), {}
     old: dict[str, Any] = {}
     if manifest_path.exists():
-        try:
-            old = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            raise UserError(f"{manifest_path} is unreadable or corrupt; pass --overwrite to start afresh") from None
+        old = load_manifest_file(manifest_path)
         if old.get("config", {}).get("identity") != config.identity():
             diff = sorted(k for k, v in config.identity().items()
                           if old.get("config", {}).get("identity", {}).get(k) != v)
@@ -227,6 +260,9 @@ def execute(config: RunConfig) -> Path:
     """Run the benchmark described by ``config``; returns the run folder."""
     runs = validate(config)
     examples, task_info = load_examples(config)
+    for run in runs:
+        get_spec(run.name).decoder.check_ready(config.model, run.options)
+    check_fits_context(config, examples)
     out = Path(config.out) if config.out else default_out_dir(config)
     done, old_manifest = prepare_out_dir(config, out, task_info, runs)
 
@@ -236,8 +272,6 @@ def execute(config: RunConfig) -> Path:
     from methods.core.engine import Engine
     from methods.core.prompts import stop_token_ids
 
-    for run in runs:
-        get_spec(run.name).decoder.check_ready(config.model, run.options)
     model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype)
     engine = Engine(model)
     decoders = []

@@ -11,12 +11,13 @@ import hashlib
 import importlib
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from methods.core.errors import UserError
+from methods.core.options import NoOptions, describe_options, parse_options
 
 
 @dataclass(frozen=True)
@@ -65,23 +66,102 @@ class TaskInfo:
     loader: Loader
     description: str
     argument: str  # what ``suite:ARG`` means: "categories" (filter), "path", or "none"
+    options: type = NoOptions  # typed ``--task-option suite.KEY=VALUE`` settings (a dataclass)
+    data_file: str | None = None  # the file ``--task-path suite=FILE`` / ``--data-dir`` stand in for
 
 
 _REGISTRY: dict[str, TaskInfo] = {}
 
 
-def register_task(name: str, description: str, argument: str = "categories"):
+def register_task(name: str, description: str, argument: str = "categories", *, options: type = NoOptions,
+                  data_file: str | None = None):
     """Register ``loader(argument, options) -> examples`` under ``name`` (``--tasks name[:argument]``).
 
     With ``argument="categories"`` the loader returns every example and ``load_task``
-    applies ``name:cat1,cat2`` itself, so every suite filters and reports alike.
+    applies ``name:cat1,cat2`` itself, so every suite filters and reports alike. ``options``
+    declares the suite's ``--task-option`` keys, so a misspelt key is an error, not ignored.
     """
 
     def wrap(fn: Loader) -> Loader:
-        _REGISTRY[name] = TaskInfo(fn, description, argument)
+        _REGISTRY[name] = TaskInfo(fn, description, argument, options, data_file)
         return fn
 
     return wrap
+
+
+def task_info(name: str) -> TaskInfo:
+    _ensure_imported(name)
+    return _REGISTRY[name]
+
+
+def suite_options(name: str, options: TaskOptions) -> Any:
+    """The suite's typed options from ``--task-option name.KEY=VALUE`` (defaults for the rest)."""
+    prefix = f"{name}."
+    raw = {k[len(prefix):]: v for k, v in options.extra.items() if k.startswith(prefix)}
+    return parse_options(task_info(name).options, raw, where=name)
+
+
+def check_task_settings(specs: Sequence[str], extra: Mapping[str, Any], paths: Mapping[str, Any]) -> None:
+    """Every ``--task-option`` and ``--task-path`` must name a suite of the run and a key it has.
+
+    An ignored typo (``jsonl.promt=q``) would silently run the default and still be
+    written into the manifest as if it had applied.
+    """
+    if not specs:
+        raise UserError("no tasks given; pass --tasks builtin (or another suite; see `python -m harness list`)")
+    in_run = {split_spec(s)[0] for s in specs}
+    for name in sorted(in_run):
+        _ensure_imported(name)
+    seen: dict[Any, str] = {}
+    for spec in specs:
+        key = _normal_spec(spec)
+        if key in seen:
+            also = "" if seen[key] == spec else f" (also as {seen[key]!r})"
+            raise UserError(f"--tasks names {spec!r} twice{also}; list each task once")
+        seen[key] = spec
+    for key in extra:
+        suite, sep, option_name = key.partition(".")
+        if not sep or not option_name:
+            raise UserError(f"--task-option expects SUITE.KEY=VALUE (e.g. jsonl.prompt=question), got {key!r}")
+        _ensure_imported(suite)
+        if suite not in in_run:
+            raise UserError(f"--task-option {key} is for task {suite!r}, which is not in --tasks "
+                            f"({','.join(specs)}); add it or drop the option")
+    for name in sorted(in_run):
+        suite_options(name, TaskOptions(extra=dict(extra)))
+    for suite in paths:
+        info = task_info(suite)
+        if info.data_file is None:
+            hint = f"use --tasks {suite}:PATH" if info.argument == "path" else "it reads no data file"
+            raise UserError(f"--task-path {suite}=... does not apply to task {suite!r}: {hint}")
+        if suite not in in_run:
+            raise UserError(f"--task-path {suite}=... is for task {suite!r}, which is not in --tasks "
+                            f"({','.join(specs)}); add it or drop the flag")
+
+
+def _normal_spec(spec: str) -> tuple[str, Any]:
+    name, arg = split_spec(spec)
+    if arg is None:
+        return name, None
+    if name in _REGISTRY and _REGISTRY[name].argument == "categories":
+        return name, tuple(sorted({c.strip() for c in arg.split(",") if c.strip()}))
+    if name in _REGISTRY and _REGISTRY[name].argument == "path":
+        return name, str(Path(arg).expanduser().resolve())
+    return name, arg
+
+
+def check_unique_ids(items: Iterable[tuple[Any, str]], where: str, hint: str) -> None:
+    """``(line, id)`` pairs: two examples with one id would share a results key and pair wrongly."""
+    first: dict[str, Any] = {}
+    for line, example_id in items:
+        if example_id in first:
+            raise UserError(f"{where}: lines {first[example_id]} and {line} both have id {example_id!r}; "
+                            f"example ids must be unique ({hint})")
+        first[example_id] = line
+
+
+def describe_task_options(name: str) -> list[str]:
+    return describe_options(task_info(name).options)
 
 
 def available_tasks() -> list[str]:
@@ -117,6 +197,8 @@ def load_task(spec: str, options: TaskOptions) -> list[Example]:
     if arg is None and info.argument == "path":
         raise UserError(f"task {name!r} needs a file: --tasks {name}:PATH")
     examples = info.loader(arg if info.argument == "path" else None, options)
+    check_unique_ids(((f"#{i}", e.id) for i, e in enumerate(examples, start=1)), f"task {spec!r}",
+                     "fix the data so each example has its own id")
     if arg is not None and info.argument == "categories":
         examples = filter_categories(name, examples, arg)
     examples = select(examples, options.limit, options.seed)

@@ -41,7 +41,8 @@ def extract_answer(text: str) -> str | None:
     return normalize_number(found[-1]) if found else None
 
 
-@register_task("gsm8k", "GSM8K math word problems; reference = final number (accuracy)", argument="none")
+@register_task("gsm8k", "GSM8K math word problems; reference = final number (accuracy)", argument="none",
+               data_file=FILENAME)
 def load_gsm8k(_: str | None, options: TaskOptions) -> list[Example]:
     path = local_file("gsm8k", FILENAME, options)
     if path:

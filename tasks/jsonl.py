@@ -3,27 +3,38 @@
 Field names come from ``--task-option``: ``jsonl.prompt=FIELD`` (default ``prompt``; a
 list of strings is taken as turns), ``jsonl.reference=FIELD`` (default ``reference``,
 optional), ``jsonl.id=FIELD`` (default ``id``, else the line number) and
-``jsonl.category=FIELD`` (default ``category``, else ``jsonl``)."""
+``jsonl.category=FIELD`` (default ``category``, else ``jsonl``). Ids must be unique within
+the file (results are keyed by them): a repeated id is refused, naming both lines."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from methods.core.errors import UserError
-from tasks.base import Example, TaskOptions, register_task
+from methods.core.options import option
+from tasks.base import Example, TaskOptions, check_unique_ids, register_task, suite_options
 from tasks.sources import read_jsonl
 
 
+@dataclass(frozen=True)
+class JsonlOptions:
+    prompt: str = option("prompt", help="field with the prompt (a string, or a list of strings as turns)")
+    reference: str = option("reference", help="field with the reference answer (optional)")
+    id: str = option("id", help="field with a unique example id (default: the line number)")
+    category: str = option("category", help="field with the category (default: jsonl)")
+
+
 @register_task("jsonl", "your own JSONL file: --tasks jsonl:PATH (fields via --task-option jsonl.prompt=...)",
-               argument="path")
+               argument="path", options=JsonlOptions)
 def load_jsonl(arg: str | None, options: TaskOptions) -> list[Example]:
+    """Ids must be unique within the file: a repeated id is refused, naming both lines."""
     path = Path(str(arg)).expanduser()
     if not path.is_file():
         raise UserError(f"{path}: no such file (given by --tasks jsonl:{arg})")
-    get = options.extra.get
-    prompt_f, ref_f = get("jsonl.prompt", "prompt"), get("jsonl.reference", "reference")
-    id_f, cat_f = get("jsonl.id", "id"), get("jsonl.category", "category")
-    examples = []
+    opts = suite_options("jsonl", options)
+    prompt_f, ref_f, id_f, cat_f = opts.prompt, opts.reference, opts.id, opts.category
+    examples, lines = [], []
     for lineno, row in read_jsonl(path, (prompt_f,)):
         prompt = row[prompt_f]
         turns = tuple(prompt) if isinstance(prompt, list) else (prompt,)
@@ -34,4 +45,8 @@ def load_jsonl(arg: str | None, options: TaskOptions) -> list[Example]:
             id=f"jsonl-{row.get(id_f, lineno)}", category=str(row.get(cat_f, "jsonl")), turns=turns,
             reference=None if ref is None else str(ref), source=str(path), task=f"jsonl:{arg}",
         ))
+        lines.append(lineno)
+    check_unique_ids(zip(lines, (e.id.removeprefix("jsonl-") for e in examples)), str(path),
+                     f"give each line its own {id_f!r}, or drop the field to number lines, or pick another field "
+                     "with --task-option jsonl.id=FIELD")
     return examples

@@ -12,7 +12,8 @@ FILENAME = "question.jsonl"
 HUB = ("HuggingFaceH4/mt_bench_prompts", None, "train")
 
 
-@register_task("mt_bench", "MT-bench two-turn chat (8 categories); turn 2 follows the model's own answer")
+@register_task("mt_bench", "MT-bench two-turn chat (8 categories); turn 2 follows the model's own answer",
+               data_file=FILENAME)
 def load_mt_bench(_: str | None, options: TaskOptions) -> list[Example]:
     path = local_file("mt_bench", FILENAME, options)
     if path:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from methods.core.errors import UserError
-from tasks.base import Example
+from tasks.base import Example, check_unique_ids
 from tasks.sources import read_jsonl
 
 FIELDS = ("question_id", "category", "turns")
@@ -24,7 +24,7 @@ def _reference(value: Any) -> str | None:
 
 
 def read_questions(path: Path, task: str) -> list[Example]:
-    examples = []
+    examples, lines = [], []
     for lineno, row in read_jsonl(path, FIELDS):
         turns = row["turns"]
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
@@ -33,10 +33,14 @@ def read_questions(path: Path, task: str) -> list[Example]:
             id=f"{task}-{row['question_id']}", category=str(row["category"]), turns=tuple(turns),
             reference=_reference(row.get("reference")), source=str(path), task=task,
         ))
+        lines.append(lineno)
+    check_unique_ids(zip(lines, (e.id.removeprefix(f"{task}-") for e in examples)), str(path),
+                     "give each question its own question_id")
     return examples
 
 
 def from_rows(rows: Iterable[dict[str, Any]], task: str, source: str, *, id_field: str, turns_field: str) -> list[Example]:
+    """Hub rows; their ids are checked for uniqueness in ``load_task``."""
     return [
         Example(id=f"{task}-{row[id_field]}", category=str(row["category"]), turns=tuple(row[turns_field]),
                 reference=_reference(row.get("reference")) or None, source=source, task=task)

@@ -6,12 +6,12 @@ Local files are read in exactly the formats of the original releases (the layout
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from methods.core.errors import UserError
+from methods.core.files import iter_jsonl
 from tasks.base import TaskOptions
 
 
@@ -34,28 +34,8 @@ def local_file(suite: str, filename: str, options: TaskOptions) -> Path | None:
 
 
 def read_jsonl(path: Path, required: Sequence[str] = ()) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, object); a malformed line or a missing field is a ``UserError``."""
-    try:
-        fh = path.open(encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
-    with fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove that line") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [f for f in required if f not in row]
-            if missing:
-                raise UserError(
-                    f"{path}:{lineno}: missing field {', '.join(repr(m) for m in missing)} "
-                    f"(each line needs {', '.join(required)})"
-                )
-            yield lineno, row
+    """Yield (line number, object); undecodable bytes, a malformed line or a missing field is a ``UserError``."""
+    yield from iter_jsonl(path, "fix or remove that line (one JSON object per line, UTF-8)", required)
 
 
 def hub_rows(suite: str, dataset: str, config: str | None, split: str, filename: str) -> list[dict[str, Any]]:

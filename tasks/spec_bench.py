@@ -13,7 +13,8 @@ from tasks.sources import local_file
 FILENAME = "question.jsonl"
 
 
-@register_task("spec_bench", "Spec-Bench / FastChat question file (categories selectable)")
+@register_task("spec_bench", "Spec-Bench / FastChat question file (categories selectable)",
+               data_file=FILENAME)
 def load_spec_bench(_: str | None, options: TaskOptions) -> list[Example]:
     path = local_file("spec_bench", FILENAME, options)
     if path is None:

@@ -9,7 +9,10 @@ leaves room for the answer in a 2k context. ``--task-option xsum.max_words=N`` c
 
 from __future__ import annotations
 
-from tasks.base import Example, TaskOptions, register_task
+from dataclasses import dataclass
+
+from methods.core.options import option
+from tasks.base import Example, TaskOptions, check_unique_ids, register_task, suite_options
 from tasks.sources import hub_rows, local_file, read_jsonl, source_label
 
 INSTRUCTION = "Summarize the following article in one sentence.\n\nArticle: {document}"
@@ -25,11 +28,22 @@ def truncate_words(text: str, max_words: int) -> str:
     return " ".join(words[:max_words]) + " ..."
 
 
-@register_task("xsum", "XSum summarization (one sentence); reference summary for Rouge-2", argument="none")
+@dataclass(frozen=True)
+class XsumOptions:
+    max_words: int = option(MAX_WORDS, min=1, help="articles longer than this many words are cut")
+
+
+@register_task("xsum", "XSum summarization (one sentence); reference summary for Rouge-2", argument="none",
+               options=XsumOptions, data_file=FILENAME)
 def load_xsum(_: str | None, options: TaskOptions) -> list[Example]:
-    max_words = int(options.extra.get("xsum.max_words", MAX_WORDS))
+    max_words = suite_options("xsum", options).max_words
     path = local_file("xsum", FILENAME, options)
-    rows = (row for _, row in read_jsonl(path, ("id", "document", "summary"))) if path else hub_rows("xsum", *HUB[:2], HUB[2], FILENAME)
+    if path:
+        numbered = list(read_jsonl(path, ("id", "document", "summary")))
+        check_unique_ids(((n, str(row["id"])) for n, row in numbered), str(path), "give each article its own 'id'")
+        rows = [row for _, row in numbered]
+    else:
+        rows = hub_rows("xsum", *HUB[:2], HUB[2], FILENAME)
     source = source_label(path, HUB[0])
     return [
         Example(

@@ -66,9 +66,12 @@ def _convert(value: Any, kind: Any) -> Any:
             raise ValueError(f"expected an integer, got {value!r}") from None
     if kind is float:
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"expected a number, got {value!r}") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ValueError(f"expected a finite number, got {value!r}")
+        return number
     if kind is str:
         if isinstance(value, (dict, list)):
             import json

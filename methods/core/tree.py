@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from methods.core.errors import UserError
+from methods.core.files import read_text
 
 TreePath = tuple[int, ...]
 
@@ -183,10 +184,7 @@ def parse_tree(spec: Any) -> Tree:
         text = spec.strip()
         path = Path(text)
         if path.is_file():
-            try:
-                text = path.read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise UserError(f"cannot read tree file {path}: {exc}") from None
+            text = read_text(path, "a tree file holds JSON paths like [[0],[1],[0,0]]").strip()
         if text.startswith("["):
             try:
                 spec = json.loads(text)

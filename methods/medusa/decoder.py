@@ -32,6 +32,7 @@ from methods.core.tree import TreeLayout, parse_tree
 from methods.core.verify import Acceptance
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # one folder per model name
+HEAD_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")  # upstream medusa_lm_head checkpoints
 TRAIN_HINT = ("python -m harness train medusa --model {model} --data ../shared/data/gsm8k/train.jsonl "
               "../shared/data/boolq/dev.jsonl --out DIR")
 
@@ -131,6 +132,9 @@ def check_heads_path(path: Path) -> None:
                             + TRAIN_HINT.format(model="MODEL") + ")")
     elif not path.is_file():
         raise UserError(f"Medusa heads not found at {path}")
+    elif path.suffix not in HEAD_FILE_SUFFIXES:
+        raise UserError(f"Medusa heads file {path} is not a checkpoint (expected {', '.join(HEAD_FILE_SUFFIXES)}, "
+                        "or a heads folder from `harness train medusa`)")
 
 
 class MedusaDecoder(Decoder):
