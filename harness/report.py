@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from html import escape
 from pathlib import Path
@@ -12,7 +11,7 @@ import pandas as pd
 
 from harness.checks import _identity, run_metrics, settings_differ
 from harness.metrics import BASELINE, first_divergence, in_run_order, records_frame, summarize
-from harness.results import DIVERGENCES_FILE, RESULTS_FILE, read_manifest, read_records
+from harness.results import read_manifest, read_run_divergences, read_run_records
 from methods.core.errors import UserError
 from methods.registry import UnknownMethodError, get_spec
 from reports import plots
@@ -80,7 +79,7 @@ def drilldown(frame: pd.DataFrame, records: list[dict[str, Any]], limit: int = 2
 
 def build_report(run_dir: Path, out: Path | None = None) -> Path:
     manifest = read_manifest(run_dir)
-    records = read_records(run_dir / RESULTS_FILE)
+    records = read_run_records(run_dir)
     frame = records_frame(records)
     weight_bytes = manifest.get("model", {}).get("weight_bytes")
     if frame.empty:
@@ -108,10 +107,7 @@ def build_report(run_dir: Path, out: Path | None = None) -> Path:
         categories = [{"task": r.task, "category": r.category, "method": r.method,
                        "speedup": fmt(r.speedup_geomean, ".2f", "x"), "mal": fmt(r.mean_accepted_length, ".2f"),
                        "exact": fmt(r.exact_match, ".0%")} for r in cat.itertuples()]
-    divergences = []
-    div_path = run_dir / DIVERGENCES_FILE
-    if div_path.is_file():
-        divergences = [json.loads(line) for line in div_path.read_text().splitlines() if line.strip()]
+    divergences = read_run_divergences(run_dir)
     page = render_report(run_dir=str(run_dir), manifest=manifest, summary=summary, charts=charts,
                          categories=categories, divergences=divergences, examples=drilldown(frame, records),
                          method_sections=method_sections(run_dir, manifest),
