@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 import sys
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
@@ -45,6 +47,21 @@ def runtime_env() -> dict[str, Any]:
     """
     path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     return {"env_vars": {"PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}}
+
+
+def check_reachable(address: str | None) -> None:
+    """A wrong ``--ray-address`` is a one-line error within seconds.
+
+    ``ray.init`` itself retries an unreachable cluster for minutes, logging as it goes.
+    """
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)", address or "")
+    if match is None:  # "auto", or no address: Ray finds or starts the cluster itself
+        return
+    try:
+        socket.create_connection((match[1], int(match[2])), timeout=5).close()
+    except OSError as exc:
+        raise UserError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); start it with "
+                        "`ray start --head` and pass the address it prints") from None
 
 
 class ShardWorker:
@@ -96,6 +113,7 @@ class RayExecutor:
         ray = self.ray = import_ray()
         self.owns_cluster = not ray.is_initialized()
         if self.owns_cluster:
+            check_reachable(config.ray_address)
             try:
                 ray.init(address=config.ray_address, include_dashboard=False, logging_level=logging.ERROR,
                          runtime_env=runtime_env())

@@ -196,6 +196,19 @@ def test_missing_ray_is_one_line(monkeypatch, tiny_model_dir, tmp_path, capsys):
     assert 'pip install -e ".[ray]"' in _one_error_line(capsys)
 
 
+def test_an_unreachable_ray_address_is_one_line_within_seconds(tiny_model_dir, tmp_path, capsys):
+    pytest.importorskip("ray")
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.perf_counter()
+    assert _run(tiny_model_dir, tmp_path / "run", "--executor", "ray", "--ray-address", f"127.0.0.1:{port}") == 2
+    assert f"cannot reach the Ray cluster at 127.0.0.1:{port}" in _one_error_line(capsys)
+    assert time.perf_counter() - started < 60  # ray.init alone would retry for minutes
+
+
 def test_ray_flags_need_the_ray_executor(tiny_model_dir, tmp_path, capsys):
     assert _run(tiny_model_dir, tmp_path / "run", "--workers", "2") == 2
     assert "only apply with --executor ray" in _one_error_line(capsys)
