@@ -253,7 +253,7 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
                                 "options; move the odd shard to its own folder")
         merged.setdefault("methods", {}).update({k: v for k, v in m.get("methods", {}).items()
                                                  if k not in merged["methods"]})
-        labels = merged["config"].setdefault("methods", [])
+        labels = merged.setdefault("config", {}).setdefault("methods", [])
         labels.extend(x for x in m.get("config", {}).get("methods", []) if x not in labels)
         shards.append({"shard": m.get("config", {}).get("shard"), "file": path.name, "status": m.get("status"),
                        "environment": m.get("environment"), "started": m.get("started"),
