@@ -17,7 +17,7 @@ from typing import Any
 from methods.core.errors import UserError
 from methods.core.files import check_writable, read_json, require_shape, write_text
 from harness.metrics import records_frame, summarize
-from harness.results import RESULTS_FILE, read_manifest, read_records
+from harness.results import read_manifest, read_run_records
 
 # /2: speedup is the per-token ratio (method tokens/s / vanilla tokens/s); /1 divided wall times.
 FORMAT = "specdec-harness-baseline/2"
@@ -28,7 +28,7 @@ METRICS = ("mean_accepted_length", "exact_match", "rouge2", "speedup_geomean")
 def run_metrics(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(manifest, per method x task metric rows) of a run folder."""
     manifest = read_manifest(run_dir)
-    frame = records_frame(read_records(run_dir / RESULTS_FILE))
+    frame = records_frame(read_run_records(run_dir))
     if frame.empty:
         raise UserError(f"{run_dir} has no completed generations; finish the run first")
     rows = summarize(frame, by=("method", "task")).to_dict("records")

@@ -102,6 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
                           "firp.tree=3x2x1 (repeatable; `python -m harness list` shows each method's options)")
     run.add_argument("--out", default=None, help="run folder (default: runs/<model>-<dtype>-<config hash>)")
     run.add_argument("--overwrite", action="store_true", help="discard results already in --out")
+    run.add_argument("--shard", default=None, metavar="I/N",
+                     help="run only the I-th of N deterministic parts of the examples (1 <= I <= N), into "
+                          "results.shard-I-of-N.jsonl in the same --out; readers merge the shards")
+    run.add_argument("--executor", default="local", choices=("local", "ray"),
+                     help="local: decode in this process (default); ray: spread the examples over Ray actors, "
+                          "each with the model loaded once (needs pip install -e \".[ray]\")")
+    run.add_argument("--ray-address", default=None, metavar="ADDR",
+                     help="an existing Ray cluster (from `ray start --head`); default: start a local one")
+    run.add_argument("--workers", type=_int, default=None,
+                     help="Ray actors (default: the cluster's GPUs / --gpus-per-worker, or its CPUs)")
+    run.add_argument("--gpus-per-worker", type=_float, default=0.0, metavar="G", help="GPUs per Ray actor (default 0)")
+    run.add_argument("--threads-per-worker", type=_int, default=None,
+                     help="torch threads per Ray actor (default: this machine's cores // --workers)")
 
     sub.add_parser("list", help="list methods, tasks and models")
 
@@ -177,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from harness.results import parse_shard
     from harness.session import RunConfig, execute
     from harness.summary import print_summary
 
@@ -188,6 +202,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         task_options=_pairs(args.task_option, "--task-option", "KEY=VALUE"),
         method_options=_method_options(args), temperature=args.temperature, top_p=args.top_p,
         baseline=not args.no_baseline,
+        shard=parse_shard(args.shard) if args.shard is not None else None, executor=args.executor,
+        ray_address=args.ray_address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+        threads_per_worker=args.threads_per_worker,
     )
     out = execute(config)
     print_summary(out)

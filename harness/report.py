@@ -11,9 +11,9 @@ import pandas as pd
 
 from harness.checks import _identity, run_metrics, settings_differ
 from harness.metrics import BASELINE, first_divergence, in_run_order, records_frame, summarize
-from harness.results import DIVERGENCES_FILE, RESULTS_FILE, read_manifest, read_records
+from harness.results import read_manifest, read_run_divergences, read_run_records
 from methods.core.errors import UserError
-from methods.core.files import check_writable, iter_jsonl, write_text
+from methods.core.files import check_writable, write_text
 from methods.registry import UnknownMethodError, get_spec
 from reports import plots
 from reports.html import fmt, first_char_divergence, highlight, render_comparison, render_report
@@ -82,7 +82,7 @@ def build_report(run_dir: Path, out: Path | None = None) -> Path:
     if out is not None:
         check_writable(out, "-o")
     manifest = read_manifest(run_dir)
-    records = read_records(run_dir / RESULTS_FILE)
+    records = read_run_records(run_dir)
     frame = records_frame(records)
     weight_bytes = manifest.get("model", {}).get("weight_bytes")
     if frame.empty:
@@ -110,10 +110,7 @@ def build_report(run_dir: Path, out: Path | None = None) -> Path:
         categories = [{"task": r.task, "category": r.category, "method": r.method,
                        "speedup": fmt(r.speedup_geomean, ".2f", "x"), "mal": fmt(r.mean_accepted_length, ".2f"),
                        "exact": fmt(r.exact_match, ".0%")} for r in cat.itertuples()]
-    divergences = []
-    div_path = run_dir / DIVERGENCES_FILE
-    if div_path.is_file():
-        divergences = [row for _, row in iter_jsonl(div_path, "delete it and rerun `run` to recompute it")]
+    divergences = read_run_divergences(run_dir)
     page = render_report(run_dir=str(run_dir), manifest=manifest, summary=summary, charts=charts,
                          categories=categories, divergences=divergences, examples=drilldown(frame, records),
                          method_sections=method_sections(run_dir, manifest),

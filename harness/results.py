@@ -3,12 +3,23 @@
 Records are appended and flushed one at a time so an interrupted run loses at most the
 record in flight; a truncated last line (a crash mid-write) is detected and cut off on
 resume, with a warning, and that record is simply run again.
+
+A run split with ``--shard I/N`` keeps one results file and one manifest per shard in the
+same folder (``results.shard-I-of-N.jsonl``, ``manifest.shard-I-of-N.json``), so shards on
+different machines never write the same file; every reader goes through
+``read_run_records`` / ``read_manifest``, which merge them and refuse shards that disagree.
+Each results file has exactly one writer: ``WriterLock`` (an ``flock`` on a ``.lock`` file
+beside it) refuses a second process, and the kernel drops the lock when its holder dies,
+so a killed run never blocks its own resume.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +31,45 @@ from methods.core.files import iter_jsonl, read_bytes, read_json, require_shape
 RESULTS_FILE = "results.jsonl"
 MANIFEST_FILE = "manifest.json"
 DIVERGENCES_FILE = "divergences.jsonl"
+_SHARD_RE = re.compile(r"^(?P<stem>results|manifest|divergences)\.shard-(?P<i>\d+)-of-(?P<n>\d+)\.(?P<ext>jsonl|json)$")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``--shard I/N`` (1 <= I <= N) as the pair (I, N); a malformed value is a one-line error."""
+    i, sep, n = text.partition("/")
+    try:
+        index, count = int(i), int(n)
+    except ValueError:
+        index = count = 0
+    if not sep or count < 1 or not 1 <= index <= count:
+        raise UserError(f"--shard expects I/N with 1 <= I <= N (e.g. --shard 1/4), got {text!r}")
+    return index, count
+
+
+def shard_name(base: str, shard: tuple[int, int] | None) -> str:
+    """``results.jsonl`` -> ``results.shard-2-of-4.jsonl`` for shard (2, 4); unchanged without a shard."""
+    if shard is None:
+        return base
+    stem, ext = base.split(".", 1)
+    return f"{stem}.shard-{shard[0]}-of-{shard[1]}.{ext}"
+
+
+def shards_in(run_dir: Path) -> list[tuple[int, int]]:
+    """The shards that have a manifest or a results file in ``run_dir``, sorted."""
+    found = set()
+    if run_dir.is_dir():
+        for path in run_dir.iterdir():
+            m = _SHARD_RE.match(path.name)
+            if m and m["stem"] in ("results", "manifest"):
+                found.add((int(m["i"]), int(m["n"])))
+    return sorted(found, key=lambda s: (s[1], s[0]))
+
+
+def _part_files(run_dir: Path, base: str) -> list[Path]:
+    """The unsharded file and every shard's file of kind ``base`` that exist, in shard order."""
+    paths = [run_dir / base] if (run_dir / base).is_file() else []
+    paths += [run_dir / shard_name(base, s) for s in shards_in(run_dir) if (run_dir / shard_name(base, s)).is_file()]
+    return paths
 
 
 def record_key(record: dict[str, Any]) -> tuple[str, str, str]:
@@ -79,11 +129,91 @@ def read_records(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
     return records
 
 
-class ResultsWriter:
-    """Append-only JSONL sink; each record is flushed and fsynced before the next starts."""
+def read_run_records(run_dir: Path) -> list[dict[str, Any]]:
+    """Every record of a run folder: the unsharded results file and all shard files, merged.
 
-    def __init__(self, path: Path) -> None:
+    A (task, example, method) key in two files means two writers decoded the same work; the
+    metrics would count it twice, so that is refused rather than silently de-duplicated.
+    """
+    records: list[dict[str, Any]] = []
+    seen: dict[tuple[str, str, str], Path] = {}
+    for path in _part_files(run_dir, RESULTS_FILE):
+        for record in read_records(path):
+            key = record_key(record)
+            if key in seen:
+                raise UserError(f"{run_dir}: record {'/'.join(map(str, key))} is in both {seen[key].name} and "
+                                f"{path.name}; delete one of the two files' copies")
+            seen[key] = path
+            records.append(record)
+    return records
+
+
+def read_run_divergences(run_dir: Path) -> list[dict[str, Any]]:
+    """Divergence entries of the unsharded run and of every shard, merged."""
+    out: list[dict[str, Any]] = []
+    for path in _part_files(run_dir, DIVERGENCES_FILE):
+        out.extend(row for _, row in iter_jsonl(path, "delete it and rerun `run` to recompute it"))
+    return out
+
+
+class WriterLock:
+    """One writer per results file: an exclusive ``flock`` on ``<results>.lock``, which holds the pid.
+
+    ``flock`` locks die with their process, so a run killed with SIGKILL leaves a lock file
+    that no longer locks anything and its resume proceeds. The lock file itself is left in
+    place: deleting it would let a third process lock a fresh inode while a second still
+    holds the old one.
+    """
+
+    def __init__(self, results_path: Path) -> None:
+        self.path = results_path.with_name(results_path.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> WriterLock:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"cannot create lock file {self.path}: {exc.strerror}; choose another --out") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                os.close(fd)
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            results = self.path.name.removesuffix(".lock")
+            raise UserError(f"another run (pid {holder}) is writing {self.path.parent / results}; wait for it to "
+                            "finish or stop it, or use another --out (or another --shard)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> WriterLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class ResultsWriter:
+    """Append-only JSONL sink; each record is flushed and fsynced before the next starts.
+
+    It takes the file's ``WriterLock`` unless the caller already holds it (``locked=True``:
+    ``execute`` locks before it reads what is done, so no other process can write between
+    that read and these appends).
+    """
+
+    def __init__(self, path: Path, *, locked: bool = False) -> None:
         self.path = path
+        self._lock = None if locked else WriterLock(path).acquire()
         self._fh = path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -93,6 +223,8 @@ class ResultsWriter:
 
     def close(self) -> None:
         self._fh.close()
+        if self._lock is not None:
+            self._lock.release()
 
     def __enter__(self) -> ResultsWriter:
         return self
@@ -120,19 +252,66 @@ def load_manifest_file(path: Path) -> dict[str, Any]:
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / MANIFEST_FILE
-    if not path.is_file():
+    """The run's manifest; for a sharded run, the shards' manifests merged into one.
+
+    Shards must agree on the configuration identity, the task hashes and each method's
+    options, or their records would not mean the same thing; a disagreement is a one-line
+    error. The merged manifest keeps the first shard's environment as ``environment`` and
+    every shard's under ``shards``; it is ``complete`` only when all N shards are.
+    """
+    parts = _part_files(run_dir, MANIFEST_FILE)
+    if not parts:
         raise UserError(f"{run_dir} is not a run directory (no {MANIFEST_FILE}); pass the --out folder of a `run`")
-    return load_manifest_file(path)
+    if len(parts) == 1 and parts[0].name == MANIFEST_FILE:
+        return load_manifest_file(parts[0])
+    if parts[0].name == MANIFEST_FILE:
+        raise UserError(f"{run_dir} mixes an unsharded run with shard files; keep one kind per folder")
+    manifests = [(p, load_manifest_file(p)) for p in parts]
+    counts = {int(_SHARD_RE.match(p.name)["n"]) for p, _ in manifests}
+    if len(counts) > 1:
+        raise UserError(f"{run_dir} holds shards of different splits (N = {', '.join(map(str, sorted(counts)))}); "
+                        "keep one --shard I/N split per folder")
+    first_path, merged = manifests[0]
+    merged = json.loads(json.dumps(merged))
+    identity = merged.get("config", {}).get("identity")
+    hashes = {k: v.get("hash") for k, v in merged.get("tasks", {}).items()}
+    shards = []
+    for path, m in manifests:
+        if m.get("config", {}).get("identity") != identity:
+            diff = sorted(k for k in {**(identity or {}), **m.get("config", {}).get("identity", {})}
+                          if (identity or {}).get(k) != m.get("config", {}).get("identity", {}).get(k))
+            raise UserError(f"{run_dir}: {path.name} and {first_path.name} disagree on the configuration "
+                            f"(differs in: {', '.join(diff)}); move the odd shard to its own folder")
+        if {k: v.get("hash") for k, v in m.get("tasks", {}).items()} != hashes:
+            raise UserError(f"{run_dir}: {path.name} and {first_path.name} disagree on the task hash (different "
+                            "examples); move the odd shard to its own folder")
+        for label, options in m.get("method_options", {}).items():
+            if merged.setdefault("method_options", {}).setdefault(label, options) != options:
+                raise UserError(f"{run_dir}: {path.name} and {first_path.name} ran {label!r} with different "
+                                "options; move the odd shard to its own folder")
+        merged.setdefault("methods", {}).update({k: v for k, v in m.get("methods", {}).items()
+                                                 if k not in merged["methods"]})
+        labels = merged.setdefault("config", {}).setdefault("methods", [])
+        labels.extend(x for x in m.get("config", {}).get("methods", []) if x not in labels)
+        shards.append({"shard": m.get("config", {}).get("shard"), "file": path.name, "status": m.get("status"),
+                       "environment": m.get("environment"), "started": m.get("started"),
+                       "finished": m.get("finished")})
+    (count,) = counts
+    complete = len(manifests) == count and all(s["status"] == "complete" for s in shards)
+    merged["status"] = "complete" if complete else f"partial ({len(manifests)} of {count} shards present" + (
+        ")" if len(manifests) < count else ", not all complete)")
+    merged["shards"] = shards
+    merged["config"].pop("shard", None)
+    return merged
 
 
-def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
-    tmp = run_dir / (MANIFEST_FILE + ".tmp")
+def write_manifest(run_dir: Path, manifest: dict[str, Any], name: str = MANIFEST_FILE) -> None:
+    tmp = run_dir / (name + ".tmp")
     try:
         tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp.replace(run_dir / MANIFEST_FILE)
+        tmp.replace(run_dir / name)
     except OSError as exc:
-        raise UserError(f"cannot write {run_dir / MANIFEST_FILE} ({exc.strerror}); check the folder's "
+        raise UserError(f"cannot write {run_dir / name} ({exc.strerror}); check the folder's "
                         "permissions and free space") from None
 
 

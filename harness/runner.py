@@ -106,9 +106,14 @@ def run_shard(
     emit: Callable[[dict[str, Any]], None],
     done: Collection[tuple[str, str, str]] = (),
     on_progress: Callable[[], None] | None = None,
+    start: int = 0,
 ) -> None:
-    """Run every (example, method) not in ``done``, handing each finished record to ``emit``."""
-    for i, example in enumerate(examples):
+    """Run every (example, method) not in ``done``, handing each finished record to ``emit``.
+
+    ``start`` is the position of ``examples[0]`` in the whole run, so a scheduler that hands
+    out one example at a time keeps the same method rotation as one process running them all.
+    """
+    for i, example in enumerate(examples, start=start):
         shift = i % len(decoders)
         for decoder in [*decoders[shift:], *decoders[:shift]]:
             if (example.task, example.id, label_of(decoder)) not in done:

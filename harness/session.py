@@ -22,8 +22,11 @@ from harness.results import (
     RESULTS_FILE,
     ResultsWriter,
     load_manifest_file,
+    WriterLock,
     read_records,
     record_key,
+    shard_name,
+    shards_in,
     write_manifest,
 )
 from methods.core.options import parse_options
@@ -98,6 +101,13 @@ class RunConfig:
     out: str | None = None
     overwrite: bool = False
     report: bool = True
+    # How the work is spread; none of it changes what a record means, so none is in identity().
+    shard: tuple[int, int] | None = None   # (I, N): this process runs the I-th of N deterministic parts
+    executor: str = "local"                # "local" (this process) or "ray" (actors, this process writes)
+    ray_address: str | None = None
+    workers: int | None = None             # Ray actors (default: the cluster's GPUs / --gpus-per-worker, or CPUs)
+    gpus_per_worker: float = 0.0
+    threads_per_worker: int | None = None  # torch threads per actor (default: this machine's cores // workers)
 
     def method_labels(self) -> list[str]:
         labels = list(self.methods)
@@ -134,6 +144,20 @@ def validate(config: RunConfig) -> list[MethodRun]:
     check_task_settings(config.tasks, config.task_options, config.task_paths)
     if config.warmup < 0:
         raise UserError(f"--warmup must be 0 or more, got {config.warmup}")
+    if config.executor not in ("local", "ray"):
+        raise UserError(f"unknown --executor {config.executor!r}; valid executors: local, ray")
+    if config.executor != "ray":
+        given = [flag for flag, value in (("--ray-address", config.ray_address), ("--workers", config.workers),
+                                          ("--gpus-per-worker", config.gpus_per_worker or None),
+                                          ("--threads-per-worker", config.threads_per_worker)) if value is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} only apply with --executor ray")
+    if config.workers is not None and config.workers < 1:
+        raise UserError(f"--workers must be a positive integer, got {config.workers}")
+    if config.threads_per_worker is not None and config.threads_per_worker < 1:
+        raise UserError(f"--threads-per-worker must be a positive integer, got {config.threads_per_worker}")
+    if not config.gpus_per_worker >= 0:
+        raise UserError(f"--gpus-per-worker must be >= 0, got {config.gpus_per_worker}")
     runs = parse_method_runs(config.method_labels(), config.method_options)
     named = {r.name for r in runs}
     for method in config.method_options:
@@ -144,7 +168,8 @@ def validate(config: RunConfig) -> list[MethodRun]:
     from harness.models import DTYPES, check_model_name, resolve_device
 
     check_model_name(config.model)
-    resolve_device(config.device)  # fail fast on CUDA-less machines, before loading anything
+    if config.executor != "ray":  # Ray workers may have the GPUs this driver lacks
+        resolve_device(config.device)  # fail fast on CUDA-less machines, before loading anything
     if config.dtype not in (*DTYPES, "auto"):
         raise UserError(f"unknown dtype {config.dtype!r}; valid dtypes: {', '.join([*DTYPES, 'auto'])}")
     return runs
@@ -201,6 +226,19 @@ def check_fits_context(config: RunConfig, examples: list[Example]) -> None:
                         f"{max(context - shortest, 0)} or use shorter prompts (e.g. --task-option xsum.max_words=N)")
 
 
+def shard_examples(examples: list[Example], shard: tuple[int, int] | None) -> list[Example]:
+    """The I-th of N parts: every N-th example of the selection, starting at the I-th.
+
+    The selection itself (``--limit`` sampling included) is seeded, so every shard process
+    computes the same list and the parts are disjoint and cover it; the task hash, over the
+    whole selection, is what shards are checked to share.
+    """
+    if shard is None:
+        return examples
+    index, count = shard
+    return examples[index - 1::count]
+
+
 def default_out_dir(config: RunConfig) -> Path:
     slug = Path(config.model).name.replace(" ", "_") or "model"
     return Path("runs") / f"{slug}-{config.dtype}-{config.identity_hash()}"
@@ -208,7 +246,69 @@ def default_out_dir(config: RunConfig) -> Path:
 
 def prepare_out_dir(config: RunConfig, out: Path, task_info: dict[str, dict[str, Any]],
                     runs: list[MethodRun]) -> tuple[set[tuple[str, str, str]], dict[str, Any]]:
-    """Create or reopen the run folder; return the keys already done (resume) and the old manifest."""
+    """Reopen the run folder (made by ``make_out_dir``, locked by the caller); return the keys already done
+    (resume) and this shard's old manifest. Other shards' manifests in the folder are checked too, so a
+    shard started with another configuration is refused before it decodes anything."""
+    manifest_path = out / shard_name(MANIFEST_FILE, config.shard)
+    results_path = out / shard_name(RESULTS_FILE, config.shard)
+    if config.overwrite:
+        for p in (manifest_path, results_path, out / shard_name(DIVERGENCES_FILE, config.shard)):
+            p.unlink(missing_ok=True)
+    others = [s for s in shards_in(out) if s != config.shard]
+    if config.shard is None and others:
+        raise UserError(f"{out} holds a sharded run (--shard I/{others[0][1]}); add --shard, or use another --out")
+    if config.shard is not None:
+        if (out / MANIFEST_FILE).exists() or (out / RESULTS_FILE).exists():
+            raise UserError(f"{out} holds an unsharded run; run the shards in another --out")
+        if any(n != config.shard[1] for _, n in others):
+            raise UserError(f"{out} holds shards of another split (--shard I/{others[0][1]}); use that N, "
+                            "or another --out")
+    if config.overwrite:
+        manifest_paths = []
+    else:
+        manifest_paths = [manifest_path] if manifest_path.exists() else []
+    manifest_paths += [out / shard_name(MANIFEST_FILE, s) for s in others
+                       if (out / shard_name(MANIFEST_FILE, s)).exists()]
+    old: dict[str, Any] = {}
+    for path in manifest_paths:
+        found = load_manifest_file(path)
+        _check_compatible(config, out, path, found, task_info, runs)
+        if path == manifest_path:
+            old = found
+    if not manifest_path.exists() and results_path.exists():
+        raise UserError(f"{out} has {results_path.name} but no {manifest_path.name}; use another --out or --overwrite")
+    return {record_key(r) for r in read_records(results_path, repair=True)}, old
+
+
+def _check_compatible(config: RunConfig, out: Path, path: Path, old: dict[str, Any],
+                      task_info: dict[str, dict[str, Any]], runs: list[MethodRun]) -> None:
+    """A manifest already in the folder must describe the same examples and the same method options."""
+    if path.name != MANIFEST_FILE:
+        out = path  # name the shard's manifest: the folder is fine, one shard in it is not
+    if old.get("config", {}).get("identity") != config.identity():
+        diff = sorted(k for k, v in config.identity().items()
+                      if old.get("config", {}).get("identity", {}).get(k) != v)
+        raise UserError(
+            f"{out} holds results of a different configuration (differs in: {', '.join(diff)}); "
+            "use another --out, or --overwrite to discard them"
+        )
+    old_hashes = {k: v.get("hash") for k, v in old.get("tasks", {}).items()}
+    if old_hashes and old_hashes != {k: v["hash"] for k, v in task_info.items()}:
+        raise UserError(
+            f"{out} holds results for different examples (task hash changed: the data files differ); "
+            "use another --out, or --overwrite to discard them"
+        )
+    for run in runs:
+        before = old.get("method_options", {}).get(run.label)
+        if before is not None and before != _jsonable(run.options_dict()):
+            diff = sorted(k for k, v in _jsonable(run.options_dict()).items() if before.get(k) != v)
+            raise UserError(
+                f"{out} holds {run.label!r} results made with other options (differs in: {', '.join(diff)}); "
+                f"name the new setting as a variant (e.g. {run.name}@{diff[0]}=...), use another --out, "
+                "or --overwrite to discard them")
+
+
+def make_out_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -217,58 +317,43 @@ def prepare_out_dir(config: RunConfig, out: Path, task_info: dict[str, dict[str,
         tempfile.TemporaryFile(dir=out).close()
     except OSError as exc:
         raise UserError(f"output directory {out} is not writable ({exc.strerror}); choose another --out") from None
-    manifest_path = out / MANIFEST_FILE
-    results_path = out / RESULTS_FILE
-    if config.overwrite:
-        for p in (manifest_path, results_path):
-            p.unlink(missing_ok=True)
-        return set(), {}
-    old: dict[str, Any] = {}
-    if manifest_path.exists():
-        old = load_manifest_file(manifest_path)
-        if old.get("config", {}).get("identity") != config.identity():
-            diff = sorted(k for k, v in config.identity().items()
-                          if old.get("config", {}).get("identity", {}).get(k) != v)
-            raise UserError(
-                f"{out} holds results of a different configuration (differs in: {', '.join(diff)}); "
-                "use another --out, or --overwrite to discard them"
-            )
-        old_hashes = {k: v.get("hash") for k, v in old.get("tasks", {}).items()}
-        if old_hashes and old_hashes != {k: v["hash"] for k, v in task_info.items()}:
-            raise UserError(
-                f"{out} holds results for different examples (task hash changed: the data files differ); "
-                "use another --out, or --overwrite to discard them"
-            )
-        for run in runs:
-            before = old.get("method_options", {}).get(run.label)
-            if before is not None and before != _jsonable(run.options_dict()):
-                diff = sorted(k for k, v in _jsonable(run.options_dict()).items() if before.get(k) != v)
-                raise UserError(
-                    f"{out} holds {run.label!r} results made with other options (differs in: {', '.join(diff)}); "
-                    f"name the new setting as a variant (e.g. {run.name}@{diff[0]}=...), use another --out, "
-                    "or --overwrite to discard them")
-    elif results_path.exists():
-        raise UserError(f"{out} has {RESULTS_FILE} but no {MANIFEST_FILE}; use another --out or --overwrite")
-    return {record_key(r) for r in read_records(results_path, repair=True)}, old
 
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def execute(config: RunConfig) -> Path:
-    """Run the benchmark described by ``config``; returns the run folder."""
-    runs = validate(config)
-    examples, task_info = load_examples(config)
-    for run in runs:
-        get_spec(run.name).decoder.check_ready(config.model, run.options)
-    check_fits_context(config, examples)
-    out = Path(config.out) if config.out else default_out_dir(config)
-    done, old_manifest = prepare_out_dir(config, out, task_info, runs)
+@dataclass
+class Workbench:
+    """Everything that decodes: the model loaded once, one decoder per method row, the shared settings.
 
-    from harness.environment import environment
+    Built by ``execute`` in this process, or by each Ray actor in its own (``harness/ray_executor.py``).
+    """
+
+    model: Any
+    tokenizer: Any
+    engine: Any
+    decoders: list[Any]
+    settings: Any
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's model, dtype, methods and environment entries, as measured where decoding runs."""
+        from harness.environment import environment
+
+        model = self.model
+        return {
+            "model": {"type": model.config.model_type, "layers": model.config.num_hidden_layers,
+                      "parameters": sum(p.numel() for p in model.parameters()),
+                      "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())},
+            "dtype": str(self.engine.dtype).removeprefix("torch."),
+            "methods": {d.label: d.describe() for d in self.decoders},
+            "environment": environment(self.engine.device),
+        }
+
+
+def build_workbench(config: RunConfig, runs: list[MethodRun]) -> Workbench:
     from harness.models import load_model
-    from harness.runner import ShardSettings, run_shard, warm_up
+    from harness.runner import ShardSettings
     from methods.core.engine import Engine
     from methods.core.prompts import stop_token_ids
 
@@ -287,54 +372,105 @@ def execute(config: RunConfig) -> Path:
         top_p=config.top_p,
         seed=config.seed,
     )
-    labels = list(dict.fromkeys([*old_manifest.get("config", {}).get("methods", []), *(r.label for r in runs)]))
-    manifest = {
-        "config": {**asdict(config), "methods": labels, "identity": config.identity()},
-        "model": {"name": config.model, "type": model.config.model_type,
-                  "layers": model.config.num_hidden_layers,
-                  "parameters": sum(p.numel() for p in model.parameters()),
-                  "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())},
-        "dtype": str(engine.dtype).removeprefix("torch."),
-        "tasks": task_info,
-        "methods": {**old_manifest.get("methods", {}), **{d.label: d.describe() for d in decoders}},
-        "method_options": {**old_manifest.get("method_options", {}),
-                           **{r.label: _jsonable(r.options_dict()) for r in runs}},
-        "environment": environment(engine.device),
-        "started": old_manifest.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "status": "running",
-    }
-    write_manifest(out, manifest)
+    return Workbench(model, tokenizer, engine, decoders, settings)
 
-    todo = len(examples) * len(decoders)
-    already = sum(1 for e in examples for d in decoders if (e.task, e.id, d.label) in done)
-    print(f"Run folder: {out}  ({len(examples)} examples x {len(decoders)} methods, "
-          f"{already} already done)", file=sys.stderr)
-    from tqdm import tqdm
 
-    completed = already
+def execute(config: RunConfig) -> Path:
+    """Run the benchmark described by ``config``; returns the run folder.
+
+    The results file is locked before anything is read from it, and stays locked to the end:
+    what is done, and so what is left, cannot change under this process.
+    """
+    runs = validate(config)
+    examples, task_info = load_examples(config)
+    for run in runs:
+        get_spec(run.name).decoder.check_ready(config.model, run.options)
+    check_fits_context(config, examples)
+    out = Path(config.out) if config.out else default_out_dir(config)
+    make_out_dir(out)
+    results_path = out / shard_name(RESULTS_FILE, config.shard)
+    with WriterLock(results_path):
+        return _execute_locked(config, runs, shard_examples(examples, config.shard), task_info, out, results_path)
+
+
+def _execute_locked(config: RunConfig, runs: list[MethodRun], examples: list[Example],
+                    task_info: dict[str, dict[str, Any]], out: Path, results_path: Path) -> Path:
+    done, old_manifest = prepare_out_dir(config, out, task_info, runs)
+    manifest_name = shard_name(MANIFEST_FILE, config.shard)
+
+    ray_pool = bench = None
+    if config.executor == "ray":
+        from harness.ray_executor import RayExecutor
+
+        ray_pool = RayExecutor(config, runs)
+        described = ray_pool.describe()
+    else:
+        bench = build_workbench(config, runs)
+        described = bench.describe()
     try:
-        if completed < todo:
-            warm_up(decoders, examples[0], tokenizer, settings, config.warmup)
-        with ResultsWriter(out / RESULTS_FILE) as writer, tqdm(
-            total=todo, initial=0, desc="decoding", unit="gen", file=sys.stderr, dynamic_ncols=True
-        ) as bar:
-            def emit(record: dict[str, Any]) -> None:
-                nonlocal completed
-                writer.write(record)
-                completed += 1
+        labels = list(dict.fromkeys([*old_manifest.get("config", {}).get("methods", []), *(r.label for r in runs)]))
+        manifest = {
+            "config": {**asdict(config), "methods": labels, "identity": config.identity()},
+            "model": {"name": config.model, **described["model"]},
+            "dtype": described["dtype"],
+            "tasks": task_info,
+            "methods": {**old_manifest.get("methods", {}), **described["methods"]},
+            "method_options": {**old_manifest.get("method_options", {}),
+                               **{r.label: _jsonable(r.options_dict()) for r in runs}},
+            "environment": described["environment"],
+            **({"executor": ray_pool.summary()} if ray_pool else {}),
+            "started": old_manifest.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "status": "running",
+        }
+        write_manifest(out, manifest, manifest_name)
 
-            run_shard(examples, decoders, tokenizer, settings, emit, done, on_progress=bar.update)
-    except KeyboardInterrupt:
-        manifest["status"] = "interrupted"
-        write_manifest(out, manifest)
-        print(f"\nInterrupted: {completed} of {todo} generations are saved in {out / RESULTS_FILE}; "
-              "rerun the same command to finish the rest.", file=sys.stderr)
-        raise SystemExit(130) from None
-    from harness.divergence import find_divergences
+        n_methods = len(runs)
+        todo = len(examples) * n_methods
+        already = sum(1 for e in examples for r in runs if (e.task, e.id, r.label) in done)
+        part = f", shard {config.shard[0]}/{config.shard[1]}" if config.shard else ""
+        where = f", {ray_pool.workers} Ray workers" if ray_pool else ""
+        print(f"Run folder: {out}  ({len(examples)} examples x {n_methods} methods{part}{where}, "
+              f"{already} already done)", file=sys.stderr)
+        from tqdm import tqdm
 
-    divergences = find_divergences(read_records(out / RESULTS_FILE), examples, engine, tokenizer)
-    (out / DIVERGENCES_FILE).write_text("".join(json.dumps(d) + "\n" for d in divergences))
+        from harness.runner import run_shard, warm_up
+
+        completed = already
+        try:
+            with ResultsWriter(results_path, locked=True) as writer, tqdm(
+                total=todo, initial=0, desc="decoding", unit="gen", file=sys.stderr, dynamic_ncols=True
+            ) as bar:
+                def emit(record: dict[str, Any]) -> None:
+                    nonlocal completed
+                    writer.write(record)
+                    completed += 1
+
+                if ray_pool is not None:
+                    ray_pool.run(examples, done, emit, on_progress=bar.update)
+                else:
+                    if completed < todo:
+                        warm_up(bench.decoders, examples[0], bench.tokenizer, bench.settings, config.warmup)
+                    run_shard(examples, bench.decoders, bench.tokenizer, bench.settings, emit, done,
+                              on_progress=bar.update)
+        except KeyboardInterrupt:
+            manifest["status"] = "interrupted"
+            write_manifest(out, manifest, manifest_name)
+            print(f"\nInterrupted: {completed} of {todo} generations are saved in {results_path}; "
+                  "rerun the same command to finish the rest.", file=sys.stderr)
+            raise SystemExit(130) from None
+
+        records = read_records(results_path)
+        if ray_pool is not None:
+            divergences = ray_pool.divergences(records, examples)
+        else:
+            from harness.divergence import find_divergences
+
+            divergences = find_divergences(records, examples, bench.engine, bench.tokenizer)
+    finally:
+        if ray_pool is not None:
+            ray_pool.close()
+    (out / shard_name(DIVERGENCES_FILE, config.shard)).write_text("".join(json.dumps(d) + "\n" for d in divergences))
     manifest["status"] = "complete"
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    write_manifest(out, manifest)
+    write_manifest(out, manifest, manifest_name)
     return out

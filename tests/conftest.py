@@ -60,3 +60,24 @@ def shared_data() -> Path:
 
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with the default model's tokenizer, saved as a folder ``--model`` accepts.
+
+    End-to-end runs (``python -m harness run --model DIR``) then take seconds, in subprocesses
+    and Ray actors alike, and are deterministic on the CPU in float32.
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from harness.models import embedded_model_dir
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    AutoTokenizer.from_pretrained(embedded_model_dir("smollm2-135m", quiet=True)).save_pretrained(folder)
+    return folder
