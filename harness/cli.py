@@ -58,6 +58,15 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
+def _tasks(text: str) -> list[str]:
+    from tasks.base import split_tasks
+
+    try:
+        return split_tasks(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _methods(text: str) -> list[str]:
     from harness.session import split_methods
 
@@ -75,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         "comma-separated methods or variants, e.g. vanilla,medusa,medusa@tree=8x4x2,pld@num_tokens=5; vanilla runs "
         "as the baseline beside any other method unless --no-baseline (default: vanilla)"))
     run.add_argument("--no-baseline", action="store_true", help="do not add vanilla (no speedups or exact match)")
-    run.add_argument("--tasks", type=_csv, default=["builtin"],
-                     help="comma-separated task suites, suite[:categories] (default: builtin)")
+    run.add_argument("--tasks", type=_tasks, default=["builtin"], help=(
+        "comma-separated task suites, each suite[:cat1+cat2] with its categories joined by '+', e.g. "
+        "spec_bench:summarization+math_reasoning,builtin (default: builtin)"))
     run.add_argument("--model", default="smollm2-135m",
                      help="embedded model name, local Hugging Face folder, or hub id (default: smollm2-135m)")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
