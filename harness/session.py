@@ -76,6 +76,33 @@ def parse_method_runs(labels: list[str], method_options: dict[str, dict[str, Any
     return runs
 
 
+# With no --methods (a first run), every ready method runs beside vanilla, sized so that a
+# 2-core CPU finishes in about three minutes: these apply only where the user gave no value.
+QUICK_LIMIT = 6
+QUICK_MAX_NEW_TOKENS = 64
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+def ready_methods(model: str, method_options: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """Every registered method whose weights are shipped for ``model`` or given by ``--method-option``.
+
+    A first run should answer "which method is fastest here", so it compares everything that can
+    run without training; a method whose ``check_ready`` refuses is left out, not an error.
+    """
+    from methods.registry import available_methods
+
+    ready = []
+    for name in available_methods():
+        spec = get_spec(name)
+        try:
+            options = parse_options(spec.options, dict((method_options or {}).get(name, {})), where=name)
+            spec.decoder.check_ready(model, options)
+        except UserError:
+            continue
+        ready.append(name)
+    return [BASELINE, *(m for m in ready if m != BASELINE)]
+
+
 @dataclass
 class RunConfig:
     methods: list[str] = field(default_factory=lambda: ["vanilla"])
@@ -97,6 +124,7 @@ class RunConfig:
     out: str | None = None
     overwrite: bool = False
     report: bool = True
+    chosen_methods: bool = False  # the methods were picked by ready_methods (no --methods): say so
 
     def method_labels(self) -> list[str]:
         labels = list(self.methods)
@@ -271,6 +299,10 @@ def execute(config: RunConfig) -> Path:
     }
     write_manifest(out, manifest)
 
+    if config.chosen_methods:
+        print(f"No --methods given: comparing every method ready for {config.model}: "
+              f"{', '.join(r.label for r in runs)} ({config.limit} examples per task, {config.max_new_tokens} "
+              "new tokens; --methods, --limit and --max-new-tokens choose otherwise)", file=sys.stderr)
     todo = len(examples) * len(decoders)
     already = sum(1 for e in examples for d in decoders if (e.task, e.id, d.label) in done)
     print(f"Run folder: {out}  ({len(examples)} examples x {len(decoders)} methods, "
