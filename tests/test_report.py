@@ -154,3 +154,35 @@ def test_report_in_headless_chromium(tmp_path):
     assert errors == []
     assert all(u.startswith("file://") for u in requests), requests
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_console_summary_fits_100_columns(tmp_path):
+    """Long task and variant names included: no line over 100 columns, nothing cut to an ellipsis."""
+    from rich.console import Console
+
+    from harness.summary import print_summary
+
+    run = make_run(tmp_path / "run")
+    lines = (run / "results.jsonl").read_text().splitlines()
+    long_task = "spec_bench:summarization+math_reasoning"
+    extra = []
+    for line in lines:
+        rec = json.loads(line)
+        rec["task"] = long_task
+        if rec["method"] == "medusa":
+            rec["method"] = "medusa@tree=8x4x2@heads=runs/medusa-heads"
+        extra.append(json.dumps(rec))
+    (run / "results.jsonl").write_text("\n".join(lines + extra) + "\n")
+    console = Console(width=100, record=True, color_system=None)
+    print_summary(run, console=console)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "…" not in text and "..." not in text
+    for header in ("speedup", "processed", "draft", "exact"):
+        assert header in text
+    rows = text.splitlines()
+    header = next(line for line in rows if " method " in line)
+    for column, name in (("task", long_task), ("method", "medusa@tree=8x4x2@heads=runs/medusa-heads")):
+        start = header.index(column)  # a folded name continues on the next lines of its own column
+        cells = "".join(line[start:].split(" ")[0] if len(line) > start else "" for line in rows)
+        assert name in cells
