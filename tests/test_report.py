@@ -178,7 +178,7 @@ def test_console_summary_fits_100_columns(tmp_path):
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= 100
     assert "…" not in text and "..." not in text
-    for header in ("speedup", "processed", "draft", "exact"):
+    for header in ("speedup", "proc.", "draft", "exact", "len."):
         assert header in text
     rows = text.splitlines()
     header = next(line for line in rows if " method " in line)
