@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.metrics import in_run_order, records_frame, summarize
-from harness.results import RESULTS_FILE, read_records
+from harness.results import DIVERGENCES_FILE, RESULTS_FILE, read_records
 
 
 # Headers on two lines, numbers never wrapped, names folded: the table fits 100 columns.
@@ -61,5 +62,26 @@ def print_summary(run_dir: Path, console: Console | None = None) -> None:
                   "verified per step; proc./step: tokens each target pass processes beyond the committed one "
                   "(drafts plus e.g. Lookahead's window or FIRP's pseudo tokens), the cost of a step. len. differs: "
                   "examples whose output length differs from vanilla's.")
+    print_divergences(run_dir, console)
     if skipped:
         console.print(f"[yellow]{skipped} generation(s) skipped (prompt too long for the model context).[/]")
+
+
+def print_divergences(run_dir: Path, console: Console) -> None:
+    """One line on losslessness; a real discrepancy is said loudly, one line per case."""
+    from harness.divergence import real_divergences
+
+    path = run_dir / DIVERGENCES_FILE
+    if not path.is_file():
+        return
+    divergences = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    real = real_divergences(divergences)
+    numerics = sum(1 for d in divergences if d.get("verdict") == "numerics" or
+                   ("verdict" not in d and d.get("near_tie")))
+    console.print(f"Losslessness: {len(divergences)} divergence(s) from vanilla, {numerics} explained by numerics, "
+                  f"{len(real)} real.")
+    for d in real:
+        where = (f"float32 gap {d['reference_gap']:.4f} > low-precision error {d['error']:.4f}"
+                 if d.get("error") is not None else f"gap {d.get('chosen_gap', float('nan')):.4f}")
+        console.print(f"[bold red]REAL DISCREPANCY: {d['method']} on {d['task']}/{d['example_id']} at token "
+                      f"{d['position']} (turn {d['turn']}): {where}; greedy output should equal vanilla's[/]")
