@@ -80,7 +80,8 @@ def drilldown(frame: pd.DataFrame, records: list[dict[str, Any]], limit: int = 2
 
 def category_pivot(cat: pd.DataFrame, methods: list[str]) -> dict[str, Any]:
     """Categories x methods (Spec-Bench's headline layout): per cell the speedup and mean accepted length."""
-    shown = [m for m in methods if m in set(cat.method)]
+    shown = [m for m in methods if m in set(cat.method) and m != BASELINE]  # vanilla is 1.00x by definition
+    shown = shown or [BASELINE]
     cells = {(r.task, r.category, r.method): r for r in cat.itertuples()}
     rows = []
     for task, category in dict.fromkeys(zip(cat.task, cat.category)):
