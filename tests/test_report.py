@@ -153,14 +153,13 @@ def test_report_opens_with_one_line_answer_pivot_and_verdicts(tmp_path):
 
     run = add_third_method_and_divergences(make_run(tmp_path / "run"))
     page = build_report(run).read_text()
-    # pld: the same outputs as medusa at 0.8x the time -> 1.25x medusa's per-token speedup, over the 2 examples
-    # with tokens (the empty example is excluded from speedups)
-    expected = ((1 / 0.8) * (0.8 / 0.8)) ** 0.5 * (1 / 0.8) ** 0  # recomputed below from the metrics
+    # pld: medusa's outputs in 0.8x the time, so the fastest; its speedup is over the 2 examples with tokens
+    # (the empty example is excluded from speedups)
     from harness.metrics import records_frame, summarize
 
     s = summarize(records_frame(json.loads(l) for l in (run / "results.jsonl").read_text().splitlines()))
     best = s[s.method != "vanilla"].sort_values("speedup_geomean").iloc[-1]
-    assert best.method == "pld" and expected > 0
+    assert best.method == "pld"
     line = f"fastest: pld {best.speedup_geomean:.2f}x [{best.speedup_ci_low:.2f}, {best.speedup_ci_high:.2f}] " \
            "over 2 examples; 1 real divergence from vanilla"
     assert line in page
