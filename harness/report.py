@@ -134,8 +134,9 @@ def headline(summary: pd.DataFrame, verdicts: list[dict[str, Any]]) -> str:
     tail = f"{real} real divergence{'s' if real != 1 else ''} from vanilla"
     if summary.empty:
         return "no completed generations yet"
-    overall = summary[summary.task == "all"] if (summary.task == "all").any() else summary
-    if overall.task.nunique() > 1:  # several tasks without an "all" row cannot happen; be safe
+    overall = summary
+    if "task" in summary:  # several tasks: the "all" row answers for the whole run
+        overall = summary[summary.task == "all"] if (summary.task == "all").any() else summary
         overall = overall[overall.task == overall.task.iloc[0]]
     contenders = overall[(overall.method != BASELINE) & overall.speedup_geomean.notna()]
     if contenders.empty:
@@ -143,8 +144,11 @@ def headline(summary: pd.DataFrame, verdicts: list[dict[str, Any]]) -> str:
     best = contenders.loc[contenders.speedup_geomean.idxmax()]
     excluded = best.get("speedup_excluded", 0)
     paired = int(best.examples - (0 if pd.isna(excluded) else excluded))  # examples the speedup is over
-    return (f"fastest: {best.method} {best.speedup_geomean:.2f}x [{fmt(best.speedup_ci_low, '.2f')}, "
-            f"{fmt(best.speedup_ci_high, '.2f')}] over {paired} example{'s' if paired != 1 else ''}; {tail}")
+    figures = (f"{best.speedup_geomean:.2f}x [{fmt(best.speedup_ci_low, '.2f')}, {fmt(best.speedup_ci_high, '.2f')}] "
+               f"over {paired} example{'s' if paired != 1 else ''}")
+    if best.speedup_geomean < 1:  # never call a slowdown "fastest"
+        return f"fastest: vanilla; no method beats it here (best: {best.method} {figures}); {tail}"
+    return f"fastest: {best.method} {figures}; {tail}"
 
 
 def build_report(run_dir: Path, out: Path | None = None) -> Path:

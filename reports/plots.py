@@ -21,6 +21,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.colors import to_hex  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 plt.rcParams["svg.fonttype"] = "path"
 sns.set_theme(style="whitegrid", context="notebook")
@@ -153,6 +154,7 @@ def acceptance_by_depth(summary: pd.DataFrame, colors: dict[str, str]) -> str:
         sns.lineplot(df, x="depth", y="rate", hue="method", hue_order=order, palette=colors, marker="o", ax=ax)
     else:
         _no_data(ax, "no method drafted")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # depths are whole numbers
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("acceptance rate")
     ax.set_xlabel("draft depth")

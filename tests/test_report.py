@@ -165,6 +165,8 @@ def test_report_opens_with_one_line_answer_pivot_and_verdicts(tmp_path):
     assert line in page
     assert page.index('id="headline"') < page.index('id="summary"')
     assert headline(s.iloc[:0], []) == "no completed generations yet"
+    slow = s.assign(speedup_geomean=s.speedup_geomean.where(s.method == "vanilla", 0.5))
+    assert headline(slow, []).startswith("fastest: vanilla; no method beats it here (best: ")
     # the pivot: one row per category, a speedup and an accepted-length column per method
     assert page.count('<table class="categories">') == 1
     pivot = page[page.index('<table class="categories">'):]
