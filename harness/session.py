@@ -94,8 +94,9 @@ def ready_methods(model: str, method_options: dict[str, dict[str, Any]] | None =
     ready = []
     for name in available_methods():
         spec = get_spec(name)
+        # a bad --method-option value is the user's error to see, not a reason to drop the method
+        options = parse_options(spec.options, dict((method_options or {}).get(name, {})), where=name)
         try:
-            options = parse_options(spec.options, dict((method_options or {}).get(name, {})), where=name)
             spec.decoder.check_ready(model, options)
         except UserError:
             continue
