@@ -20,10 +20,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _csv(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -61,6 +57,15 @@ def _float(text: str) -> float:
     return value
 
 
+def _tasks(text: str) -> list[str]:
+    from tasks.base import split_tasks
+
+    try:
+        return split_tasks(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _methods(text: str) -> list[str]:
     from harness.session import split_methods
 
@@ -74,19 +79,24 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="benchmark methods over task suites", description=(
         "Decode every example with every method (interleaved per example), write results.jsonl + "
         "manifest.json to the run folder, and print a summary. Rerunning the same command resumes."))
-    run.add_argument("--methods", type=_methods, default=["vanilla"], help=(
+    run.add_argument("--methods", type=_methods, default=None, help=(
         "comma-separated methods or variants, e.g. vanilla,medusa,medusa@tree=8x4x2,pld@num_tokens=5; vanilla runs "
-        "as the baseline beside any other method unless --no-baseline (default: vanilla)"))
+        "as the baseline beside any other method unless --no-baseline (default: every method ready for the "
+        "model, i.e. needing no weights or with weights shipped or given, beside vanilla; then --limit and "
+        "--max-new-tokens default to 6 and 64, a quick first comparison)"))
     run.add_argument("--no-baseline", action="store_true", help="do not add vanilla (no speedups or exact match)")
-    run.add_argument("--tasks", type=_csv, default=["builtin"],
-                     help="comma-separated task suites, suite[:categories] (default: builtin)")
+    run.add_argument("--tasks", type=_tasks, default=["builtin"], help=(
+        "comma-separated task suites, each suite[:cat1+cat2] with its categories joined by '+', e.g. "
+        "spec_bench:summarization+math_reasoning,builtin (default: builtin)"))
     run.add_argument("--model", default="smollm2-135m",
                      help="embedded model name, local Hugging Face folder, or hub id (default: smollm2-135m)")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     run.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default: auto = "
                      "float32 on CPU, bfloat16 on CUDA)")
-    run.add_argument("--max-new-tokens", type=_int, default=128, help="tokens to generate per turn (default: 128)")
-    run.add_argument("--limit", type=_int, default=None, help="examples per task (a seeded sample)")
+    run.add_argument("--max-new-tokens", type=_int, default=None,
+                     help="tokens to generate per turn (default: 128; 64 when --methods is not given)")
+    run.add_argument("--limit", type=_int, default=None,
+                     help="examples per task, a seeded sample (default: all; 6 when --methods is not given)")
     run.add_argument("--seed", type=_int, default=0, help="seed for --limit sampling and token sampling (default: 0)")
     run.add_argument("--temperature", type=_float, default=0.0,
                      help="sampling temperature; 0 = greedy (default). Every method keeps the target distribution")
@@ -191,17 +201,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from harness.results import parse_shard
-    from harness.session import RunConfig, execute
+    from harness.session import (
+        DEFAULT_MAX_NEW_TOKENS,
+        QUICK_LIMIT,
+        QUICK_MAX_NEW_TOKENS,
+        RunConfig,
+        execute,
+        ready_methods,
+    )
     from harness.summary import print_summary
 
+    methods, limit, max_new_tokens = args.methods, args.limit, args.max_new_tokens
+    if methods is None:  # a first run: compare everything that is ready, quickly
+        methods = ready_methods(args.model, _method_options(args))
+        limit = QUICK_LIMIT if limit is None else limit
+        max_new_tokens = QUICK_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+    elif max_new_tokens is None:
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS
     config = RunConfig(
-        methods=args.methods, tasks=args.tasks, model=args.model, device=args.device, dtype=args.dtype,
-        max_new_tokens=args.max_new_tokens, limit=args.limit, seed=args.seed, warmup=args.warmup,
+        methods=methods, tasks=args.tasks, model=args.model, device=args.device, dtype=args.dtype,
+        max_new_tokens=max_new_tokens, limit=limit, seed=args.seed, warmup=args.warmup,
         data_dir=args.data_dir, out=args.out, overwrite=args.overwrite,
         task_paths=_pairs(args.task_path, "--task-path", "SUITE=FILE"),
         task_options=_pairs(args.task_option, "--task-option", "KEY=VALUE"),
         method_options=_method_options(args), temperature=args.temperature, top_p=args.top_p,
-        baseline=not args.no_baseline,
+        baseline=not args.no_baseline, chosen_methods=args.methods is None,
         shard=parse_shard(args.shard) if args.shard is not None else None, executor=args.executor,
         ray_address=args.ray_address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
         threads_per_worker=args.threads_per_worker,
@@ -210,7 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print_summary(out)
     from harness.report import build_report
 
-    print(f"Report: {build_report(out)}")
+    print(f"Report: {build_report(out).resolve().as_uri()}")
     return 0
 
 
@@ -233,7 +257,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from harness.report import build_report
 
-    print(f"Report: {build_report(Path(args.run_dir), Path(args.output) if args.output else None)}")
+    out = build_report(Path(args.run_dir), Path(args.output) if args.output else None)
+    print(f"Report: {out.resolve().as_uri()}")
     return 0
 
 

@@ -78,6 +78,79 @@ def drilldown(frame: pd.DataFrame, records: list[dict[str, Any]], limit: int = 2
     return items
 
 
+def category_pivot(cat: pd.DataFrame, methods: list[str]) -> dict[str, Any]:
+    """Categories x methods (Spec-Bench's headline layout): per cell the speedup and mean accepted length."""
+    shown = [m for m in methods if m in set(cat.method) and m != BASELINE]  # vanilla is 1.00x by definition
+    shown = shown or [BASELINE]
+    cells = {(r.task, r.category, r.method): r for r in cat.itertuples()}
+    rows = []
+    for task, category in dict.fromkeys(zip(cat.task, cat.category)):
+        row = []
+        for m in shown:
+            r = cells.get((task, category, m))
+            row.append({"speedup": fmt(r.speedup_geomean, ".2f", "x") if r is not None else "–",
+                        "mal": fmt(r.mean_accepted_length, ".2f") if r is not None else "–",
+                        "examples": r.examples if r is not None else 0})
+        rows.append({"task": task, "category": category, "cells": row})
+    return {"methods": shown, "rows": rows, "several_tasks": cat.task.nunique() > 1}
+
+
+def divergence_summary(divergences: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
+    """Per method: divergences from vanilla, how many the float32 reference explains as numerics, how many
+    are real, and how many are only a length difference (one output a prefix of the other)."""
+    out = []
+    for m in [*methods, *sorted({d["method"] for d in divergences} - set(methods))]:
+        mine = [d for d in divergences if d["method"] == m]
+        if m == BASELINE:
+            continue
+        out.append({"method": m, "divergences": len(mine),
+                    "numerics": sum(1 for d in mine if verdict(d) == "numerics"),
+                    "real": sum(1 for d in mine if verdict(d) == "real"),
+                    "length": sum(1 for d in mine if verdict(d) == "length")})
+    return out
+
+
+def verdict(d: dict[str, Any]) -> str:
+    """``numerics``, ``real`` or ``length``; older files carry only ``near_tie``."""
+    if "verdict" in d:
+        return d["verdict"]
+    if d.get("note") == "length differs":
+        return "length"
+    return "numerics" if d.get("near_tie") else "real"
+
+
+def verdict_text(d: dict[str, Any]) -> str:
+    kind = verdict(d)
+    if kind == "length":
+        return "length only (one output is a prefix of the other)"
+    if kind == "numerics":
+        return "numerics (float32 gap within the low-precision error)" if d.get("error") is not None else "numerics"
+    return "REAL DISCREPANCY"
+
+
+def headline(summary: pd.DataFrame, verdicts: list[dict[str, Any]]) -> str:
+    """The one-line answer the report opens with: the fastest method, its interval, and real divergences."""
+    real = sum(v["real"] for v in verdicts)
+    tail = f"{real} real divergence{'s' if real != 1 else ''} from vanilla"
+    if summary.empty:
+        return "no completed generations yet"
+    overall = summary
+    if "task" in summary:  # several tasks: the "all" row answers for the whole run
+        overall = summary[summary.task == "all"] if (summary.task == "all").any() else summary
+        overall = overall[overall.task == overall.task.iloc[0]]
+    contenders = overall[(overall.method != BASELINE) & overall.speedup_geomean.notna()]
+    if contenders.empty:
+        return f"vanilla only: no method to compare (name some with --methods); {tail}"
+    best = contenders.loc[contenders.speedup_geomean.idxmax()]
+    excluded = best.get("speedup_excluded", 0)
+    paired = int(best.examples - (0 if pd.isna(excluded) else excluded))  # examples the speedup is over
+    figures = (f"{best.speedup_geomean:.2f}x [{fmt(best.speedup_ci_low, '.2f')}, {fmt(best.speedup_ci_high, '.2f')}] "
+               f"over {paired} example{'s' if paired != 1 else ''}")
+    if best.speedup_geomean < 1:  # never call a slowdown "fastest"
+        return f"fastest: vanilla; no method beats it here (best: {best.method} {figures}); {tail}"
+    return f"fastest: {best.method} {figures}; {tail}"
+
+
 def build_report(run_dir: Path, out: Path | None = None) -> Path:
     if out is not None:
         check_writable(out, "-o")
@@ -92,27 +165,34 @@ def build_report(run_dir: Path, out: Path | None = None) -> Path:
         overall = summarize(frame, by=("method",), weight_bytes=weight_bytes).assign(task="all")
         summary = pd.concat([per_task, overall], ignore_index=True) if per_task.task.nunique() > 1 else per_task
         summary = in_run_order(summary, manifest.get("config", {}).get("methods"))
+    methods = list(dict.fromkeys([*(manifest.get("config", {}).get("methods") or []),
+                                  *(summary.method if not summary.empty else [])]))
+    colors = plots.method_colors(methods)
     charts = {}
+    categories: dict[str, Any] = {}
     if not summary.empty:
         by_task = summary[summary.task != "all"] if (summary.task == "all").any() else summary
         steps = pd.DataFrame([{"method": m, "accepted": a} for m, acc in zip(frame.method, frame.accepted)
                               for a in acc[1:]])  # skip the prefill step: it always commits one token
         charts = {
-            "Speedup by task (geometric mean, 95% bootstrap interval)": plots.speedup_by_task(by_task),
-            "Tokens accepted per step": plots.accepted_length_distribution(steps),
-            "Acceptance rate by draft depth": plots.acceptance_by_depth(summary[summary.task == summary.task.iloc[-1]]),
-            "Speedup against draft size": plots.speedup_vs_draft_size(by_task),
+            "Speedup by task (geometric mean, 95% bootstrap interval)": plots.speedup_by_task(by_task, colors),
+            "Tokens accepted per step": plots.accepted_length_distribution(steps, colors),
+            "Acceptance rate by draft depth": plots.acceptance_by_depth(
+                summary[summary.task == summary.task.iloc[-1]], colors),
+            "Speedup against tokens processed per step": plots.speedup_vs_cost(by_task, colors),
         }
-    categories = {}
-    if not frame.empty and frame.groupby("task").category.nunique().max() > 1:
-        cat = in_run_order(summarize(frame, by=("task", "category", "method"), weight_bytes=weight_bytes),
-                           manifest.get("config", {}).get("methods"))
-        categories = [{"task": r.task, "category": r.category, "method": r.method,
-                       "speedup": fmt(r.speedup_geomean, ".2f", "x"), "mal": fmt(r.mean_accepted_length, ".2f"),
-                       "exact": fmt(r.exact_match, ".0%")} for r in cat.itertuples()]
+        if frame.groupby("task").category.nunique().max() > 1:
+            cat = in_run_order(summarize(frame, by=("task", "category", "method"), weight_bytes=weight_bytes),
+                               methods)
+            categories = category_pivot(cat, methods)
+            charts["Speedup by category (geometric mean, 95% bootstrap interval)"] = plots.speedup_by_category(
+                cat, colors)
     divergences = read_run_divergences(run_dir)
+    verdicts = divergence_summary(divergences, methods)
+    divergences = [{**d, "verdict_text": verdict_text(d)} for d in divergences]
     page = render_report(run_dir=str(run_dir), manifest=manifest, summary=summary, charts=charts,
-                         categories=categories, divergences=divergences, examples=drilldown(frame, records),
+                         categories=categories, divergences=divergences, verdicts=verdicts, colors=colors,
+                         headline=headline(summary, verdicts), examples=drilldown(frame, records),
                          method_sections=method_sections(run_dir, manifest),
                          skipped=sum(1 for r in records if r.get("skipped")))
     return write_text(out or run_dir / "report.html", page, "-o")

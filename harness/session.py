@@ -80,6 +80,34 @@ def parse_method_runs(labels: list[str], method_options: dict[str, dict[str, Any
     return runs
 
 
+# With no --methods (a first run), every ready method runs beside vanilla, sized so that a
+# 2-core CPU finishes in about three minutes: these apply only where the user gave no value.
+QUICK_LIMIT = 6
+QUICK_MAX_NEW_TOKENS = 64
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+def ready_methods(model: str, method_options: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """Every registered method whose weights are shipped for ``model`` or given by ``--method-option``.
+
+    A first run should answer "which method is fastest here", so it compares everything that can
+    run without training; a method whose ``check_ready`` refuses is left out, not an error.
+    """
+    from methods.registry import available_methods
+
+    ready = []
+    for name in available_methods():
+        spec = get_spec(name)
+        # a bad --method-option value is the user's error to see, not a reason to drop the method
+        options = parse_options(spec.options, dict((method_options or {}).get(name, {})), where=name)
+        try:
+            spec.decoder.check_ready(model, options)
+        except UserError:
+            continue
+        ready.append(name)
+    return [BASELINE, *(m for m in ready if m != BASELINE)]
+
+
 @dataclass
 class RunConfig:
     methods: list[str] = field(default_factory=lambda: ["vanilla"])
@@ -108,6 +136,7 @@ class RunConfig:
     workers: int | None = None             # Ray actors (default: the cluster's GPUs / --gpus-per-worker, or CPUs)
     gpus_per_worker: float = 0.0
     threads_per_worker: int | None = None  # torch threads per actor (default: this machine's cores // workers)
+    chosen_methods: bool = False  # the methods were picked by ready_methods (no --methods): say so
 
     def method_labels(self) -> list[str]:
         labels = list(self.methods)
@@ -429,6 +458,10 @@ def _execute_locked(config: RunConfig, runs: list[MethodRun], examples: list[Exa
         already = sum(1 for e in examples for r in runs if (e.task, e.id, r.label) in done)
         part = f", shard {config.shard[0]}/{config.shard[1]}" if config.shard else ""
         where = f", {ray_pool.workers} Ray workers" if ray_pool else ""
+        if config.chosen_methods:
+            print(f"No --methods given: comparing every method ready for {config.model}: "
+                  f"{', '.join(r.label for r in runs)} ({config.limit} examples per task, {config.max_new_tokens} "
+                  "new tokens; --methods, --limit and --max-new-tokens choose otherwise)", file=sys.stderr)
         print(f"Run folder: {out}  ({len(examples)} examples x {n_methods} methods{part}{where}, "
               f"{already} already done)", file=sys.stderr)
         from tqdm import tqdm

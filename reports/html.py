@@ -58,6 +58,7 @@ def summary_rows(summary: pd.DataFrame) -> list[dict[str, str]]:
             "length_differs": fmt(r.length_differs, ".0f"),
             "mal": fmt(r.mean_accepted_length, ".2f"),
             "draft": fmt(r.draft_size, ".1f"),
+            "processed": fmt(r.processed_per_step, ".1f"),
             "rouge2": fmt(r.rouge2, ".3f"),
             "rouge2_vanilla": fmt(r.rouge2_vs_vanilla, ".3f"),
             "exact": fmt(r.exact_match, ".0%") if not math.isnan(r.exact_match) else "–",
@@ -71,11 +72,14 @@ def summary_rows(summary: pd.DataFrame) -> list[dict[str, str]]:
 
 
 def render_report(*, run_dir: str, manifest: dict[str, Any], summary: pd.DataFrame, charts: dict[str, str],
-                  categories: list[dict[str, Any]], divergences: list[dict[str, Any]], examples: list[dict[str, Any]],
+                  categories: dict[str, Any], divergences: list[dict[str, Any]], verdicts: list[dict[str, Any]],
+                  colors: dict[str, str], headline: str, examples: list[dict[str, Any]],
                   method_sections: list[dict[str, Any]], skipped: int) -> str:
+    """``verdicts``: per-method divergence counts; ``colors``: the palette every chart used, for the swatches."""
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "jinja"]))
     return env.get_template("report.html.jinja").render(
-        divergences=divergences, method_sections=method_sections, run_dir=run_dir, manifest=manifest,
+        divergences=divergences, verdicts=verdicts, colors=colors, headline=headline,
+        real_divergences=sum(v["real"] for v in verdicts), method_sections=method_sections, run_dir=run_dir, manifest=manifest,
         rows=summary_rows(summary) if not summary.empty else [], charts=charts, categories=categories,
         examples=examples, skipped=skipped, manifest_json=json.dumps(manifest, indent=2, ensure_ascii=False),
     )

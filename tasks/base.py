@@ -78,7 +78,7 @@ def register_task(name: str, description: str, argument: str = "categories", *, 
     """Register ``loader(argument, options) -> examples`` under ``name`` (``--tasks name[:argument]``).
 
     With ``argument="categories"`` the loader returns every example and ``load_task``
-    applies ``name:cat1,cat2`` itself, so every suite filters and reports alike. ``options``
+    applies ``name:cat1+cat2`` itself, so every suite filters and reports alike. ``options``
     declares the suite's ``--task-option`` keys, so a misspelt key is an error, not ignored.
     """
 
@@ -181,8 +181,11 @@ def _ensure_imported(name: str) -> None:
         importlib.import_module(module)
 
 
+CATEGORY_SEP = "+"
+
+
 def split_spec(spec: str) -> tuple[str, str | None]:
-    """``"spec_bench:math,coding"`` -> ``("spec_bench", "math,coding")``."""
+    """``"spec_bench:math+coding"`` -> ``("spec_bench", "math+coding")``."""
     name, sep, arg = spec.partition(":")
     return name.strip(), (arg.strip() if sep else None)
 
@@ -207,8 +210,31 @@ def load_task(spec: str, options: TaskOptions) -> list[Example]:
     return examples
 
 
+def split_tasks(text: str) -> list[str]:
+    """``--tasks``: suites separated by commas, a suite's categories joined by ``+``
+    (``spec_bench:summarization+math_reasoning,builtin``).
+
+    Commas separate tasks and ``+`` separates categories, so the two never collide. A comma
+    used between categories (``spec_bench:summarization,math_reasoning``) would read as a task
+    named ``math_reasoning``; that is caught here and answered with the ``+`` spelling.
+    """
+    specs = [part.strip() for part in text.split(",") if part.strip()]
+    for i, spec in enumerate(specs):
+        name, _ = split_spec(spec)
+        if name in BUILTIN_TASKS or name in _REGISTRY or i == 0 or ":" in spec:
+            continue
+        prev_name, prev_arg = split_spec(specs[i - 1])
+        if prev_arg is not None:
+            raise UserError(f"unknown task {name!r}; to select several categories join them with "
+                            f"{CATEGORY_SEP!r}: --tasks {prev_name}:{prev_arg}{CATEGORY_SEP}{name}")
+    return specs
+
+
 def filter_categories(name: str, examples: Sequence[Example], arg: str) -> list[Example]:
-    wanted = [c.strip() for c in arg.split(",") if c.strip()]
+    if "," in arg:
+        raise UserError(f"categories are joined with {CATEGORY_SEP!r}, not ','; write "
+                        f"{name}:{arg.replace(',', CATEGORY_SEP)}")
+    wanted = [c.strip() for c in arg.split(CATEGORY_SEP) if c.strip()]
     known = sorted({e.category for e in examples})
     unknown = [c for c in wanted if c not in known]
     if unknown:

@@ -84,7 +84,7 @@ _PROMPTS: list[tuple[str, str, str | None]] = [
 
 @register_task("builtin", "12 prompts written for this project: summarization, math, chat (no files needed)")
 def load_builtin(_: str | None, options: TaskOptions) -> list[Example]:
-    """The built-in suite; ``builtin:math,chat`` selects categories."""
+    """The built-in suite; ``builtin:math+chat`` selects categories."""
     return [
         Example(id=f"builtin-{i:02d}", category=cat, turns=(text,), reference=ref, source="builtin", task="builtin")
         for i, (cat, text, ref) in enumerate(_PROMPTS)

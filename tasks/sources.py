@@ -44,8 +44,8 @@ def hub_rows(suite: str, dataset: str, config: str | None, split: str, filename:
     try:
         from datasets import load_dataset
     except ImportError:
-        raise UserError(f"task {suite!r} has no local file and the `datasets` package is missing; {hint} "
-                        "(or pip install datasets)") from None
+        raise UserError(f"task {suite!r} has no local file, and loading it from the hub needs the `datasets` "
+                        f"package: pip install -e \".[hub]\" (the hub extra), or {hint}") from None
     try:
         data = load_dataset(dataset, config, split=split)
     except Exception as exc:  # noqa: BLE001 - any failure here means "no data", with the cause shown

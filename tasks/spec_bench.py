@@ -1,6 +1,6 @@
 """Spec-Bench / FastChat question files: any JSONL with ``question_id``, ``category``,
-``turns`` and optionally ``reference``. ``spec_bench:summarization,math_reasoning``
-selects categories, and results are reported per category. Spec-Bench publishes its
+``turns`` and optionally ``reference``. ``--tasks spec_bench:summarization+math_reasoning``
+selects categories (joined by ``+``: commas separate tasks), and results are reported per category. Spec-Bench publishes its
 question file in its repository, not as a hub dataset, so a local file is required."""
 
 from __future__ import annotations

@@ -154,3 +154,30 @@ def test_missing_trained_heads_names_the_train_command(method, command, capsys, 
     code, err = run_cli(["run", "--methods", f"vanilla,{method}", "--model", str(folder),
                          "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and command in err and len(err.strip().splitlines()) == 1
+
+
+def test_no_methods_runs_every_ready_method_quickly(monkeypatch, tmp_path, capsys):
+    """A first run compares every method ready for the model, with small defaults; given values win."""
+    import harness.session as session
+
+    seen = []
+
+    def fake_execute(config):
+        seen.append(config)
+        raise session.UserError("stop here")
+
+    monkeypatch.setattr(session, "execute", fake_execute)
+    main(["run", "--out", str(tmp_path / "a")])
+    first = seen[-1]
+    assert first.method_labels() == ["vanilla", "firp", "lookahead", "medusa", "pld", "self_spec"]
+    assert (first.limit, first.max_new_tokens, first.tasks) == (6, 64, ["builtin"])
+    assert first.chosen_methods
+    main(["run", "--limit", "2", "--out", str(tmp_path / "b")])
+    assert (seen[-1].limit, seen[-1].max_new_tokens) == (2, 64)
+    # a model without shipped weights: only the methods that need none
+    main(["run", "--model", "someorg/somemodel", "--out", str(tmp_path / "c")])
+    assert seen[-1].method_labels() == ["vanilla", "lookahead", "pld"]
+    # methods named: the usual defaults (all examples, 128 tokens)
+    main(["run", "--methods", "pld", "--out", str(tmp_path / "d")])
+    assert (seen[-1].methods, seen[-1].limit, seen[-1].max_new_tokens) == (["pld"], None, 128)
+    assert not seen[-1].chosen_methods

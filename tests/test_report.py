@@ -120,6 +120,85 @@ def test_metric_edge_cases():
     assert rouge2("", "") == 1.0 and rouge2("the cat sat", "the cat sat") == 1.0
 
 
+def add_third_method_and_divergences(run: Path) -> Path:
+    """pld beside medusa (three colours to keep apart), and a divergence file with a numerics and a real case."""
+    lines = (run / "results.jsonl").read_text().splitlines()
+    extra = []
+    for line in lines:
+        rec = json.loads(line)
+        if rec["method"] == "medusa":
+            rec["method"] = "pld"
+            for turn in rec["turns"]:
+                turn["wall_time"] *= 0.8
+            rec["wall_time"] *= 0.8
+            extra.append(json.dumps(rec))
+    (run / "results.jsonl").write_text("\n".join(lines + extra) + "\n")
+    divs = [
+        {"task": "builtin", "example_id": "b", "method": "medusa", "turn": 0, "position": 2, "vanilla_token": 7,
+         "method_token": 9, "chosen_gap": 0.0, "top2_gap": 0.0, "reference_gap": 0.01, "error": 0.05,
+         "tolerance": 0.05, "verdict": "numerics", "near_tie": True},
+        {"task": "builtin", "example_id": "b", "method": "pld", "turn": 0, "position": 2, "vanilla_token": 7,
+         "method_token": 9, "chosen_gap": 3.0, "top2_gap": 0.5, "reference_gap": 3.1, "error": 0.05,
+         "tolerance": 0.05, "verdict": "real", "near_tie": False},
+    ]
+    (run / "divergences.jsonl").write_text("".join(json.dumps(d) + "\n" for d in divs))
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["config"]["methods"] = ["vanilla", "medusa", "pld"]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    return run
+
+
+def test_report_opens_with_one_line_answer_pivot_and_verdicts(tmp_path):
+    from harness.report import headline
+
+    run = add_third_method_and_divergences(make_run(tmp_path / "run"))
+    page = build_report(run).read_text()
+    # pld: medusa's outputs in 0.8x the time, so the fastest; its speedup is over the 2 examples with tokens
+    # (the empty example is excluded from speedups)
+    from harness.metrics import records_frame, summarize
+
+    s = summarize(records_frame(json.loads(l) for l in (run / "results.jsonl").read_text().splitlines()))
+    best = s[s.method != "vanilla"].sort_values("speedup_geomean").iloc[-1]
+    assert best.method == "pld"
+    line = f"fastest: pld {best.speedup_geomean:.2f}x [{best.speedup_ci_low:.2f}, {best.speedup_ci_high:.2f}] " \
+           "over 2 examples; 1 real divergence from vanilla"
+    assert line in page
+    assert page.index('id="headline"') < page.index('id="summary"')
+    assert headline(s.iloc[:0], []) == "no completed generations yet"
+    slow = s.assign(speedup_geomean=s.speedup_geomean.where(s.method == "vanilla", 0.5))
+    assert headline(slow, []).startswith("fastest: vanilla; no method beats it here (best: ")
+    # the pivot: one row per category, a speedup and an accepted-length column per method
+    assert page.count('<table class="categories">') == 1
+    pivot = page[page.index('<table class="categories">'):]
+    pivot = pivot[:pivot.index("</table>")]
+    assert pivot.count("<tr><td") == 3 and all(c in pivot for c in ("summarization", "math", "chat"))
+    assert pivot.count(">speedup</th>") == 2 and pivot.count(">acc. length</th>") == 2  # medusa, pld
+    # the verdicts: per method, the rows themselves collapsed
+    verdicts = page[page.index('<table class="verdicts">'):]
+    verdicts = verdicts[:verdicts.index("</table>")]
+    assert "REAL DISCREPANCY" in page and 'class="alarm"' in page
+    assert '<details class="divergence-rows">' in page
+    assert "Tokens processed per step</strong>" in page and "Draft tokens verified per step</strong>" in page
+
+
+def test_report_build_emits_no_warnings(tmp_path, caplog):
+    """No matplotlib legend warning (it is logged, not warned) nor any Python warning, with or without
+    methods beside vanilla."""
+    import logging
+    import warnings
+
+    vanilla_only = make_run(tmp_path / "v")
+    lines = [l for l in (vanilla_only / "results.jsonl").read_text().splitlines() if '"vanilla"' in l]
+    (vanilla_only / "results.jsonl").write_text("\n".join(lines) + "\n")
+    full = add_third_method_and_divergences(make_run(tmp_path / "f"))
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_report(vanilla_only)
+        build_report(full)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert "vanilla only" in (vanilla_only / "report.html").read_text()
+
+
 def test_report_is_self_contained(tmp_path):
     out = build_report(make_run(tmp_path / "run"))
     page = out.read_text()
@@ -135,22 +214,84 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_report_in_headless_chromium(tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
-    out = build_report(make_run(tmp_path / "run"))
+    out = build_report(add_third_method_and_divergences(make_run(tmp_path / "run")))
     errors: list[str] = []
     requests: list[str] = []
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.on("request", lambda r: requests.append(r.url))
         page.goto(out.as_uri())
-        assert page.locator("table.summary tbody tr").count() >= 2
-        assert page.locator("figure.chart svg").count() == 4
+        assert page.locator("table.summary tbody tr").count() >= 3
+        assert page.locator("figure.chart svg").count() == 5  # four charts and the per-category one
         assert page.locator("details.example").count() == 3
+        assert page.locator("#headline").inner_text().startswith("fastest: pld ")
+        # the pivot and the per-method divergence summary are there; the divergence rows start collapsed
+        assert page.locator("table.categories tbody tr").count() == 3
+        assert page.locator("table.verdicts tbody tr").count() == 2
+        assert not page.locator("details.divergence-rows").evaluate("d => d.open")
+        assert page.locator("table.verdicts tr.real td.realcount").inner_text() == "1"
+        # one colour per method, the same in every chart: read each legend entry's drawn colour
+        colours = page.evaluate("""() => {
+            const out = {};
+            for (const g of document.querySelectorAll('figure.chart svg g[id*="-legend-"]')) {
+                const [chart, method] = g.id.split('-legend-');
+                const shape = [...g.querySelectorAll('path, use')].find(e => !e.closest('defs'));
+                const style = getComputedStyle(shape);
+                const paint = [style.fill, style.stroke].find(c => c && c !== 'none' && c !== 'rgb(255, 255, 255)');
+                (out[method] = out[method] || {})[chart] = paint;
+            }
+            return out;
+        }""")
+        assert set(colours) == {"vanilla", "medusa", "pld"}, colours
+        for method, by_chart in colours.items():
+            assert len(set(by_chart.values())) == 1, (method, by_chart)
+        assert len(colours["medusa"]) >= 4 and len(colours["pld"]) >= 4  # in (nearly) every chart
+        per_method = {m: next(iter(c.values())) for m, c in colours.items()}
+        assert len(set(per_method.values())) == 3, per_method  # and different methods, different colours
+        assert per_method["vanilla"] == "rgb(140, 140, 140)"  # vanilla: always the same grey
+        # nothing overflows a 1400-pixel window, and the summary table fits its box
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1400
+        box = page.evaluate("""() => { const b = document.querySelector('#summary-box');
+                                       return [b.scrollWidth, b.clientWidth]; }""")
+        assert box[0] <= box[1], box
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         browser.close()
     assert errors == []
     assert all(u.startswith("file://") for u in requests), requests
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_console_summary_fits_100_columns(tmp_path):
+    """Long task and variant names included: no line over 100 columns, nothing cut to an ellipsis."""
+    from rich.console import Console
+
+    from harness.summary import print_summary
+
+    run = make_run(tmp_path / "run")
+    lines = (run / "results.jsonl").read_text().splitlines()
+    long_task = "spec_bench:summarization+math_reasoning"
+    extra = []
+    for line in lines:
+        rec = json.loads(line)
+        rec["task"] = long_task
+        if rec["method"] == "medusa":
+            rec["method"] = "medusa@tree=8x4x2@heads=runs/medusa-heads"
+        extra.append(json.dumps(rec))
+    (run / "results.jsonl").write_text("\n".join(lines + extra) + "\n")
+    console = Console(width=100, record=True, color_system=None)
+    print_summary(run, console=console)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "…" not in text and "..." not in text
+    for header in ("speedup", "proc.", "draft", "exact", "len."):
+        assert header in text
+    rows = text.splitlines()
+    header = next(line for line in rows if " method " in line)
+    for column, name in (("task", long_task), ("method", "medusa@tree=8x4x2@heads=runs/medusa-heads")):
+        start = header.index(column)  # a folded name continues on the next lines of its own column
+        cells = "".join(line[start:].split(" ")[0] if len(line) > start else "" for line in rows)
+        assert name in cells

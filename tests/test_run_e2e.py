@@ -10,7 +10,7 @@ from harness.cli import main
 from harness.results import read_records
 
 pytestmark = pytest.mark.slow
-ARGS = ["run", "--limit", "2", "--max-new-tokens", "8", "--dtype", "float32", "--device", "cpu", "--warmup", "0"]
+ARGS = ["run", "--methods", "vanilla", "--limit", "2", "--max-new-tokens", "8", "--dtype", "float32", "--device", "cpu", "--warmup", "0"]
 
 
 def test_run_writes_results_manifest_and_summary(tmp_path, capsys):
@@ -52,3 +52,20 @@ def test_truncated_last_line_is_repaired_and_rerun(tmp_path, capsys):
     assert [(r["example_id"], r["turns"][0]["tokens"]) for r in again] == [
         (r["example_id"], r["turns"][0]["tokens"]) for r in full
     ]
+
+
+def test_a_method_alone_runs_beside_the_vanilla_baseline(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["run", "--methods", "pld", "--limit", "1", "--max-new-tokens", "4", "--warmup", "0",
+            "--dtype", "float32", "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    records = read_records(out / "results.jsonl")
+    assert sorted(r["method"] for r in records) == ["pld", "vanilla"]
+    from harness.metrics import records_frame, summarize
+
+    s = summarize(records_frame(records), by=("method",)).set_index("method")
+    assert s.loc["pld", "speedup_geomean"] > 0 and s.loc["pld", "exact_match"] == 1.0
+    report_line = next(line for line in stdout.splitlines() if line.startswith("Report: "))
+    assert report_line == f"Report: {(out / 'report.html').resolve().as_uri()}"
+    assert report_line.removeprefix("Report: ").startswith("file://")

@@ -86,7 +86,7 @@ def test_mt_bench_two_turns_and_categories(data_dir):
 
 
 def test_spec_bench_categories(data_dir):
-    ex = load_task("spec_bench:summarization,math_reasoning", opts(data_dir))
+    ex = load_task("spec_bench:summarization+math_reasoning", opts(data_dir))
     assert [e.category for e in ex] == ["summarization", "math_reasoning"]
     assert ex[1].reference == "3"
 
@@ -165,3 +165,56 @@ def test_shared_data_formats(shared_data, suite, count):
 def test_shared_data_spec_bench_format_via_mt_bench_file(shared_data):
     ex = load_task("spec_bench:math", opts(paths={"spec_bench": shared_data / "mt_bench/question.jsonl"}))
     assert len(ex) == 10 and all(len(e.turns) == 2 for e in ex)
+
+
+# -- several categories: '+' joins categories, ',' separates tasks (issue 16) ---------------
+def test_several_categories_parse_and_load(data_dir):
+    from tasks.base import split_tasks
+
+    specs = split_tasks("spec_bench:summarization+math_reasoning,xsum")
+    assert specs == ["spec_bench:summarization+math_reasoning", "xsum"]
+    ex = load_task(specs[0], opts(data_dir))
+    assert [e.category for e in ex] == ["summarization", "math_reasoning"]
+
+
+def test_comma_between_categories_answers_with_the_plus_spelling(data_dir):
+    from tasks.base import split_tasks
+
+    with pytest.raises(UserError) as err:
+        split_tasks("spec_bench:summarization,math_reasoning")
+    assert "--tasks spec_bench:summarization+math_reasoning" in str(err.value)
+    with pytest.raises(UserError) as err:  # the same mistake through the Python API
+        load_task("spec_bench:summarization,math_reasoning", opts(data_dir))
+    assert "spec_bench:summarization+math_reasoning" in str(err.value)
+    assert split_tasks("builtin:math,xsum") == ["builtin:math", "xsum"]  # a real second suite still splits
+
+
+def test_cli_help_shows_the_category_syntax(capsys):
+    from harness.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    assert "spec_bench:summarization+math_reasoning" in " ".join(capsys.readouterr().out.split())
+    args = build_parser().parse_args(["run", "--tasks", "spec_bench:summarization+math_reasoning,builtin"])
+    assert args.tasks == ["spec_bench:summarization+math_reasoning", "builtin"]
+
+
+def test_hub_without_datasets_names_the_hub_extra(monkeypatch):
+    """Offline and without `datasets`: the error names the `hub` extra declared in pyproject.toml."""
+    import builtins
+    import tomllib
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets" or name.startswith("datasets."):
+            raise ImportError("No module named 'datasets'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(UserError) as err:
+        load_task("xsum", opts())
+    message = str(err.value)
+    assert 'pip install -e ".[hub]"' in message and "--data-dir" in message and "\n" not in message
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert any(dep.startswith("datasets") for dep in pyproject["project"]["optional-dependencies"]["hub"])
