@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="embedded model name, local Hugging Face folder, or hub id (default: smollm2-135m)")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     run.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default: auto = "
-                     "float32 on CPU, bfloat16 on CUDA)")
+                     "bfloat16 on CUDA and on CPUs with bf16 matrix units (AVX512-BF16/AMX), else float32; "
+                     "use float32 for strict exact-match losslessness)")
     run.add_argument("--max-new-tokens", type=_int, default=None,
                      help="tokens to generate per turn (default: 128; 64 when --methods is not given)")
     run.add_argument("--limit", type=_int, default=None,

@@ -181,3 +181,20 @@ def test_no_methods_runs_every_ready_method_quickly(monkeypatch, tmp_path, capsy
     main(["run", "--methods", "pld", "--out", str(tmp_path / "d")])
     assert (seen[-1].methods, seen[-1].limit, seen[-1].max_new_tokens) == (["pld"], None, 128)
     assert not seen[-1].chosen_methods
+
+
+def test_dtype_auto_follows_the_cpu_bf16_units(monkeypatch):
+    """auto = bf16 where the CPU has bf16 matrix units (measured faster), float32 elsewhere."""
+    import torch
+
+    from harness.models import resolve_dtype
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert resolve_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert resolve_dtype("auto", cpu) == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert resolve_dtype("auto", cpu) == torch.bfloat16
+    assert resolve_dtype("float32", cpu) == torch.float32
