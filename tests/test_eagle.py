@@ -113,3 +113,49 @@ def test_bad_heads_are_one_line_errors(tmp_path):
     save_file(state, str(tmp_path / "bad" / "model.safetensors"))
     with pytest.raises(UserError, match="cannot load the EAGLE head"):
         EagleDecoder(engine, head=str(tmp_path / "bad"))
+
+
+def test_unrolled_levels_match_a_causal_pass_fed_the_predictions():
+    """Level j for anchor t must be what a plain causal pass gives at row t+j-1 when the features
+    of rows t+1..t+j-1 are replaced by levels 1..j-1's predictions: exactly the decoder's tree."""
+    from methods.eagle.train import unroll
+
+    model = tiny_model("llama")
+    engine = Engine(model)
+    head = random_head(engine, seed=1)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 97, (14,), generator=g)
+    feats = torch.randn(14, model.config.hidden_size, generator=g)
+    start = 5
+    with torch.no_grad():
+        levels = unroll(head, model, ids, feats, start, steps=3)
+        assert [p.shape[0] for p in levels] == [13 - start] * 3
+        for t in (start, start + 3, 10):
+            fed = feats.clone()
+            for j in (1, 2, 3):
+                plain = unroll(head, model, ids, fed, 0, steps=1)[0]  # causal pass: row r predicts feature r+1
+                assert torch.allclose(levels[j - 1][t - start], plain[t + j - 1], atol=1e-5), (t, j)
+                if t + j < 13:
+                    fed[t + j] = levels[j - 1][t - start]
+
+
+def test_stopping_rule_keeps_the_best_weights(tmp_path):
+    """optimise stops after `patience` validations without improvement and restores the best weights."""
+    import random
+
+    from methods.core.training import TrainConfig, optimise
+
+    param = torch.nn.Linear(1, 1, bias=False)
+    values = iter([1.0, 3.0, 2.0, 2.5, 2.9, 9.0])
+    seen = []
+
+    def validate() -> float:
+        seen.append(float(param.weight.detach()))
+        return next(values)
+
+    cfg = TrainConfig(method="x", epochs=100, batch_sequences=1, eval_every=2, patience=3, lr=0.1)
+    log = optimise(cfg, param, [0, 1], lambda i, rng: (param.weight - 5.0).pow(2).sum(), tmp_path, "t", validate)
+    assert log.stopped == "plateau" and log.best_step == 4
+    assert [c["step"] for c in log.curve] == [2, 4, 6, 8, 10]
+    assert float(param.weight.detach()) == pytest.approx(seen[1])
+    assert len(log.losses) == 10

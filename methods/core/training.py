@@ -49,7 +49,7 @@ class TrainConfig:
     dtype: str = "bfloat16"          # of the frozen model while distilling / caching features
     limit: int | None = 1200         # training prompts
     max_new_tokens: int = 96         # length of the self-distilled answers
-    epochs: int = 2
+    epochs: int = 2                  # the most: with a validation metric, training stops earlier (below)
     lr: float = 1e-3
     warmup_steps: int = 10
     batch_sequences: int = 4
@@ -57,6 +57,8 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 50
     max_steps: int | None = None     # stop early (ablations at a fixed budget)
+    eval_every: int = 50             # steps between validations, for trainers that give a metric
+    patience: int = 3                # validations without improvement before training stops
     allow_eval_data: bool = False
     options: dict[str, Any] = field(default_factory=dict)  # method-specific
 
@@ -171,14 +173,47 @@ def write_result(out: Path, config: TrainConfig, state: dict[str, torch.Tensor],
     (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def chain_accepted_length(correct: torch.Tensor, depth: int) -> torch.Tensor:
+    """Per anchor, 1 + the run of consecutive correct drafts starting there, capped at ``depth``:
+    the accepted length of a greedy chain, teacher-forced (exact for a draft that reads real tokens).
+
+    ``correct`` [N] (draft at position i agrees with the target) or [N, depth] (draft step j
+    from anchor i agrees, for drafts that read their own predictions)."""
+    if correct.dim() == 1:
+        n = correct.shape[0]
+        idx = torch.arange(n)[:, None] + torch.arange(depth)[None]
+        padded = torch.cat([correct.bool(), torch.zeros(depth, dtype=torch.bool, device=correct.device)])
+        correct = padded[idx.to(correct.device)]
+    return 1 + correct.bool().long().cumprod(dim=1).sum(dim=1)
+
+
+@dataclass
+class TrainLog:
+    """What ``optimise`` hands back to a trainer, and what its ``config.json`` records."""
+
+    elapsed: float                                     # training wall time, resumed time included
+    losses: list[float]                                # mean training loss of every step
+    curve: list[dict[str, float]] = field(default_factory=list)  # [{"step", "value"}] validations
+    best_step: int | None = None                       # the step whose weights were kept
+    stopped: str = "budget"                            # "budget" or "plateau"
+
+    def meta(self) -> dict[str, Any]:
+        return {"train_time_s": round(self.elapsed, 1), "train_steps": len(self.losses),
+                "train_loss": [round(x, 5) for x in self.losses], "val_curve": self.curve,
+                "best_step": self.best_step, "stopped": self.stopped}
+
+
 def optimise(config: TrainConfig, module: torch.nn.Module, train_idx: list[int],
              loss_of: Callable[[int, random.Random], torch.Tensor | None], out: Path,
-             desc: str) -> tuple[float, list[float]]:
+             desc: str, validate: Callable[[], float] | None = None) -> TrainLog:
     """The loop every trainer shares: Adam, warm-up + cosine LR, seeded shuffles, resumable checkpoints.
 
     ``loss_of(i, rng)`` returns sequence i's loss (or None to skip it); gradients are averaged
-    over the sequences of a step. Returns the training wall time (resumed time included) and
-    the mean training loss of every step (the curve ``config.json`` records).
+    over the sequences of a step. With ``validate`` (a validation metric, higher is better:
+    a teacher-forced accepted length where the method has one), every trainer follows the
+    same stopping rule: validate every ``eval_every`` steps, stop after ``patience``
+    validations without improvement, and keep the best weights, so no method is compared
+    at a budget chosen for another. ``epochs`` is then only the ceiling (and the LR schedule's length).
     """
     from tqdm import tqdm
 
@@ -190,14 +225,23 @@ def optimise(config: TrainConfig, module: torch.nn.Module, train_idx: list[int],
     ckpt = Checkpointer(out)
     state = ckpt.load()
     step, elapsed, history = 0, 0.0, []
+    curve: list[dict[str, float]] = []
+    best: dict[str, Any] = {"value": -math.inf, "step": None, "weights": None}
+    stopped = "budget"
     if state is not None:
         module.load_state_dict(state["weights"])
         opt.load_state_dict(state["optimizer"])
         step, elapsed, history = state["step"], state["elapsed"], state.get("losses", [])
+        curve, best = state.get("curve", []), state.get("best", best)
+        stopped = state.get("stopped", "budget")
         print(f"Resuming from {ckpt.path} at step {step}/{total}", file=sys.stderr)
     clock = Stopwatch(elapsed)
     bar = tqdm(total=total, initial=step, desc=desc, file=sys.stderr, dynamic_ncols=True)
-    while step < total:
+
+    def since_best() -> int:
+        return sum(1 for c in curve if best["step"] is not None and c["step"] > best["step"])
+
+    while step < total and stopped == "budget":
         epoch, pos = divmod(step, steps_per_epoch)
         order = list(train_idx)
         random.Random(config.seed + epoch).shuffle(order)
@@ -217,12 +261,28 @@ def optimise(config: TrainConfig, module: torch.nn.Module, train_idx: list[int],
         step += 1
         history.append(sum(losses) / max(1, len(losses)))
         bar.update(1)
-        bar.set_postfix(loss=f"{history[-1]:.3f}")
-        if step % config.checkpoint_every == 0 or step == total:
+        bar.set_postfix(loss=f"{history[-1]:.3f}", best=f"{best['value']:.3f}")
+        if validate is not None and (step % config.eval_every == 0 or step == total):
+            module.eval()
+            with torch.no_grad():
+                value = float(validate())
+            module.train()
+            curve.append({"step": step, "value": round(value, 5)})
+            if value > best["value"]:
+                best = {"value": value, "step": step,
+                        "weights": {k: v.detach().clone() for k, v in module.state_dict().items()}}
+            elif since_best() >= config.patience:
+                stopped = "plateau"
+            bar.write(f"  step {step}: validation {value:.4f} (best {best['value']:.4f} at step {best['step']})",
+                      file=sys.stderr)
+        if step % config.checkpoint_every == 0 or step == total or stopped != "budget":
             ckpt.save({"weights": module.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                       "elapsed": clock.elapsed(), "losses": history})
+                       "elapsed": clock.elapsed(), "losses": history, "curve": curve, "best": best,
+                       "stopped": stopped})
     bar.close()
-    return clock.elapsed(), history
+    if best["weights"] is not None:
+        module.load_state_dict(best["weights"])
+    return TrainLog(clock.elapsed(), history, curve, best["step"], stopped)
 
 
 class Stopwatch:

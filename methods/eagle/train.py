@@ -1,13 +1,21 @@
 """``python -m harness train eagle``: EAGLE's draft head on the frozen model's own features.
 
-Same self-distilled data and cached features as Medusa and FIRP (the final-norm hidden
-states). For every position t of a sequence the head reads (feature t plus uniform noise,
-embedding of token t+1) and predicts feature t+1, causally over the whole sequence in
-one pass. EAGLE's two losses: feature regression (smooth L1 against the real feature
-t+1) plus token classification (KL from the frozen LM head's distribution at t+1 to the
-LM head applied to the prediction), weighted 1.0 and 0.1 as in the paper, on answer
-positions. Only the head is trained and saved: ``fc`` and one decoder layer, in
-upstream's key names; embedding and LM head stay the target's own.
+Same self-distilled data and cached features as Medusa, FIRP and SpS (the final-norm hidden
+states). For every answer position t the head reads (feature t plus uniform noise,
+embedding of token t+1) and predicts feature t+1. EAGLE's two losses: feature regression
+(smooth L1 against the real feature) plus token classification (KL from the frozen LM
+head's distribution to the LM head applied to the prediction), weighted 1.0 and 0.1 as in
+the paper.
+
+Decoding feeds the head its own predicted features from the second draft level on, which
+teacher forcing never shows it; on a 135M model that drift costs most of the deeper
+levels' acceptance. So training unrolls ``steps`` draft levels (as EAGLE-3's
+"training-time test" does): level j reads level j-1's predicted feature and the real token,
+attends to the real prefix and to its own chain exactly as at decode time (one masked pass
+over the real rows plus one row per anchor per level), and its loss is weighted
+``step_decay ** (j-1)``. Validation is the same unroll without noise: the teacher-forced
+accepted length of a greedy chain of ``steps`` levels. Only the head is trained and saved:
+``fc`` and one decoder layer, in upstream's key names; embedding and LM head stay the target's own.
 """
 
 from __future__ import annotations
@@ -25,66 +33,124 @@ from methods.core.training import (Toolkit, TrainConfig, autocast, cached_featur
 from methods.eagle.decoder import EagleHead
 
 REGRESSION_WEIGHT, CLASSIFICATION_WEIGHT, NOISE = 1.0, 0.1, 0.2  # EAGLE's: U(-0.1, 0.1) input noise
+STEPS, STEP_DECAY = 3, 0.8
 
 
-def head_forward(head: EagleHead, model: Any, fused: torch.Tensor) -> torch.Tensor:
-    """The head's layer over a whole sequence [T, d], causally, without a cache (training and evaluation)."""
+def _mask_dtype(device: torch.device) -> torch.dtype:
+    kind = torch.device(device).type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32
+
+
+def unroll(head: EagleHead, model: Any, ids: torch.Tensor, feats: torch.Tensor, start: int, steps: int,
+           noise: float = 0.0, rng: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Predicted features of draft levels 1..steps for anchors t = start..T-2, [M, d] each.
+
+    Level j's row for anchor t predicts feature t+j; it is fed (level j-1's prediction for
+    t, or the real feature t at level 1; token t+j), sits at position t+j-1, and attends to
+    the real rows 0..t and to its own chain's rows of levels 2..j, as the decoder's tree does.
+    Rows whose token t+j lies beyond the sequence are padded (their losses are masked).
+    """
+    T, device = ids.shape[0], ids.device
+    N = T - 1
+    M = N - start
     layer = head.layers[0]
-    T = fused.shape[0]
-    pos = torch.arange(T, device=fused.device)[None]
-    rope = model.model.rotary_emb(fused[None], pos)
-    h = fused[None]
-    attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), position_embeddings=rope, attention_mask=None,
-                              **{cache_keyword(layer.self_attn): None})
-    h = h + attn
-    h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return h[0]
+    inputs = feats[:N]
+    if noise:
+        inputs = inputs + (torch.rand(inputs.shape, generator=rng, device=device) - 0.5) * noise
+    emb = model.model.embed_tokens(ids)
+    anchor = torch.arange(start, N, device=device)
+    rows = [head.fuse(emb[1:].to(inputs.dtype), inputs)]
+    positions = [torch.arange(N, device=device)]
+    preds: list[torch.Tensor] = []
+    for level in range(1, steps + 1):
+        if level > 1:
+            token_at = torch.clamp(anchor + level, max=T - 1)
+            rows.append(head.fuse(emb[token_at].to(preds[-1].dtype), preds[-1]))
+            positions.append(anchor + level - 1)
+        L = N + (level - 1) * M
+        # visibility: real rows causal; level-j rows see real rows <= anchor and their own chain
+        seen = torch.zeros((L, L), dtype=torch.bool, device=device)
+        seen[:N, :N] = torch.ones((N, N), dtype=torch.bool, device=device).tril()
+        for j in range(2, level + 1):
+            r = slice(N + (j - 2) * M, N + (j - 1) * M)
+            seen[r, :N] = torch.arange(N, device=device)[None] <= anchor[:, None]
+            for k in range(2, j + 1):
+                c = N + (k - 2) * M
+                seen[r, c:c + M] = torch.eye(M, dtype=torch.bool, device=device)
+        bias = torch.zeros((L, L), dtype=_mask_dtype(device), device=device)
+        bias.masked_fill_(~seen, torch.finfo(bias.dtype).min)
+        h = torch.cat(rows)[None]
+        rope = model.model.rotary_emb(h, torch.cat(positions)[None])
+        attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), position_embeddings=rope,
+                                  attention_mask=bias[None, None], **{cache_keyword(layer.self_attn): None})
+        h = h + attn
+        h = (h + layer.mlp(layer.post_attention_layernorm(h)))[0]
+        preds.append(h[start:N] if level == 1 else h[N + (level - 2) * M:])
+    return preds
 
 
-def eagle_loss(head: EagleHead, model: Any, ids: torch.Tensor, feats: torch.Tensor, start: int,
+def eagle_loss(head: EagleHead, model: Any, ids: torch.Tensor, feats: torch.Tensor, start: int, steps: int,
                noise: float, rng: torch.Generator | None,
                need_stats: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Loss over pairs t >= ``start`` (the answer); ``feats`` [T, d] are the real final-norm features."""
-    inputs = feats[:-1]
-    if noise:
-        inputs = inputs + (torch.rand(inputs.shape, generator=rng, device=inputs.device) - 0.5) * noise
-    fused = head.fuse(model.model.embed_tokens(ids[1:]).to(inputs.dtype), inputs)
-    pred = head_forward(head, model, fused)[start:]
-    target = feats[1:][start:]
-    regression = F.smooth_l1_loss(pred.float(), target.float())
+    """Summed level losses over anchors t >= ``start`` (the answer); ``feats`` [T, d] are the real features."""
+    T = ids.shape[0]
+    preds = unroll(head, model, ids, feats, start, steps, noise, rng)
+    M = T - 1 - start
     with torch.no_grad():
-        teacher = F.log_softmax(model.lm_head(target).float(), dim=-1)
-    log_q = F.log_softmax(model.lm_head(pred).float(), dim=-1)
-    classification = F.kl_div(log_q, teacher, log_target=True, reduction="batchmean")
-    loss = REGRESSION_WEIGHT * regression + CLASSIFICATION_WEIGHT * classification
+        teacher = F.log_softmax(model.lm_head(feats[start + 1:]).float(), dim=-1)  # position p at row p-start-1
+        want = teacher.argmax(-1)
+    loss = feats.new_zeros((), dtype=torch.float32)
+    correct = torch.zeros((M, steps), dtype=torch.bool, device=ids.device)
     stats: dict[str, Any] = {}
+    for j, pred in enumerate(preds, start=1):
+        valid = M - (j - 1)  # anchors whose target feature t+j exists
+        if valid <= 0:
+            break
+        pred, target = pred[:valid], feats[start + j:start + j + valid]
+        log_q = F.log_softmax(model.lm_head(pred).float(), dim=-1)
+        regression = F.smooth_l1_loss(pred.float(), target.float())
+        classification = F.kl_div(log_q, teacher[j - 1:j - 1 + valid], log_target=True, reduction="batchmean")
+        loss = loss + STEP_DECAY ** (j - 1) * (REGRESSION_WEIGHT * regression + CLASSIFICATION_WEIGHT * classification)
+        if need_stats:
+            with torch.no_grad():
+                top3 = log_q.topk(3, dim=-1).indices
+                hit = top3[:, 0] == want[j - 1:j - 1 + valid]
+                correct[:valid, j - 1] = hit
+                if j == 1:
+                    stats = {"n": int(valid), "top1": float(hit.sum()), "regression": float(regression),
+                             "top3": float((top3 == want[:valid, None]).any(-1).sum())}
     if need_stats:
-        with torch.no_grad():
-            want = teacher.argmax(-1)
-            top3 = log_q.topk(3, dim=-1).indices
-            stats = {"n": int(want.numel()), "top1": float((top3[:, 0] == want).sum()),
-                     "top3": float((top3 == want[:, None]).any(-1).sum()), "regression": float(regression)}
+        full = max(0, M - (steps - 1))  # anchors with every level's target inside the sequence
+        stats["chain"] = (1 + correct[:full].long().cumprod(dim=1).sum(dim=1)).float()
+        stats["level_top1"] = correct[:full].float().sum(0)
     return loss, stats
 
 
 @torch.no_grad()
-def evaluate(head: EagleHead, model: Any, data: list[dict[str, Any]], feats: list) -> dict[str, Any]:
-    """Depth-1 accuracy against the model's own greedy tokens, on held-out sequences."""
+def evaluate(head: EagleHead, model: Any, data: list[dict[str, Any]], feats: list, steps: int) -> dict[str, Any]:
+    """Depth-1 accuracy and the unrolled chain's accepted length against the model's own greedy tokens."""
     device = model.device
     agg = {"n": 0, "top1": 0.0, "top3": 0.0, "regression": 0.0}
+    chains, level_hits = [], torch.zeros(steps)
     for item, feat in zip(data, feats):
         start = max(0, item["prompt_len"] - 1)
         ids = torch.tensor(item["ids"], device=device)
         if len(ids) - 1 <= start:
             continue
         with autocast(device):
-            _, s = eagle_loss(head, model, ids, feat[-1].to(device).float(), start, 0.0, None, need_stats=True)
+            _, s = eagle_loss(head, model, ids, feat[-1].to(device).float(), start, steps, 0.0, None,
+                              need_stats=True)
         for k in ("n", "top1", "top3"):
             agg[k] += s[k]
         agg["regression"] += s["regression"] * s["n"]
+        chains.append(s["chain"].cpu())
+        level_hits += s["level_top1"].cpu()
     n = max(1, agg["n"])
+    chain = torch.cat(chains) if chains else torch.ones(1)
     return {"depth1": {"top1": agg["top1"] / n, "top3": agg["top3"] / n, "positions": agg["n"],
-                       "regression": agg["regression"] / n}}
+                       "regression": agg["regression"] / n},
+            "chain": {"steps": steps, "accepted_length": float(chain.mean()), "anchors": int(chain.numel()),
+                      "level_top1": [round(float(x) / max(1, chain.numel()), 4) for x in level_hits]}}
 
 
 def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, Any]], data_key: str,
@@ -96,6 +162,7 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
     model.requires_grad_(False)
     head = EagleHead(model.config, type(model.model.layers[0]), bias=False).to(device)
     noise = float(config.options.get("noise", NOISE))
+    steps = int(config.options.get("steps", STEPS))
     train_idx, val_idx = split_train_val(list(range(len(data))), config.val_fraction, config.seed)
     ids = [torch.tensor(d["ids"]) for d in data]
 
@@ -105,18 +172,23 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
             return None
         gen = torch.Generator(device=device).manual_seed(rng.randrange(2**31))
         with autocast(device):
-            return eagle_loss(head, model, ids[i].to(device), feats[i][-1].to(device).float(), start, noise, gen)[0]
+            return eagle_loss(head, model, ids[i].to(device), feats[i][-1].to(device).float(), start, steps,
+                              noise, gen)[0]
 
-    elapsed, losses = optimise(config, head, train_idx, loss_of, out, "training the EAGLE head")
-    val = evaluate(head, model, [data[i] for i in val_idx], [feats[i] for i in val_idx])
+    val_data, val_feats = [data[i] for i in val_idx], [feats[i] for i in val_idx]
+    log = optimise(config, head, train_idx, loss_of, out, "training the EAGLE head",
+                   lambda: evaluate(head, model, val_data, val_feats, steps)["chain"]["accepted_length"])
+    val = evaluate(head, model, val_data, val_feats, steps)
     acc = val["depth1"]
-    print(f"  depth 1: top-1 {acc['top1']:.1%}  top-3 {acc['top3']:.1%}  ({acc['positions']} val positions)",
-          file=sys.stderr)
+    print(f"  depth 1: top-1 {acc['top1']:.1%}  top-3 {acc['top3']:.1%}  ({acc['positions']} val positions); "
+          f"{steps}-level chain accepted length {val['chain']['accepted_length']:.3f}, per level top-1 "
+          f"{val['chain']['level_top1']}", file=sys.stderr)
     meta = {"method": "eagle", "model": config.model, "architecture": "fc + 1 decoder layer (upstream key names)",
-            "noise": noise, "loss_weights": {"regression": REGRESSION_WEIGHT, "classification": CLASSIFICATION_WEIGHT},
-            "val_accuracy": val, "train_time_s": round(elapsed, 1), "train_sequences": len(train_idx),
-            "train_steps": len(losses), "train_loss": [round(x, 5) for x in losses], "val_sequences": len(val_idx)}
-    write_result(out, config, head.state_dict(), meta, "model.safetensors")
-    print(f"Wrote {out / 'model.safetensors'} and {out / 'config.json'} (training {elapsed / 60:.1f} min)",
+            "noise": noise, "unrolled_steps": steps, "step_decay": STEP_DECAY,
+            "loss_weights": {"regression": REGRESSION_WEIGHT, "classification": CLASSIFICATION_WEIGHT},
+            "val_accuracy": val, "val_metric": f"teacher-forced accepted length of a {steps}-level greedy chain",
+            **log.meta(), "train_sequences": len(train_idx), "val_sequences": len(val_idx)}
+    write_result(out, config, head.state_dict(), meta, "model.safetensors", dtype=torch.bfloat16)
+    print(f"Wrote {out / 'model.safetensors'} and {out / 'config.json'} (training {log.elapsed / 60:.1f} min, {log.stopped})",
           file=sys.stderr)
     return meta

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from methods.core.errors import UserError
 from methods.core.training import Toolkit, autocast, TrainConfig, cached_features, optimise, prepare_out, split_train_val, write_result
-from methods.core.tree import tree_search, tree_search_default
+from methods.core.tree import best_tree_paths, expected_accepted_length, tree_search, tree_search_default
 from methods.firp.decoder import FirpMaps, build_plan, injections
 
 
@@ -157,19 +157,25 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
         with autocast(model.device):
             return firp_loss(model, lm_head, maps, feats[i], anchors)[0]
 
-    elapsed, losses = optimise(config, maps, train_idx, loss_of, out, "training FIRP maps")
+    tree_size = int(opts.get("tree_size", 4))
+    val_data, val_feats = [data[i] for i in val_idx], [feats[i] for i in val_idx]
+
+    def validate() -> float:  # teacher-forced accepted length of the best tree of the default size
+        ranks = evaluate(model, lm_head, maps, val_data, val_feats, anchors_per_seq)[1]
+        return expected_accepted_length(ranks, best_tree_paths(ranks, tree_size))
+
+    log = optimise(config, maps, train_idx, loss_of, out, "training FIRP maps", validate)
     val, ranks = evaluate(model, lm_head, maps, [data[i] for i in val_idx], [feats[i] for i in val_idx],
                           anchors_per_seq)
     for name, acc in val.items():
         print(f"  {name}: top-1 {acc['top1']:.1%}  top-3 {acc['top3']:.1%}  ({acc['positions']} val positions)",
               file=sys.stderr)
     meta = {"method": "firp", "model": config.model, **maps.config(), "K": K,
-            "default_tree": opts.get("tree") or tree_search_default(ranks, int(opts.get("tree_size", 4))),
+            "default_tree": opts.get("tree") or tree_search_default(ranks, tree_size),
             "tree_search": tree_search(ranks), "val_accuracy": val,
-            "train_time_s": round(elapsed, 1), "train_sequences": len(train_idx), "train_steps": len(losses),
-            "train_loss": [round(x, 5) for x in losses],
-            "val_sequences": len(val_idx), "anchors_per_seq": anchors_per_seq}
+            **log.meta(), "val_metric": f"teacher-forced accepted length, best {tree_size}-node tree",
+            "train_sequences": len(train_idx), "val_sequences": len(val_idx), "anchors_per_seq": anchors_per_seq}
     write_result(out, config, maps.state_dict(), meta, "firp.safetensors")
     print(f"Wrote {out / 'firp.safetensors'} and {out / 'config.json'} "
-          f"(training {elapsed / 60:.1f} min)", file=sys.stderr)
+          f"(training {log.elapsed / 60:.1f} min, {log.stopped})", file=sys.stderr)
     return meta

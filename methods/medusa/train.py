@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.core.training import Toolkit, autocast, TrainConfig, cached_features, optimise, prepare_out, split_train_val, write_result
-from methods.core.tree import tree_search, tree_search_default
+from methods.core.tree import best_tree_paths, expected_accepted_length, tree_search, tree_search_default
 from methods.medusa.decoder import MedusaHeads
 
 
@@ -96,20 +96,26 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
         with autocast(device):
             return head_losses(heads, lm_head, feats[i][-1].to(device).float(), start)[0]
 
-    elapsed, losses = optimise(config, heads, train_idx, loss_of, out, "training medusa heads")
+    tree_size = int(config.options.get("tree_size", 12))
+    val_data, val_feats = [data[i] for i in val_idx], [feats[i] for i in val_idx]
+
+    def validate() -> float:  # teacher-forced accepted length of the best tree of the default size
+        ranks = evaluate(heads, lm_head, val_data, val_feats)[1]
+        return expected_accepted_length(ranks, best_tree_paths(ranks, tree_size))
+
+    log = optimise(config, heads, train_idx, loss_of, out, "training medusa heads", validate)
     val, ranks = evaluate(heads, lm_head, [data[i] for i in val_idx], [feats[i] for i in val_idx])
     for name, acc in val.items():
         print(f"  {name}: top-1 {acc['top1']:.1%}  top-3 {acc['top3']:.1%}  ({acc['positions']} val positions)",
               file=sys.stderr)
     meta = {"method": "medusa", "model": config.model, "num_heads": num_heads, "layout": layout,
-            "default_tree": config.options.get("tree") or tree_search_default(ranks, int(config.options.get("tree_size", 12))),
+            "default_tree": config.options.get("tree") or tree_search_default(ranks, tree_size),
             "tree_search": tree_search(ranks), "val_accuracy": val,
-            "train_time_s": round(elapsed, 1), "train_sequences": len(train_idx), "train_steps": len(losses),
-            "train_loss": [round(x, 5) for x in losses],
-            "val_sequences": len(val_idx)}
+            **log.meta(), "val_metric": f"teacher-forced accepted length, best {tree_size}-node tree",
+            "train_sequences": len(train_idx), "val_sequences": len(val_idx)}
     write_result(out, config, heads.upstream_state_dict(), meta, "heads.safetensors")
     print(f"Wrote {out / 'heads.safetensors'} and {out / 'config.json'} "
-          f"(training {elapsed / 60:.1f} min)", file=sys.stderr)
+          f"(training {log.elapsed / 60:.1f} min, {log.stopped})", file=sys.stderr)
     return meta
 
 

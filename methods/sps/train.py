@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.core.training import (Toolkit, TrainConfig, autocast, cached_features, optimise, prepare_out,
-                                   split_train_val, write_result)
+from methods.core.training import (Toolkit, TrainConfig, autocast, cached_features, chain_accepted_length,
+                                   optimise, prepare_out, split_train_val, write_result)
 from methods.sps.decoder import LAYERS_FILE, init_from_target, layers_only_draft, own_state
 
 
@@ -34,7 +34,8 @@ def draft_loss(draft: nn.Module, model: Any, ids: torch.Tensor, final: torch.Ten
     stats = {}
     if need_stats:
         with torch.no_grad():
-            stats = {"n": int(teacher.shape[0]), "top1": float((log_q.argmax(-1) == teacher.argmax(-1)).sum())}
+            agree = log_q.argmax(-1) == teacher.argmax(-1)
+            stats = {"n": int(teacher.shape[0]), "top1": float(agree.sum()), "agree": agree}
     return loss, stats
 
 
@@ -61,9 +62,11 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
         with autocast(device):
             return draft_loss(draft, model, ids[i].to(device), feats[i][-1].to(device).float(), start)[0]
 
-    elapsed, losses = optimise(config, trainable, train_idx, loss_of, out, f"distilling a {layers}-layer draft")
-    n = top1 = 0.0
-    with torch.no_grad():
+    gamma = int(config.options.get("gamma", 4))
+
+    def validation() -> dict[str, float]:
+        n = top1 = 0.0
+        lengths = []
         for i in val_idx:
             start = max(0, data[i]["prompt_len"] - 1)
             if len(ids[i]) - 1 <= start:
@@ -71,13 +74,21 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
             with autocast(device):
                 _, s = draft_loss(draft, model, ids[i].to(device), feats[i][-1].to(device).float(), start, True)
             n, top1 = n + s["n"], top1 + s["top1"]
-    agreement = top1 / max(1.0, n)
-    print(f"  draft top-1 = target's greedy token on {agreement:.1%} of {int(n)} val positions", file=sys.stderr)
+            lengths.append(chain_accepted_length(s["agree"].cpu(), gamma).float())
+        return {"top1_agreement": top1 / max(1.0, n), "positions": int(n),
+                f"chain_accepted_length_gamma{gamma}": float(torch.cat(lengths).mean()) if lengths else 1.0}
+
+    log = optimise(config, trainable, train_idx, loss_of, out, f"distilling a {layers}-layer draft",
+                   lambda: validation()[f"chain_accepted_length_gamma{gamma}"])
+    with torch.no_grad():
+        val = validation()
+    print(f"  draft top-1 = target's greedy token on {val['top1_agreement']:.1%} of {val['positions']} val positions; "
+          f"teacher-forced accepted length at gamma {gamma}: {val[f'chain_accepted_length_gamma{gamma}']:.3f}",
+          file=sys.stderr)
     meta = {"method": "sps", "model": config.model, "num_layers": layers,
             "init": f"the target's first {layers} layers and final norm; embedding and LM head shared with the target",
-            "val_accuracy": {"top1_agreement": agreement, "positions": int(n)},
-            "train_time_s": round(elapsed, 1), "train_sequences": len(train_idx), "train_steps": len(losses),
-            "train_loss": [round(x, 5) for x in losses], "val_sequences": len(val_idx)}
+            "val_accuracy": val, "val_metric": f"teacher-forced chain accepted length at gamma {gamma}",
+            **log.meta(), "train_sequences": len(train_idx), "val_sequences": len(val_idx)}
     write_result(out, config, own_state(draft), meta, LAYERS_FILE, dtype=torch.bfloat16)
-    print(f"Wrote {out / LAYERS_FILE} and {out / 'config.json'} (training {elapsed / 60:.1f} min)", file=sys.stderr)
+    print(f"Wrote {out / LAYERS_FILE} and {out / 'config.json'} (training {log.elapsed / 60:.1f} min, {log.stopped})", file=sys.stderr)
     return meta
