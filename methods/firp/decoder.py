@@ -15,8 +15,8 @@ Options (all recorded in the manifest):
   K / layers   one map per step; ``layers`` lists l_k (non-decreasing), e.g. [10, 10, 10]
   mode         ``serialized`` (W_k reads pseudo k-1; chain members see each other) or
                ``parallel`` (W_k reads the anchor; each pseudo sees only the context): the ablation
-  input        ``prev`` (the previous chain element's state) or ``prev+anchor`` (also the
-               anchor token's own state at that layer)
+  input        ``prev`` (the previous chain element's state), ``anchor`` (the anchor token's own
+               state at that layer, for every step) or ``prev+anchor`` (both)
   tree         top-k per depth (``3x2x1``) or explicit paths, depth <= K
   chains       ``all`` tree nodes carry chains, or ``spine`` (root and the top-1 path only;
                a step whose last accepted node has no chain is followed by a root-only step)
@@ -37,12 +37,28 @@ from methods.core.decoder import Decoder, Draft
 from methods.core.engine import ForwardOutput, Injection
 from methods.core.errors import UserError, first_line
 from methods.core.options import option
+from methods.core.cost import TREE_AUTO, TREE_HELP, TREE_TRAINED, resolve_tree
 from methods.core.tree import TreeLayout, chain_layout, parse_tree
 from methods.core.verify import Acceptance
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TRAIN_HINT = ("python -m harness train firp --model {model} --data ../shared/data/gsm8k/train.jsonl "
               "../shared/data/boolq/dev.jsonl --out DIR")
+
+
+INPUTS = ("prev", "anchor", "prev+anchor")
+
+
+def map_input(kind: str, prev: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """What W_k reads. ``prev`` chains the maps (step k is then a product of linear maps of the
+    anchor: no more expressive than parallel, and later steps' losses pull on W_0);
+    ``anchor`` gives every W_k the anchor's own state while the serialized attention still
+    lets pseudo k see its chain's earlier steps; ``prev+anchor`` concatenates both."""
+    if kind == "prev":
+        return prev
+    if kind == "anchor":
+        return anchor
+    return torch.cat([prev, anchor], dim=-1)
 
 
 class FirpMaps(nn.Module):
@@ -52,8 +68,8 @@ class FirpMaps(nn.Module):
         super().__init__()
         if mode not in ("serialized", "parallel"):
             raise ValueError(f"mode must be serialized or parallel, got {mode!r}")
-        if input not in ("prev", "prev+anchor"):
-            raise ValueError(f"input must be prev or prev+anchor, got {input!r}")
+        if input not in INPUTS:
+            raise ValueError(f"input must be one of {', '.join(INPUTS)}, got {input!r}")
         if list(layers) != sorted(layers):
             raise ValueError(f"FIRP layers must be non-decreasing, got {list(layers)}")
         self.layers = [int(x) for x in layers]
@@ -81,8 +97,7 @@ class FirpMaps(nn.Module):
         return out
 
     def make(self, k: int, prev: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        x = prev if self.input == "prev" else torch.cat([prev, anchor], dim=-1)
-        return self.maps[k](x)
+        return self.maps[k](map_input(self.input, prev, anchor))
 
     def config(self) -> dict[str, Any]:
         return {"layers": self.layers, "mode": self.mode, "input": self.input}
@@ -201,11 +216,11 @@ def shipped_weights(model_name: str) -> Path | None:
 @dataclass(frozen=True)
 class FirpOptions:
     weights: str | None = option(None, help="FIRP maps folder (default: shipped)")
-    tree: str | None = option(None, help="top-k per depth (3x2x1), JSON paths, or a JSON file (default: trained)")
+    tree: str = option(TREE_AUTO, help=TREE_HELP)
     chains: str = option("all", choices=("all", "spine"), help="tree nodes that carry pseudo chains")
 
     def validate(self) -> None:
-        if self.tree is not None:
+        if self.tree not in (TREE_AUTO, TREE_TRAINED):
             parse_tree(self.tree)
         if self.weights is not None and not (Path(self.weights) / "firp.safetensors").is_file():
             raise UserError(f"FIRP weights not found in {self.weights} (expected firp.safetensors + config.json "
@@ -227,7 +242,9 @@ class FirpDecoder(Decoder):
         self.weights_path = path
         self.maps, self.weights_config = load_firp(path, engine.config.hidden_size)
         self.maps.to(device=engine.device, dtype=engine.dtype).eval().requires_grad_(False)
-        self.tree_spec = opts.tree or self.weights_config.get("default_tree") or self.default_tree
+        self.tree_spec, self.tree_choice = resolve_tree(
+            opts.tree, self.weights_config, self.default_tree, engine, self.model_name,
+            lambda paths: self.processed_per_step(parse_tree(paths), opts.chains), self.maps.K)
         self.tree = parse_tree(self.tree_spec)
         if self.tree.max_depth > self.maps.K:
             raise UserError(f"tree depth {self.tree.max_depth} exceeds FIRP's K={self.maps.K} pseudo steps")
@@ -247,6 +264,12 @@ class FirpDecoder(Decoder):
         self.root_rows = torch.tensor(self.root_plan.rows_of(0, K), device=device)
         self.root_layout = chain_layout(0, engine)
 
+    @staticmethod
+    def processed_per_step(tree: Any, chains: str) -> int:
+        """Tokens one FIRP target pass runs: the tree plus K' pseudo tokens per chain-carrying node."""
+        anchors = tree.size if chains == "all" else 1 + sum(1 for p in tree.paths if all(c == 0 for c in p))
+        return tree.size + anchors * tree.max_depth
+
     @classmethod
     def check_ready(cls, model_name: str, options: FirpOptions) -> None:
         if not options.weights and shipped_weights(model_name) is None:
@@ -258,7 +281,8 @@ class FirpDecoder(Decoder):
                 **self.maps.config(), "K": self.trained_K, "steps_used": self.maps.K,
                 "draft_size": self.tree.draft_size,
                 "pseudo_tokens_per_step": len(self.plan.anchors) * self.maps.K,
-                "tree_paths": [list(p) for p in self.tree.paths]}
+                "tree_paths": [list(p) for p in self.tree.paths],
+                **({"tree_choice": self.tree_choice} if self.tree_choice else {})}
 
     def step_capacity(self) -> int:
         return self.tree.size + len(self.plan.anchors) * self.maps.K

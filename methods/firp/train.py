@@ -120,6 +120,60 @@ def evaluate(model, lm_head, maps, data, feats, anchors_per_seq: int | None) -> 
     return accuracy, (torch.cat(ranks) if ranks else torch.zeros((0, maps.K), dtype=torch.long))
 
 
+@torch.no_grad()
+def ridge_init(maps: FirpMaps, data: list[dict[str, Any]], feats: list, train_idx: list[int],
+               ridge: float = 1e-3) -> dict[str, float]:
+    """Least-squares W_k (with bias) from what W_k reads to the real hidden state of position
+    t+k+1 at the same layer, over every answer anchor of the training sequences.
+
+    Closed form on the cached features (a d x d solve per step, seconds), so KL fine-tuning
+    starts from the best linear predictor instead of identity. ``ridge`` scales the
+    regulariser by the mean diagonal of X^T X. Returns each step's R^2 on the fitted data.
+    """
+    layer = maps.layers[0]
+    fits: dict[str, float] = {}
+    for k in range(maps.K):
+        if maps.layers[k] != layer:
+            continue  # a map entering at another layer keeps identity (its features are not cached)
+        xtx = xty = None
+        xs = ys = None
+        n = 0
+        y2 = torch.zeros((), dtype=torch.float64)
+        for i in train_idx:
+            h = feats[i][layer].double()
+            first, last = max(0, data[i]["prompt_len"] - 1), h.shape[0] - 1 - (k + 1)
+            if last < first:
+                continue
+            t = torch.arange(first, last + 1)
+            prev = h[t + k] if maps.mode == "serialized" else h[t]  # what pseudo k-1 approximates
+            x = torch.cat([maps_input(maps, prev, h[t]), torch.ones(len(t), 1, dtype=h.dtype)], dim=1)
+            y = h[t + k + 1]
+            xtx = x.T @ x if xtx is None else xtx + x.T @ x
+            xty = x.T @ y if xty is None else xty + x.T @ y
+            xs = x.sum(0) if xs is None else xs + x.sum(0)
+            ys = y.sum(0) if ys is None else ys + y.sum(0)
+            y2 += (y * y).sum()
+            n += len(t)
+        if xtx is None:
+            continue
+        reg = ridge * xtx.diagonal()[:-1].mean()
+        eye = torch.eye(xtx.shape[0], dtype=xtx.dtype)
+        eye[-1, -1] = 0  # the bias is not shrunk
+        w = torch.linalg.solve(xtx + reg * eye, xty)  # [d_in + 1, d]
+        sse = y2 - 2 * (w * xty).sum() + (w * (xtx @ w)).sum()
+        sst = y2 - (ys * ys).sum() / n
+        fits[f"step{k + 1}"] = round(float(1 - sse / sst), 4)
+        maps.maps[k].weight.copy_(w[:-1].T.to(maps.maps[k].weight.dtype))
+        maps.maps[k].bias.copy_(w[-1].to(maps.maps[k].bias.dtype))
+    return fits
+
+
+def maps_input(maps: FirpMaps, prev: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    from methods.firp.decoder import map_input
+
+    return map_input(maps.input, prev, anchor)
+
+
 def parse_layers(value: Any, K: int, num_layers: int) -> list[int]:
     if isinstance(value, str):
         parts = [int(x) for x in value.replace("x", ",").split(",") if x.strip()]
@@ -150,19 +204,30 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
     model.requires_grad_(False)
     train_idx, val_idx = split_train_val(list(range(len(data))), config.val_fraction, config.seed)
     lm_head = model.lm_head
-    def loss_of(i: int, rng: random.Random) -> torch.Tensor | None:
-        anchors = anchor_positions(data[i], K, anchors_per_seq, rng)
-        if not anchors:
-            return None
-        with autocast(model.device):
-            return firp_loss(model, lm_head, maps, feats[i], anchors)[0]
-
     tree_size = int(opts.get("tree_size", 4))
     val_data, val_feats = [data[i] for i in val_idx], [feats[i] for i in val_idx]
 
     def validate() -> float:  # teacher-forced accepted length of the best tree of the default size
         ranks = evaluate(model, lm_head, maps, val_data, val_feats, anchors_per_seq)[1]
         return expected_accepted_length(ranks, best_tree_paths(ranks, tree_size))
+
+    init = opts.get("init", "ridge")
+    if init not in ("ridge", "identity"):
+        raise UserError(f"bad FIRP option init={init!r}; valid: ridge, identity")
+    init_report: dict[str, Any] = {"init": init}
+    if init == "ridge":
+        init_report["ridge_r2"] = ridge_init(maps, data, feats, train_idx)
+        with torch.no_grad():
+            init_report["val_after_init"] = round(validate(), 4)
+        print(f"  ridge init: R^2 {init_report['ridge_r2']}, validation {init_report['val_after_init']:.4f}",
+              file=sys.stderr)
+
+    def loss_of(i: int, rng: random.Random) -> torch.Tensor | None:
+        anchors = anchor_positions(data[i], K, anchors_per_seq, rng)
+        if not anchors:
+            return None
+        with autocast(model.device):
+            return firp_loss(model, lm_head, maps, feats[i], anchors)[0]
 
     log = optimise(config, maps, train_idx, loss_of, out, "training FIRP maps", validate)
     val, ranks = evaluate(model, lm_head, maps, [data[i] for i in val_idx], [feats[i] for i in val_idx],
@@ -171,7 +236,7 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
         print(f"  {name}: top-1 {acc['top1']:.1%}  top-3 {acc['top3']:.1%}  ({acc['positions']} val positions)",
               file=sys.stderr)
     meta = {"method": "firp", "model": config.model, **maps.config(), "K": K,
-            "default_tree": opts.get("tree") or tree_search_default(ranks, tree_size),
+            **init_report, "default_tree": opts.get("tree") or tree_search_default(ranks, tree_size),
             "tree_search": tree_search(ranks), "val_accuracy": val,
             **log.meta(), "val_metric": f"teacher-forced accepted length, best {tree_size}-node tree",
             "train_sequences": len(train_idx), "val_sequences": len(val_idx), "anchors_per_seq": anchors_per_seq}

@@ -28,6 +28,7 @@ from methods.core.decoder import Decoder, Draft
 from methods.core.engine import ForwardOutput
 from methods.core.errors import UserError, first_line
 from methods.core.options import option
+from methods.core.cost import TREE_AUTO, TREE_HELP, TREE_TRAINED, resolve_tree
 from methods.core.tree import TreeLayout, parse_tree
 from methods.core.verify import Acceptance
 
@@ -115,11 +116,10 @@ def shipped_heads(model_name: str) -> Path | None:
 @dataclass(frozen=True)
 class MedusaOptions:
     heads: str | None = option(None, help="heads folder or upstream medusa_lm_head file (default: shipped)")
-    tree: str | None = option(None, help="top-k per depth (4x2x1), JSON paths, or a JSON file (default: the "
-                                          "heads' trained tree)")
+    tree: str = option(TREE_AUTO, help=TREE_HELP)
 
     def validate(self) -> None:
-        if self.tree is not None:
+        if self.tree not in (TREE_AUTO, TREE_TRAINED):
             parse_tree(self.tree)
         if self.heads is not None:
             check_heads_path(Path(self.heads))
@@ -153,7 +153,9 @@ class MedusaDecoder(Decoder):
         self.heads_path = path
         self.heads, self.head_config = load_heads(path, cfg.hidden_size, cfg.vocab_size)
         self.heads.to(device=engine.device, dtype=engine.dtype).eval().requires_grad_(False)
-        self.tree_spec = opts.tree or self.head_config.get("default_tree") or self.default_tree
+        self.tree_spec, self.tree_choice = resolve_tree(
+            opts.tree, self.head_config, self.default_tree, engine, self.model_name,
+            lambda paths: 1 + len(paths), self.heads.num_heads)
         self.tree = parse_tree(self.tree_spec)
         if self.tree.max_depth > self.heads.num_heads:
             raise UserError(f"tree depth {self.tree.max_depth} exceeds the {self.heads.num_heads} Medusa heads")
@@ -169,7 +171,8 @@ class MedusaDecoder(Decoder):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "heads": str(self.heads_path), "tree": self.tree_spec,
                 "num_heads": self.heads.num_heads, "layout": self.heads.layout,
-                "draft_size": self.tree.draft_size, "tree_paths": [list(p) for p in self.tree.paths]}
+                "draft_size": self.tree.draft_size, "tree_paths": [list(p) for p in self.tree.paths],
+                **({"tree_choice": self.tree_choice} if self.tree_choice else {})}
 
     def step_capacity(self) -> int:
         return self.tree.size

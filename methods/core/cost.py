@@ -1,0 +1,171 @@
+"""What a verification pass costs on *this* hardware, and the tree that pays off most there.
+
+SPEED-Bench and EAGLE's own harness found that the best draft size depends on the device,
+the dtype and the batch: on this project's CPU a 16-token pass costs about 1.2x one token
+in bf16 but about 2x in float32, on a GPU almost nothing. So the harness measures the
+curve t(n)/t(1) once per (model, device, dtype, threads), caches it, and a method with a
+static tree picks, from its trainer's teacher-forced accepted length of the best tree of
+each size, the tree with the highest *expected speedup*:
+
+    predicted speedup(tree) = E[accepted length](tree) / (t(processed(tree)) / t(1))
+
+where ``processed`` counts every token the target pass runs (root, draft nodes, and
+FIRP's pseudo tokens). Drafting costs outside the pass (Medusa's heads, a few matmuls)
+are left out; the report puts the prediction beside the measured speedup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+CONTEXT = 256
+
+
+@dataclass(frozen=True)
+class CostCurve:
+    """t(n)/t(1) at measured sizes, linearly interpolated (and extrapolated from the last two)."""
+
+    sizes: tuple[int, ...]
+    ratios: tuple[float, ...]
+    one_token_ms: float = 0.0
+    key: str = ""
+
+    def __call__(self, n: float) -> float:
+        xs, ys = self.sizes, self.ratios
+        if n <= xs[0]:
+            return ys[0]
+        for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+            if n <= x1:
+                return y0 + (y1 - y0) * (n - x0) / (x1 - x0)
+        (x0, y0), (x1, y1) = (xs[-2], ys[-2]), (xs[-1], ys[-1])
+        return y1 + (y1 - y0) * (n - x1) / (x1 - x0)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"sizes": list(self.sizes), "ratios": [round(r, 4) for r in self.ratios],
+                "one_token_ms": round(self.one_token_ms, 3), "key": self.key}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def hardware_key(engine: Any, model_name: str) -> str:
+    """What the curve depends on: model, device (its name), dtype and thread count."""
+    device = engine.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}")
+    return json.dumps({"model": model_name or type(engine.model).__name__, "layers": engine.config.num_hidden_layers,
+                       "hidden": engine.config.hidden_size, "device": f"{device.type}:{name}",
+                       "dtype": str(engine.dtype), "threads": torch.get_num_threads()}, sort_keys=True)
+
+
+@torch.no_grad()
+def measure(engine: Any, sizes: Sequence[int] = SIZES, context: int = CONTEXT, rounds: int = 5) -> CostCurve:
+    """Median time of an n-token tree pass after ``context`` cached tokens, rounds interleaved over sizes."""
+    engine.reset(context + max(sizes) + 1)
+    vocab = engine.config.vocab_size
+    engine.forward([i % vocab for i in range(context)], commit=True, want_logits=False)
+    biases = {n: engine.tree_bias(torch.ones(n, n, dtype=torch.bool, device=engine.device).tril()) if n > 1 else None
+              for n in sizes}
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    for r in range(rounds + 1):
+        for n in sizes:
+            _sync(engine.device)
+            start = time.perf_counter()
+            engine.forward([i % vocab for i in range(n)], step_bias=biases[n])
+            _sync(engine.device)
+            if r:  # round 0 warms every shape up
+                times[n].append(time.perf_counter() - start)
+    one = statistics.median(times[sizes[0]])
+    return CostCurve(tuple(sizes), tuple(statistics.median(times[n]) / one for n in sizes), one * 1000)
+
+
+_MEMO: dict[str, CostCurve] = {}
+
+
+def cost_curve(engine: Any, model_name: str, cache_dir: Path | None) -> CostCurve:
+    """The measured curve for this engine's hardware, from memory, the cache folder, or a fresh measurement."""
+    key = hardware_key(engine, model_name)
+    if key in _MEMO:
+        return _MEMO[key]
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / "cost" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            curve = CostCurve(tuple(saved["sizes"]), tuple(saved["ratios"]), saved.get("one_token_ms", 0.0), key)
+            _MEMO[key] = curve
+            return curve
+        except (OSError, ValueError, KeyError):
+            pass
+    curve = measure(engine)
+    curve = CostCurve(curve.sizes, curve.ratios, curve.one_token_ms, key)
+    _MEMO[key] = curve
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(curve.as_dict()), encoding="utf-8")
+            tmp.replace(path)
+        except OSError:
+            pass  # an unwritable cache only costs a re-measurement next time
+    return curve
+
+
+def pick_tree(candidates: Sequence[dict[str, Any]], curve: CostCurve,
+              processed: Callable[[list[list[int]]], int]) -> dict[str, Any]:
+    """The candidate (``{"paths", "expected_accepted_length"}``, as trainers' ``tree_search``
+    records them) with the highest predicted speedup; returns it with the whole table."""
+    table = []
+    for c in candidates:
+        paths = [list(p) for p in c["paths"]]
+        n = processed(paths)
+        acc = float(c["expected_accepted_length"])
+        table.append({"draft_size": len(paths), "processed": n, "expected_accepted_length": round(acc, 4),
+                      "cost": round(curve(n), 4), "predicted_speedup": round(acc / curve(n), 4),
+                      **({"name": c["name"]} if "name" in c else {}), "paths": paths})
+    best = max(table, key=lambda row: row["predicted_speedup"])
+    return {"paths": best["paths"], "draft_size": best["draft_size"], "predicted_speedup": best["predicted_speedup"],
+            "expected_accepted_length": best["expected_accepted_length"], "processed": best["processed"],
+            "candidates": [{k: v for k, v in row.items() if k != "paths"} for row in table],
+            "cost_curve": curve.as_dict()}
+
+
+TREE_AUTO, TREE_TRAINED = "auto", "trained"
+TREE_HELP = ("auto (default: the trained tree of the highest predicted speedup on this hardware's measured "
+             "verify cost), trained (the trainer's default), top-k per depth (4x2x1), JSON paths, or a JSON file")
+
+
+def resolve_tree(option_value: str | None, weights_config: dict[str, Any], fallback: str, engine: Any,
+                 model_name: str, processed: Callable[[list[list[int]]], int],
+                 max_depth: int) -> tuple[Any, dict[str, Any] | None]:
+    """The tree spec a static-tree method runs with, and the cost-fitted choice behind it (or None).
+
+    ``auto`` needs the trainer's ``tree_search`` table in the weights' config.json; without one
+    (upstream heads, older files) it falls back to the trained default tree."""
+    from methods.core.files import cache_root
+
+    value = option_value or TREE_AUTO
+    trained = weights_config.get("default_tree") or fallback
+    if value == TREE_TRAINED:
+        return trained, None
+    if value != TREE_AUTO:
+        return value, None
+    table = [c for c in weights_config.get("tree_search") or []
+             if c.get("paths") and max(len(p) for p in c["paths"]) <= max_depth]
+    if not table:
+        return trained, None
+    choice = pick_tree(table, cost_curve(engine, model_name, cache_root()), processed)
+    return choice["paths"], choice

@@ -1,0 +1,86 @@
+"""Trees chosen from measured verify cost: the prediction, the pick, the cache, the fallbacks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from methods.core.cost import CostCurve, cost_curve, pick_tree, resolve_tree
+from methods.core.engine import Engine
+from tests.conftest import tiny_model
+
+TABLE = [  # teacher-forced accepted lengths of the best tree of each size, as trainers write them
+    {"size": 1, "expected_accepted_length": 1.40, "paths": [[0]]},
+    {"size": 4, "expected_accepted_length": 1.77, "paths": [[0], [1], [0, 0], [2]]},
+    {"size": 12, "expected_accepted_length": 2.06, "paths": [[i] for i in range(6)] + [[0, i] for i in range(6)]},
+]
+
+
+def test_interpolation_between_and_beyond_measured_sizes():
+    curve = CostCurve((1, 2, 4), (1.0, 1.2, 2.0))
+    assert curve(1) == 1.0 and curve(3) == pytest.approx(1.6) and curve(6) == pytest.approx(2.8)
+
+
+def test_flat_cost_picks_the_big_tree_and_steep_cost_the_small_one():
+    flat = pick_tree(TABLE, CostCurve((1, 64), (1.0, 1.05)), lambda paths: 1 + len(paths))
+    assert flat["draft_size"] == 12
+    steep = pick_tree(TABLE, CostCurve((1, 2, 64), (1.0, 1.9, 60.0)), lambda paths: 1 + len(paths))
+    assert steep["draft_size"] == 1
+    assert steep["predicted_speedup"] == pytest.approx(1.40 / 1.9, abs=1e-3)
+    assert [c["draft_size"] for c in steep["candidates"]] == [1, 4, 12]
+
+
+def test_processed_tokens_enter_the_cost():
+    """FIRP's pseudo tokens make a tree dearer: with them counted the pick shrinks."""
+    curve = CostCurve((1, 13, 64), (1.0, 1.2, 6.0))
+    plain = pick_tree(TABLE, curve, lambda paths: 1 + len(paths))
+    pseudo = pick_tree(TABLE, curve, lambda paths: (1 + len(paths)) * 3)
+    assert plain["draft_size"] == 12 and pseudo["draft_size"] < 12
+
+
+def test_auto_measures_once_caches_and_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECDEC_HARNESS_CACHE", str(tmp_path))
+    engine = Engine(tiny_model("llama"))
+    spec, choice = resolve_tree("auto", {"tree_search": TABLE, "default_tree": "2x1"}, "3x1", engine,
+                                "tiny-cost", lambda p: 1 + len(p), max_depth=3)
+    assert choice is not None and spec == choice["paths"]
+    saved = list((tmp_path / "cost").glob("*.json"))
+    assert len(saved) == 1 and json.loads(saved[0].read_text())["ratios"][0] == 1.0
+    # the cached curve is reused, not re-measured
+    import methods.core.cost as cost
+
+    cost._MEMO.clear()
+    monkeypatch.setattr(cost, "measure", lambda *a, **k: pytest.fail("re-measured"))
+    assert cost_curve(engine, "tiny-cost", tmp_path).as_dict()["ratios"] == choice["cost_curve"]["ratios"]
+    # trained / explicit trees and configs without a table skip the measurement
+    assert resolve_tree("trained", {"tree_search": TABLE, "default_tree": "2x1"}, "3x1", engine, "t",
+                        len, 3) == ("2x1", None)
+    assert resolve_tree("auto", {"default_tree": "2x1"}, "3x1", engine, "t", len, 3) == ("2x1", None)
+    assert resolve_tree("4x1", {}, "3x1", engine, "t", len, 3) == ("4x1", None)
+    # trees deeper than the heads are never candidates
+    deep = [*TABLE, {"size": 3, "expected_accepted_length": 9.0, "paths": [[0], [0, 0], [0, 0, 0, 0]]}]
+    _, choice = resolve_tree("auto", {"tree_search": deep}, "3x1", engine, "tiny-cost", len, 3)
+    assert all(c["expected_accepted_length"] < 9 for c in choice["candidates"])
+
+
+def test_medusa_auto_tree_is_recorded_and_lossless(tmp_path, monkeypatch):
+    from methods.medusa import MedusaDecoder, MedusaHeads
+    from methods.vanilla import VanillaDecoder
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("SPECDEC_HARNESS_CACHE", str(tmp_path / "cache"))
+    model = tiny_model("llama")
+    engine = Engine(model)
+    torch.manual_seed(0)
+    heads = MedusaHeads(model.config.hidden_size, model.config.vocab_size, 2, "shared")
+    folder = tmp_path / "heads"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in heads.upstream_state_dict().items()}, str(folder / "heads.safetensors"))
+    table = [{**t, "paths": [p[:2] for p in t["paths"]]} for t in TABLE]
+    (folder / "config.json").write_text(json.dumps({"default_tree": "2x1", "tree_search": table}))
+    decoder = MedusaDecoder(engine, heads=str(folder))
+    info = decoder.describe()
+    assert info["tree_choice"]["predicted_speedup"] > 0 and info["tree_paths"] == info["tree_choice"]["paths"]
+    assert decoder.generate([1, 2, 3], 16).tokens == VanillaDecoder(engine).generate([1, 2, 3], 16).tokens
