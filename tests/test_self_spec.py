@@ -30,10 +30,35 @@ def test_self_spec_is_lossless_on_tiny_models(tiny, skip, threshold, adaptive):
 def test_no_skipping_accepts_every_confident_draft(tiny):
     engine = Engine(tiny)
     decoder = SelfSpeculativeDecoder(engine, skip={"attention": [], "mlp": []}, threshold=0.0, adaptive=False,
-                                     max_draft=4)
+                                     max_draft=4, policy="always")
     got = decoder.generate([1, 2, 3], 21)
     assert got.tokens == VanillaDecoder(engine).generate([1, 2, 3], 21).tokens
     assert all(a == d + 1 for a, d in zip(got.accepted[1:-1], got.draft_sizes[1:-1]))
+
+
+def test_cost_policy_pauses_drafting_that_does_not_pay(tiny, monkeypatch, tmp_path):
+    """A draft as dear as the full model never pays: the cost policy falls back to plain steps
+    (doubling pauses), 'always' keeps drafting; both stay lossless."""
+    monkeypatch.setenv("SPECDEC_HARNESS_CACHE", str(tmp_path))
+    engine = Engine(tiny)
+    nothing_skipped = {"attention": [], "mlp": []}
+    prompt = [1, 2, 3]
+    ref = VanillaDecoder(engine).generate(prompt, 60).tokens
+    always = SelfSpeculativeDecoder(engine, skip=nothing_skipped, threshold=0.0, adaptive=False, max_draft=4,
+                                    policy="always").generate(prompt, 60)
+    cost = SelfSpeculativeDecoder(engine, skip=nothing_skipped, threshold=0.0, adaptive=False, max_draft=4,
+                                  policy="cost")
+    assert cost.draft_cost > 0  # measured at set-up (too noisy on a tiny model to pin down)
+    cost.draft_cost = 1.5  # a draft dearer than the step it saves: no acceptance can pay for it
+    got = cost.generate(prompt, 60)
+    assert got.tokens == ref == always.tokens
+    assert all(d > 0 for d in always.draft_sizes[1:-1])  # prefill drafts nothing; the last step may lack room
+    plain = sum(1 for d in got.draft_sizes if d == 0)
+    assert plain > len(got.draft_sizes) / 2, got.draft_sizes
+    # a free draft pays: with its cost measured as zero the policy never pauses
+    cheap = SelfSpeculativeDecoder(engine, skip=nothing_skipped, threshold=0.0, adaptive=False, max_draft=4)
+    cheap.draft_cost = 0.0
+    assert all(d > 0 for d in cheap.generate(prompt, 40).draft_sizes[1:-1])
 
 
 def test_load_skip_set_forms(tmp_path):

@@ -169,3 +169,22 @@ def resolve_tree(option_value: str | None, weights_config: dict[str, Any], fallb
         return trained, None
     choice = pick_tree(table, cost_curve(engine, model_name, cache_root()), processed)
     return choice["paths"], choice
+
+
+@torch.no_grad()
+def relative_step_cost(engine: Any, context: int = 128, rounds: int = 7, **forward_kwargs: Any) -> float:
+    """Median time of a one-token forward with ``forward_kwargs`` (a skip set) over a plain one:
+    what a self-drafting step costs in units of a vanilla step, on this hardware."""
+    engine.reset(context + 2)
+    vocab = engine.config.vocab_size
+    engine.forward([i % vocab for i in range(context)], commit=True, want_logits=False)
+    plain, variant = [], []
+    for r in range(rounds + 1):
+        for kwargs, bucket in (({}, plain), (forward_kwargs, variant)):
+            _sync(engine.device)
+            start = time.perf_counter()
+            engine.forward([r % vocab], **kwargs)
+            _sync(engine.device)
+            if r:
+                bucket.append(time.perf_counter() - start)
+    return statistics.median(variant) / statistics.median(plain)

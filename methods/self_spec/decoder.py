@@ -6,6 +6,14 @@ exactly greedy decoding's. Drafting stops early when the draft's top-1 probabili
 below a threshold, and the threshold adapts to the running acceptance rate as in the
 paper: too many rejections raise it (shorter, safer drafts), high acceptance lowers it.
 
+On a small model the skipped-layer draft costs a large share of a full step, so drafting
+can cost more than it saves. With ``policy=cost`` (the default) the decoder keeps a running
+efficiency, tokens gained per step over the step's cost in vanilla steps (draft forwards x
+their measured relative cost + the verify pass's measured cost, ``methods.core.cost``),
+and when it falls below 1 it takes plain steps for a while (doubling the pause each time
+drafting fails again, resetting it when a probe pays), so self_spec never runs much
+slower than vanilla.
+
 Draft tokens are written to the cache while drafting (non-skipped layers need each
 other's keys), then rolled back; the verification pass rewrites every layer's entries,
 so skipped layers' keys are right for every verified token.
@@ -65,6 +73,8 @@ class SelfSpecOptions:
     threshold: float = option(0.6, min=0.0, max=1.0, help="initial confidence needed to keep drafting")
     adaptive: bool = option(True, help="adapt the threshold to the running acceptance rate")
     target_acceptance: float = option(0.8, min=0.0, max=1.0, help="acceptance rate the adaptation aims for")
+    policy: str = option("cost", choices=("cost", "always"),
+                         help="cost: pause drafting while it costs more than it saves; always: draft every step")
 
     def validate(self) -> None:
         if self.skip is not None:
@@ -89,6 +99,14 @@ class SelfSpeculativeDecoder(Decoder):
             raise UserError(f"self_spec skip set names layer {bad[0]}, but the model has layers 0..{n - 1}")
         self._skip_attn = frozenset(self.skip["attention"])
         self._skip_mlp = frozenset(self.skip["mlp"])
+        self.draft_cost, self.verify_cost = 0.0, None
+        if opts.policy == "cost":
+            from methods.core.cost import cost_curve, relative_step_cost
+            from methods.core.files import cache_root
+
+            self.draft_cost = relative_step_cost(self.engine, skip_attention=self._skip_attn,
+                                                 skip_mlp=self._skip_mlp)
+            self.verify_cost = cost_curve(self.engine, self.model_name, cache_root())
 
     @classmethod
     def check_ready(cls, model_name: str, options: SelfSpecOptions) -> None:
@@ -97,13 +115,15 @@ class SelfSpeculativeDecoder(Decoder):
                             + TUNE_HINT.format(model=model_name) + " and pass --method-option self_spec.skip=FILE")
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "skip": self.skip}
+        extra = {"draft_step_cost": round(self.draft_cost, 4)} if self.options.policy == "cost" else {}
+        return {**super().describe(), "skip": self.skip, **extra}
 
     def step_capacity(self) -> int:
         return self.options.max_draft + 1
 
     def begin(self, prompt_ids: Sequence[int], out: ForwardOutput) -> None:
         self.threshold, self.rate = self.options.threshold, self.options.target_acceptance
+        self.efficiency, self.pause, self.backoff, self.forwards = 1.0, 0, 4, 0
 
     def _draft(self, root: int, room: int) -> list[int]:
         engine = self.engine
@@ -118,14 +138,21 @@ class SelfSpeculativeDecoder(Decoder):
             token = int(d)
             drafts.append(token)
         engine.cache.rollback(forwards)  # the verification pass rewrites these positions in every layer
+        self.forwards = forwards
         return drafts
 
     def draft(self, root: int, root_t: torch.Tensor, room: int) -> Draft:
+        if self.pause > 0:  # drafting has not been paying: a plain step
+            self.pause -= 1
+            self.forwards = 0
+            return Draft(root_t, chain_layout(0, self.engine))
         drafts = self._draft(root, room)
         tokens = torch.cat([root_t, torch.tensor(drafts, dtype=torch.long, device=root_t.device)]) if drafts else root_t
         return Draft(tokens, chain_layout(len(drafts), self.engine))
 
     def update(self, draft: Draft, out: ForwardOutput, acc: Acceptance) -> None:
+        if self.verify_cost is not None and self.forwards:
+            self._account(draft.layout.n, acc.accepted_drafts + 1)
         if not self.options.adaptive:
             return
         drafted = draft.layout.draft_size
@@ -135,3 +162,13 @@ class SelfSpeculativeDecoder(Decoder):
         else:  # nothing passed the threshold: no evidence of bad drafts, so probe lower
             raise_it = False
         self.threshold = min(0.99, self.threshold + 0.05) if raise_it else max(0.05, self.threshold - 0.05)
+
+    def _account(self, verified: int, gained: int) -> None:
+        """Running tokens-per-cost of drafting steps; below 1 (vanilla's), pause drafting."""
+        cost = self.forwards * self.draft_cost + self.verify_cost(verified)
+        self.efficiency = 0.7 * self.efficiency + 0.3 * gained / cost
+        if self.efficiency < 1.0:
+            self.pause, self.backoff = self.backoff, min(2 * self.backoff, 64)
+            self.efficiency = 1.0  # the probe after the pause starts from a clean slate
+        elif gained > 1:
+            self.backoff = 4
