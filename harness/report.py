@@ -39,6 +39,36 @@ def method_sections(run_dir: Path, manifest: dict[str, Any]) -> list[dict[str, A
     return sections
 
 
+def training_rows(manifest: dict[str, Any], summary: pd.DataFrame) -> list[dict[str, Any]]:
+    """One row per trained method: its data, budget, stopping and validation, and for a
+    cost-fitted tree the predicted speedup beside the measured one (principle 4: the report
+    says what each method was trained on)."""
+    overall = summary[summary.task == "all"] if not summary.empty and (summary.task == "all").any() else summary
+    measured = (dict(zip(overall.method, overall.speedup_geomean))
+                if not overall.empty and "speedup_geomean" in overall else {})
+    rows = []
+    for label, info in (manifest.get("methods") or {}).items():
+        training, choice = info.get("training"), info.get("tree_choice")
+        if not training and not choice:
+            continue
+        t = training or {}
+        rows.append({
+            "method": label,
+            "data": ", ".join(t.get("data") or []) or "-",
+            "sequences": t.get("sequences") if t.get("sequences") is not None else "-",
+            "steps": t.get("steps") if t.get("steps") is not None else "-",
+            "stopped": (f"{t.get('stopped')} (best step {t['best_step']})" if t.get("best_step") else
+                        (t.get("stopped") or "-")),
+            "validation": (f"{t['val_best']:.3f} ({t.get('val_metric')})" if t.get("val_best") is not None else "-"),
+            "minutes": f"{t['train_time_s'] / 60:.1f}" if t.get("train_time_s") is not None else "-",
+            "tree": (f"{choice['draft_size']} nodes, {choice['processed']} processed" if choice else
+                     (str(info.get("draft_size", "-")))),
+            "predicted": f"{choice['predicted_speedup']:.2f}x" if choice else "-",
+            "measured": (f"{measured[label]:.2f}x" if label in measured and not pd.isna(measured[label]) else "-"),
+        })
+    return rows
+
+
 def drilldown(frame: pd.DataFrame, records: list[dict[str, Any]], limit: int = 200) -> list[dict[str, Any]]:
     """Per example: every method's output side by side, divergences from vanilla highlighted."""
     by_example: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -194,6 +224,7 @@ def build_report(run_dir: Path, out: Path | None = None) -> Path:
                          categories=categories, divergences=divergences, verdicts=verdicts, colors=colors,
                          headline=headline(summary, verdicts), examples=drilldown(frame, records),
                          method_sections=method_sections(run_dir, manifest),
+                         training=training_rows(manifest, summary),
                          skipped=sum(1 for r in records if r.get("skipped")))
     return write_text(out or run_dir / "report.html", page, "-o")
 

@@ -295,3 +295,27 @@ def test_console_summary_fits_100_columns(tmp_path):
         start = header.index(column)  # a folded name continues on the next lines of its own column
         cells = "".join(line[start:].split(" ")[0] if len(line) > start else "" for line in rows)
         assert name in cells
+
+
+def test_report_says_how_each_method_was_trained_and_what_its_tree_predicted(tmp_path):
+    from harness.report import build_report
+    from methods.core.training import training_summary
+
+    run = make_run(tmp_path / "run")
+    manifest = json.loads((run / "manifest.json").read_text())
+    meta = {"train_config": {"data": ["/x/gsm8k/train.jsonl", "/x/boolq/dev.jsonl"], "limit": 1200, "epochs": 3,
+                             "max_new_tokens": 96},
+            "train_sequences": 1124, "train_steps": 450, "stopped": "plateau", "best_step": 300,
+            "val_metric": "teacher-forced accepted length, best 12-node tree",
+            "val_curve": [{"step": 150, "value": 1.9}, {"step": 300, "value": 2.07}, {"step": 450, "value": 2.05}],
+            "train_time_s": 600.0}
+    choice = {"draft_size": 8, "processed": 9, "predicted_speedup": 1.61}
+    manifest["methods"] = {"vanilla": {}, "medusa": {"training": training_summary(meta), "tree_choice": choice}}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    page = build_report(run).read_text()
+    table = page[page.index('id="training-table"'):page.index("</table>", page.index('id="training-table"'))]
+    assert "gsm8k/train.jsonl, boolq/dev.jsonl" in table and "plateau (best step 300)" in table
+    assert "2.070 (teacher-forced accepted length, best 12-node tree)" in table
+    assert "1.61x" in table and "8 nodes, 9 processed" in table
+    assert "vanilla" not in table  # untrained methods have no row
+    assert training_summary({"fc.weight": 1}) is None  # a foreign checkpoint's config says nothing

@@ -64,6 +64,22 @@ class TrainConfig:
     options: dict[str, Any] = field(default_factory=dict)  # method-specific
 
 
+def training_summary(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """What a trained method's report row says about its weights, from their ``config.json``:
+    the data, the budget and stopping, and the validation numbers (None for foreign files)."""
+    cfg = meta.get("train_config")
+    if not isinstance(cfg, dict):
+        return None
+    curve = meta.get("val_curve") or []
+    best = max((c["value"] for c in curve), default=None)
+    return {"data": [Path(f).parent.name + "/" + Path(f).name for f in cfg.get("data", [])],
+            "prompts": cfg.get("limit"), "answer_tokens": cfg.get("max_new_tokens"),
+            "sequences": meta.get("train_sequences"), "steps": meta.get("train_steps"),
+            "epochs_max": cfg.get("epochs"), "stopped": meta.get("stopped", "budget (fixed epochs)"),
+            "best_step": meta.get("best_step"), "val_metric": meta.get("val_metric"),
+            "val_best": best, "train_time_s": meta.get("train_time_s"), "command": meta.get("command")}
+
+
 def autocast(device: torch.device) -> Any:
     """bf16 autocast on the device the frozen model runs on (CPU with AMX, or CUDA)."""
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)

@@ -34,6 +34,7 @@ from methods.core.errors import UserError, first_line
 from methods.core.options import option
 from methods.core.tree import TreeLayout
 from methods.core.verify import Acceptance
+from methods.core.training import training_summary
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # one folder per model name
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -146,7 +147,8 @@ class EagleDecoder(Decoder):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "head": str(self.head_path), "draft_size": self.total,
-                **{k: self.head_config[k] for k in ("val_accuracy", "train_steps") if k in self.head_config}}
+                **{k: self.head_config[k] for k in ("val_accuracy", "train_steps") if k in self.head_config},
+                "training": training_summary(self.head_config)}
 
     def step_capacity(self) -> int:
         return self.total + 1

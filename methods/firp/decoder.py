@@ -40,6 +40,7 @@ from methods.core.options import option
 from methods.core.cost import TREE_AUTO, TREE_HELP, TREE_TRAINED, resolve_tree
 from methods.core.tree import TreeLayout, chain_layout, parse_tree
 from methods.core.verify import Acceptance
+from methods.core.training import training_summary
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TRAIN_HINT = ("python -m harness train firp --model {model} --data ../shared/data/gsm8k/train.jsonl "
@@ -282,7 +283,8 @@ class FirpDecoder(Decoder):
                 "draft_size": self.tree.draft_size,
                 "pseudo_tokens_per_step": len(self.plan.anchors) * self.maps.K,
                 "tree_paths": [list(p) for p in self.tree.paths],
-                **({"tree_choice": self.tree_choice} if self.tree_choice else {})}
+                **({"tree_choice": self.tree_choice} if self.tree_choice else {}),
+                "training": training_summary(self.weights_config)}
 
     def step_capacity(self) -> int:
         return self.tree.size + len(self.plan.anchors) * self.maps.K

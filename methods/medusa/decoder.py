@@ -31,6 +31,7 @@ from methods.core.options import option
 from methods.core.cost import TREE_AUTO, TREE_HELP, TREE_TRAINED, resolve_tree
 from methods.core.tree import TreeLayout, parse_tree
 from methods.core.verify import Acceptance
+from methods.core.training import training_summary
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # one folder per model name
 HEAD_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")  # upstream medusa_lm_head checkpoints
@@ -172,7 +173,8 @@ class MedusaDecoder(Decoder):
         return {**super().describe(), "heads": str(self.heads_path), "tree": self.tree_spec,
                 "num_heads": self.heads.num_heads, "layout": self.heads.layout,
                 "draft_size": self.tree.draft_size, "tree_paths": [list(p) for p in self.tree.paths],
-                **({"tree_choice": self.tree_choice} if self.tree_choice else {})}
+                **({"tree_choice": self.tree_choice} if self.tree_choice else {}),
+                "training": training_summary(self.head_config)}
 
     def step_capacity(self) -> int:
         return self.tree.size

@@ -30,6 +30,7 @@ from methods.core.errors import UserError, first_line
 from methods.core.options import option
 from methods.core.tree import chain_layout
 from methods.core.verify import Acceptance
+from methods.core.training import training_summary
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # one folder per target model name
 LAYERS_FILE = "draft_layers.safetensors"
@@ -150,7 +151,8 @@ class SpsDecoder(Decoder):
     def describe(self) -> dict[str, Any]:
         de = self.draft_engine
         return {**super().describe(), "draft": str(self.draft_path), "draft_layers": de.num_layers,
-                "draft_parameters": sum(p.numel() for p in de.model.parameters())}
+                "draft_parameters": sum(p.numel() for p in de.model.parameters()),
+                "training": training_summary(self.draft_config)}
 
     def step_capacity(self) -> int:
         return self.max_gamma + 1
