@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--dtype", default="bfloat16", help="frozen model dtype for distillation (default bfloat16)")
     tr.add_argument("--limit", type=_int, default=1200, help="training prompts (default 1200)")
     tr.add_argument("--max-new-tokens", type=_int, default=96, help="self-distilled answer length (default 96)")
+    tr.add_argument("--self-prompts", type=_int, default=0, metavar="N",
+                    help="also distil on N requests the model writes itself across task kinds and topics "
+                         "(chat, summaries, translation, code; cached and resumable; default 0)")
     tr.add_argument("--epochs", type=_int, default=2,
                     help="the most epochs; training stops earlier when the validation metric stops improving")
     tr.add_argument("--eval-every", type=_int, default=50, help="optimiser steps between validations (default 50)")
@@ -350,6 +353,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          limit=args.limit, max_new_tokens=args.max_new_tokens, epochs=args.epochs, lr=args.lr,
                          batch_sequences=args.batch, seed=args.seed, allow_eval_data=args.allow_eval_data,
                          max_steps=args.max_steps, eval_every=args.eval_every, patience=args.patience,
+                         self_prompts=args.self_prompts,
                          options=_pairs(args.option, "--option", "KEY=VALUE"))
     train(config, device=args.device)
     return 0

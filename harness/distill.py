@@ -113,6 +113,85 @@ def generate_continuations(model: Any, tokenizer: Any, prompts: Sequence[str], *
     return data
 
 
+# Self-written prompts (#13): the benchmarks are chat, summaries, translation, QA and maths,
+# while the training files are maths and yes/no questions. The model is asked for requests
+# across these task kinds and topics (written here, not taken from any dataset).
+TASK_KINDS = (
+    "summarise a passage that you include in the request", "translate a few sentences you include",
+    "answer a factual question", "explain a concept simply", "write a short story or poem",
+    "write or improve an email", "solve a maths word problem", "write or fix a short piece of code",
+    "give practical advice", "compare two options", "brainstorm a list of ideas",
+    "rewrite a paragraph you include in another tone", "plan an event or a trip",
+    "summarise a news article you include", "continue a conversation about a hobby",
+)
+TOPICS = (
+    "cooking", "world history", "physics", "personal finance", "travel", "health and fitness",
+    "programming", "music", "sports", "law", "biology", "climate", "literature", "small business",
+    "education", "films", "gardening", "space", "psychology", "cars", "art", "economics",
+    "parenting", "technology news", "languages",
+)
+REQUEST_TEMPLATE = ("Write one realistic message that a user might send to an AI assistant. Task: {kind}. "
+                    "Topic: {topic}. Include any text the task needs. Reply with the message only.")
+
+
+def _normalised(text: str) -> str:
+    return " ".join(text.lower().split())[:80]
+
+
+@torch.no_grad()
+def self_written_prompts(model: Any, tokenizer: Any, count: int, *, seed: int, cache: Path,
+                         batch_size: int = 16, max_new_tokens: int = 160,
+                         temperature: float = 0.9) -> list[str]:
+    """``count`` distinct user requests written by the model itself (sampled, deduplicated),
+    cached in ``cache`` and resumable batch by batch like the distillation."""
+    from methods.core.prompts import encode_conversation, stop_token_ids
+
+    saved: dict[str, Any] = {"prompts": [], "batches": 0}
+    if cache.is_file():
+        try:
+            saved = json.loads(cache.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass
+    prompts: list[str] = saved["prompts"]
+    seen = {_normalised(p) for p in prompts}
+    rng = random.Random(seed)
+    for _ in range(saved["batches"] * batch_size):  # replay the draws of finished batches
+        rng.choice(TASK_KINDS), rng.choice(TOPICS)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stop = sorted(set(stop_token_ids(tokenizer, model)))
+    batches, limit = saved["batches"], 20 * (count // batch_size + 1)
+    while len(prompts) < count and batches < limit:
+        asks = [REQUEST_TEMPLATE.format(kind=rng.choice(TASK_KINDS), topic=rng.choice(TOPICS))
+                for _ in range(batch_size)]
+        encoded = [encode_conversation(tokenizer, [{"role": "user", "content": a}]) for a in asks]
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, e in enumerate(encoded):
+            ids[row, width - len(e):] = torch.tensor(e)
+            mask[row, width - len(e):] = 1
+        torch.manual_seed(seed * 7919 + batches)
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                             max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=0.95,
+                             pad_token_id=pad, eos_token_id=stop)
+        for row in range(len(encoded)):
+            answer = out[row, width:].tolist()
+            cut = next((j for j, tok in enumerate(answer) if tok in stop), None)
+            if cut is None:  # ran out of room: a truncated request is not a request
+                continue
+            text = tokenizer.decode(answer[:cut], skip_special_tokens=True).strip().strip('"').strip()
+            key = _normalised(text)
+            if len(text) >= 20 and key not in seen:
+                seen.add(key)
+                prompts.append(text)
+        batches += 1
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"prompts": prompts, "batches": batches}), encoding="utf-8")
+        tmp.replace(cache)
+    return prompts[:count]
+
+
 def distill_cache_path(model_name: str, files: Sequence[Path], settings: dict[str, Any]) -> Path:
     from harness.models import cache_root
 
@@ -124,17 +203,29 @@ def distill_cache_path(model_name: str, files: Sequence[Path], settings: dict[st
 
 def self_distilled_sequences(model: Any, tokenizer: Any, model_name: str, files: Sequence[Path], *,
                              limit: int | None, seed: int, max_new_tokens: int, batch_size: int = 16,
-                             max_prompt_tokens: int = 320, allow_eval: bool = False) -> list[dict[str, Any]]:
-    """Cached list of {"ids", "prompt_len"}; the cache key covers the files and every setting."""
+                             max_prompt_tokens: int = 320, allow_eval: bool = False,
+                             self_prompts: int = 0) -> list[dict[str, Any]]:
+    """Cached list of {"ids", "prompt_len"}; the cache key covers the files and every setting.
+
+    ``self_prompts`` > 0 adds that many requests the model writes itself (``self_written_prompts``)
+    to the file prompts, so the heads also see chat, summaries, translation and code."""
     from methods.core.prompts import stop_token_ids
 
     settings = {"limit": limit, "seed": seed, "max_new_tokens": max_new_tokens,
                 "max_prompt_tokens": max_prompt_tokens, "dtype": str(model.dtype)}
+    if self_prompts:
+        settings["self_prompts"] = self_prompts
     path = distill_cache_path(model_name, files, settings)
     if path.is_file():
         print(f"Using cached self-distilled data {path}", file=sys.stderr)
         return torch.load(path)
     prompts = load_prompts(files, limit=limit, seed=seed, allow_eval=allow_eval)
+    if self_prompts:
+        written = self_written_prompts(model, tokenizer, self_prompts, seed=seed,
+                                       cache=path.with_name(path.stem + ".self-prompts.json"))
+        print(f"{len(written)} self-written prompts added to {len(prompts)} from the files", file=sys.stderr)
+        prompts = prompts + written
+        random.Random(seed + 1).shuffle(prompts)
     partial = path.with_suffix(".partial.pt")
     data = generate_continuations(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                   batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,

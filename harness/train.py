@@ -45,13 +45,14 @@ def train(config: TrainConfig, device: str = "cpu") -> dict[str, Any]:
     prepare_out(config.out)
     model, tokenizer = tools.load_model(config.model, device=device, dtype=config.dtype)
     data = tools.training_sequences(model, tokenizer, config.model, files, limit=config.limit, seed=config.seed,
-                                    max_new_tokens=config.max_new_tokens, allow_eval=config.allow_eval_data)
+                                    max_new_tokens=config.max_new_tokens, allow_eval=config.allow_eval_data,
+                                    **({"self_prompts": config.self_prompts} if config.self_prompts else {}))
     if len(data) < 4:
         raise UserError(f"only {len(data)} training sequences; give more data (--limit, --data)")
     answer_tokens = sum(len(d["ids"]) - d["prompt_len"] for d in data)
     print(f"{len(data)} self-distilled sequences, {answer_tokens} answer tokens", file=sys.stderr)
     data_key = f"{config.model}|{config.dtype}|{[str(f.resolve()) for f in files]}|{config.limit}|" \
-               f"{config.seed}|{config.max_new_tokens}"
+               f"{config.seed}|{config.max_new_tokens}" + (f"|self{config.self_prompts}" if config.self_prompts else "")
     return trainer(config, model, tokenizer, data, data_key, tools)
 
 

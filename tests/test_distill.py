@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -43,3 +45,37 @@ def test_distillation_resumes_after_an_interruption(tmp_path):
     resumed = generate_continuations(model, tokenizer, prompts, partial=partial, **kw)
     assert resumed == whole
     assert calls["n"] == 12  # only the two batches that were not saved ran again
+
+
+def test_self_written_prompts_are_distinct_cached_and_resume(tmp_path, monkeypatch):
+    """The model's own requests: deduplicated, saved after every batch, and a rerun continues
+    from the cache instead of starting over (a long distillation spans sessions)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from harness import distill
+    from harness.models import embedded_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir("smollm2-135m"))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).eval()
+    # every third request is too short and every fourth repeats an earlier one: both are dropped
+    words = iter("too short" if i % 3 == 0 else f"please tell me about topic number {i - i % 4} in detail"
+                 for i in range(1000))
+    monkeypatch.setattr(tokenizer, "decode", lambda ids, **kw: next(words))
+    real = model.generate
+
+    def ending(*args, **kwargs):  # a random tiny model rarely stops: end every answer after a few tokens
+        out = real(*args, **kwargs)
+        out[:, -1] = tokenizer.eos_token_id
+        return out
+
+    model.generate = ending
+    cache = tmp_path / "prompts.json"
+    first = distill.self_written_prompts(model, tokenizer, 5, seed=0, cache=cache, batch_size=4, max_new_tokens=4)
+    assert len(first) == 5 and len(set(first)) == 5
+    assert all(len(p) >= 20 for p in first)
+    saved = json.loads(cache.read_text())
+    assert saved["batches"] >= 2 and saved["prompts"][:5] == first
+    model.generate = lambda *a, **k: pytest.fail("regenerated what the cache holds")
+    assert distill.self_written_prompts(model, tokenizer, 5, seed=0, cache=cache, batch_size=4) == first

@@ -49,6 +49,7 @@ class TrainConfig:
     dtype: str = "bfloat16"          # of the frozen model while distilling / caching features
     limit: int | None = 1200         # training prompts
     max_new_tokens: int = 96         # length of the self-distilled answers
+    self_prompts: int = 0            # requests the model writes itself, added to the file prompts
     epochs: int = 2                  # the most: with a validation metric, training stops earlier (below)
     lr: float = 1e-3
     warmup_steps: int = 10
@@ -73,7 +74,7 @@ def training_summary(meta: dict[str, Any]) -> dict[str, Any] | None:
     curve = meta.get("val_curve") or []
     best = max((c["value"] for c in curve), default=None)
     return {"data": [Path(f).parent.name + "/" + Path(f).name for f in cfg.get("data", [])],
-            "prompts": cfg.get("limit"), "answer_tokens": cfg.get("max_new_tokens"),
+            "prompts": cfg.get("limit"), "self_prompts": cfg.get("self_prompts", 0), "answer_tokens": cfg.get("max_new_tokens"),
             "sequences": meta.get("train_sequences"), "steps": meta.get("train_steps"),
             "epochs_max": cfg.get("epochs"), "stopped": meta.get("stopped", "budget (fixed epochs)"),
             "best_step": meta.get("best_step"), "val_metric": meta.get("val_metric"),
