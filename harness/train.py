@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from methods.core.errors import UserError
-from methods.core.training import Toolkit, TrainConfig, prepare_out
+from methods.core.training import Toolkit, TrainConfig, data_key, prepare_out
 from methods.registry import get_spec, methods_with
 
 
@@ -51,9 +51,8 @@ def train(config: TrainConfig, device: str = "cpu") -> dict[str, Any]:
         raise UserError(f"only {len(data)} training sequences; give more data (--limit, --data)")
     answer_tokens = sum(len(d["ids"]) - d["prompt_len"] for d in data)
     print(f"{len(data)} self-distilled sequences, {answer_tokens} answer tokens", file=sys.stderr)
-    data_key = f"{config.model}|{config.dtype}|{[str(f.resolve()) for f in files]}|{config.limit}|" \
-               f"{config.seed}|{config.max_new_tokens}" + (f"|self{config.self_prompts}" if config.self_prompts else "")
-    return trainer(config, model, tokenizer, data, data_key, tools)
+    key = data_key(config)
+    return trainer(config, model, tokenizer, data, key, tools)
 
 
 def run_entry(kind: str, method: str, args: dict[str, Any]) -> Any:

@@ -114,3 +114,33 @@ def test_analysis_reports_cosine_by_layer_and_accuracy():
     cos = result["cosine_by_layer"]["step1"]
     assert list(cos) == ["1", "2", "final"] and all(-1.0 <= v <= 1.0 for v in cos.values())
     assert 0.0 <= result["accuracy"]["step2"]["top1"] <= result["accuracy"]["step2"]["top3"] <= 1.0
+
+
+def test_layer_sweep_trains_and_measures_every_layer(tmp_path, monkeypatch):
+    """Each swept layer gets maps trained at that layer, a validation accepted length and a measured step
+    cost; the FIRP report section shows the table."""
+    from harness.train import toolkit
+    from methods.core.training import TrainConfig
+    from methods.firp.analysis import sweep_layers
+    from methods.firp.report import section
+
+    monkeypatch.setenv("SPECDEC_HARNESS_CACHE", str(tmp_path / "cache"))
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    data = [{"ids": torch.randint(0, 97, (24,), generator=g).tolist(), "prompt_len": 8} for _ in range(12)]
+    base = TrainConfig(method="firp", max_steps=2, epochs=1, eval_every=10**9, val_fraction=0.25,
+                       options={"K": 2, "input": "anchor", "tree_size": 2, "anchors_per_seq": 4})
+    rows = sweep_layers(model, None, data, base, [1, 2], toolkit("cpu"), tmp_path / "sweep", torch.float32,
+                        prompts=2, new_tokens=6)
+    assert [r["layer"] for r in rows] == [1, 2]
+    for r in rows:
+        saved = json.loads((tmp_path / "sweep" / f"layer{r['layer']}" / "config.json").read_text())
+        assert saved["layers"] == [r["layer"]] * 2 and saved["train_steps"] == 2
+        assert r["step_cost"] > 0 and r["predicted_speedup"] == pytest.approx(r["val_accepted_length"] / r["step_cost"],
+                                                                               rel=1e-2)
+        assert 1.0 <= r["val_accepted_length"] <= 3.0
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "firp_analysis.json").write_text(json.dumps(
+        {"sequences": 2, "layer_sweep": {"steps_each": 2, "input": "anchor", "rows": rows}}))
+    html = section(tmp_path / "run")["html"]
+    assert 'id="layer-sweep"' in html and html.count("<tr><td>") == 2

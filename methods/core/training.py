@@ -65,6 +65,13 @@ class TrainConfig:
     options: dict[str, Any] = field(default_factory=dict)  # method-specific
 
 
+def data_key(config: TrainConfig) -> str:
+    """The cache key of a training set's frozen-model features: every setting that changes the data."""
+    files = [str(Path(f).resolve()) for f in config.data]
+    key = f"{config.model}|{config.dtype}|{files}|{config.limit}|{config.seed}|{config.max_new_tokens}"
+    return key + (f"|self{config.self_prompts}" if config.self_prompts else "")
+
+
 def training_summary(meta: dict[str, Any]) -> dict[str, Any] | None:
     """What a trained method's report row says about its weights, from their ``config.json``:
     the data, the budget and stopping, and the validation numbers (None for foreign files)."""

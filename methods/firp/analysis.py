@@ -4,7 +4,12 @@
   token it stands for (position t+k), layer by layer from the insertion layer to the
   final norm: the paper claims the gap narrows with depth;
 * per-step top-1 / top-3 accuracy against the model's own greedy tokens;
-* optionally the same for a second set of maps (e.g. ``--compare`` parallel vs serialized).
+* optionally the same for a second set of maps (e.g. ``--compare`` parallel vs serialized);
+* ``--sweep-layers 6,8,10,...``: the seed paper's layer sweep. Maps are trained at each
+  prediction layer for the same fixed budget (``--sweep-steps``), then each layer gets its
+  validation accepted length (teacher-forced, best tree of ``--sweep-tree`` nodes) and its
+  measured decoding cost per step against vanilla on held-out prompts: an earlier layer
+  gives the pseudo tokens more layers to become real, a later one costs less.
 
 Runs on held-out self-distilled sequences (the trainers' validation split), and writes
 JSON that ``report`` shows when it sits in the run folder as ``firp_analysis.json``.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.core.errors import UserError
-from methods.core.training import Toolkit, split_train_val
+from methods.core.training import Toolkit, TrainConfig, split_train_val
 
 
 @torch.no_grad()
@@ -72,6 +78,50 @@ def analyze_maps(model: Any, maps: Any, data: list[dict[str, Any]], anchors_per_
     }
 
 
+def sweep_layers(model: Any, tokenizer: Any, data: list[dict[str, Any]], base: TrainConfig, layers: list[int],
+                 toolkit: Toolkit, out_dir: Path, dtype: torch.dtype, prompts: int = 3,
+                 new_tokens: int = 32) -> list[dict[str, Any]]:
+    """Train FIRP maps at each layer for ``base.max_steps`` steps and measure each one."""
+    import time
+
+    from methods.core.engine import Engine
+    from methods.core.training import data_key
+    from methods.firp.decoder import FirpDecoder
+    from methods.firp.train import train as train_firp
+    from methods.vanilla import VanillaDecoder
+
+    _, val = split_train_val(list(range(len(data))), base.val_fraction, base.seed)
+    held_out = [data[i]["ids"][:data[i]["prompt_len"]] for i in val[:prompts]]
+    rows = []
+    for layer in layers:
+        config = replace(base, out=str(out_dir / f"layer{layer}"), options={**base.options, "layers": layer})
+        meta = train_firp(config, model, tokenizer, data, data_key(config), toolkit)
+        tree_size = int(config.options.get("tree_size", 4))
+        best = next(t for t in meta["tree_search"] if t.get("size") == tree_size and "name" not in t)
+        model.to(dtype)
+        engine = Engine(model)
+        decoders = {"vanilla": VanillaDecoder(engine),
+                    "firp": FirpDecoder(engine, weights=config.out, tree="trained")}
+        spent = {name: [0.0, 0] for name in decoders}
+        for d in decoders.values():
+            d.generate(held_out[0], 4)  # warm-up
+        for ids in held_out:
+            for name, d in decoders.items():
+                start = time.perf_counter()
+                gen = d.generate(ids, new_tokens)
+                spent[name][0] += time.perf_counter() - start
+                spent[name][1] += gen.target_forwards
+        step_ms = {name: 1000 * t / max(1, n) for name, (t, n) in spent.items()}
+        row = {"layer": layer, "steps": meta["train_steps"], "val_accepted_length": best["expected_accepted_length"],
+               "firp_ms_per_step": round(step_ms["firp"], 2), "vanilla_ms_per_step": round(step_ms["vanilla"], 2),
+               "step_cost": round(step_ms["firp"] / step_ms["vanilla"], 3)}
+        row["predicted_speedup"] = round(row["val_accepted_length"] / row["step_cost"], 3)
+        rows.append(row)
+        print(f"  layer {layer}: accepted length {row['val_accepted_length']:.3f}, step cost {row['step_cost']:.2f}x "
+              f"vanilla, predicted speedup {row['predicted_speedup']:.2f}x", file=sys.stderr)
+    return rows
+
+
 def analyze(args: dict[str, Any], toolkit: Toolkit) -> dict[str, Any]:
     """``harness analyze firp``: ``args`` holds model, weights, compare, data, out, sequences, device."""
     from methods.firp.decoder import load_firp, shipped_weights
@@ -104,6 +154,22 @@ def analyze(args: dict[str, Any], toolkit: Toolkit) -> dict[str, Any]:
             print(f"  {step}: top-1 {acc['top1']:.1%} top-3 {acc['top3']:.1%}; cosine to the real state "
                   f"{cos[next(iter(cos))]:.2f} at insertion -> {cos['final']:.2f} after the final norm", file=sys.stderr)
     out = Path(args["out"])
+    sweep = args.get("sweep_layers")
+    if sweep:
+        try:
+            layers = [int(x) for x in str(sweep).split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--sweep-layers takes layer numbers like 6,8,10, got {sweep!r}") from None
+        n = model.config.num_hidden_layers
+        if not layers or not all(0 < x < n for x in layers):
+            raise UserError(f"--sweep-layers: every layer must be in 1..{n - 1}, got {sweep!r}")
+        base = TrainConfig(method="firp", model=model_name, data=[str(f) for f in files], limit=1200,
+                           max_steps=int(args.get("sweep_steps") or 100), epochs=1, eval_every=10**9,
+                           options={"K": 3, "input": args.get("sweep_input") or "anchor",
+                                    "tree_size": int(args.get("sweep_tree") or 4)})
+        result["layer_sweep"] = {"steps_each": base.max_steps, "input": base.options["input"],
+                                 "rows": sweep_layers(model, tok, data, base, layers, toolkit,
+                                                      out.parent / "firp-layer-sweep", torch.bfloat16)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"Wrote {out}", file=sys.stderr)
