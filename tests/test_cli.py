@@ -169,7 +169,7 @@ def test_no_methods_runs_every_ready_method_quickly(monkeypatch, tmp_path, capsy
     monkeypatch.setattr(session, "execute", fake_execute)
     main(["run", "--out", str(tmp_path / "a")])
     first = seen[-1]
-    assert first.method_labels() == ["vanilla", "firp", "lookahead", "medusa", "pld", "self_spec"]
+    assert first.method_labels() == ["vanilla", "eagle", "firp", "lookahead", "medusa", "pld", "self_spec", "sps"]
     assert (first.limit, first.max_new_tokens, first.tasks) == (6, 64, ["builtin"])
     assert first.chosen_methods
     main(["run", "--limit", "2", "--out", str(tmp_path / "b")])

@@ -10,9 +10,9 @@ On a small model the skipped-layer draft costs a large share of a full step, so 
 can cost more than it saves. With ``policy=cost`` (the default) the decoder keeps a running
 efficiency, tokens gained per step over the step's cost in vanilla steps (draft forwards x
 their measured relative cost + the verify pass's measured cost, ``methods.core.cost``),
-and when it falls below 1 it takes plain steps for a while (doubling the pause each time
-drafting fails again, resetting it when a probe pays), so self_spec never runs much
-slower than vanilla.
+and when it falls below 1 it takes plain steps for a while (doubling the pause, up to 256
+steps, each time drafting fails again, resetting it when a probe pays; the state carries
+across prompts), so self_spec never runs much slower than vanilla.
 
 Draft tokens are written to the cache while drafting (non-skipped layers need each
 other's keys), then rolled back; the verification pass rewrites every layer's entries,
@@ -100,6 +100,9 @@ class SelfSpeculativeDecoder(Decoder):
         self._skip_attn = frozenset(self.skip["attention"])
         self._skip_mlp = frozenset(self.skip["mlp"])
         self.draft_cost, self.verify_cost = 0.0, None
+        # the cost policy's state lives across prompts: what drafting earns on this model and
+        # machine is learnt once, not re-probed (at a few wasted draft forwards each) per prompt
+        self.efficiency, self.pause, self.backoff, self.forwards = 1.0, 0, 4, 0
         if opts.policy == "cost":
             from methods.core.cost import cost_curve, relative_step_cost
             from methods.core.files import cache_root
@@ -123,7 +126,6 @@ class SelfSpeculativeDecoder(Decoder):
 
     def begin(self, prompt_ids: Sequence[int], out: ForwardOutput) -> None:
         self.threshold, self.rate = self.options.threshold, self.options.target_acceptance
-        self.efficiency, self.pause, self.backoff, self.forwards = 1.0, 0, 4, 0
 
     def _draft(self, root: int, room: int) -> list[int]:
         engine = self.engine
@@ -168,7 +170,7 @@ class SelfSpeculativeDecoder(Decoder):
         cost = self.forwards * self.draft_cost + self.verify_cost(verified)
         self.efficiency = 0.7 * self.efficiency + 0.3 * gained / cost
         if self.efficiency < 1.0:
-            self.pause, self.backoff = self.backoff, min(2 * self.backoff, 64)
+            self.pause, self.backoff = self.backoff, min(2 * self.backoff, 256)
             self.efficiency = 1.0  # the probe after the pause starts from a clean slate
         elif gained > 1:
             self.backoff = 4
