@@ -182,7 +182,7 @@ def _decoders(engine, tmp_path) -> dict[str, Decoder]:
         "medusa": MedusaDecoder(engine, heads=str(tmp_path / "medusa"), tree="2x2"),
         "firp": FirpDecoder(engine, weights=str(tmp_path / "firp"), tree="2x1"),
         "self_spec": SelfSpeculativeDecoder(engine, skip={"attention": [1], "mlp": []}, threshold=0.0,
-                                            adaptive=False, max_draft=3),
+                                            adaptive=False, max_draft=3, policy="always"),
     }
 
 
