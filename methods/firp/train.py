@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from methods.core.errors import UserError
 from methods.core.training import Toolkit, autocast, TrainConfig, cached_features, optimise, prepare_out, split_train_val, write_result
 from methods.core.tree import best_tree_paths, expected_accepted_length, tree_search, tree_search_default
-from methods.firp.decoder import FirpMaps, build_plan, injections
+from methods.firp.decoder import FirpMaps, build_plan, injections, map_input
 
 
 def pseudo_forward(model: Any, maps: FirpMaps, h_start: torch.Tensor, anchors: torch.Tensor,
@@ -135,8 +135,7 @@ def ridge_init(maps: FirpMaps, data: list[dict[str, Any]], feats: list, train_id
     for k in range(maps.K):
         if maps.layers[k] != layer:
             continue  # a map entering at another layer keeps identity (its features are not cached)
-        xtx = xty = None
-        xs = ys = None
+        xtx = xty = ys = None
         n = 0
         y2 = torch.zeros((), dtype=torch.float64)
         for i in train_idx:
@@ -146,11 +145,10 @@ def ridge_init(maps: FirpMaps, data: list[dict[str, Any]], feats: list, train_id
                 continue
             t = torch.arange(first, last + 1)
             prev = h[t + k] if maps.mode == "serialized" else h[t]  # what pseudo k-1 approximates
-            x = torch.cat([maps_input(maps, prev, h[t]), torch.ones(len(t), 1, dtype=h.dtype)], dim=1)
+            x = torch.cat([map_input(maps.input, prev, h[t]), torch.ones(len(t), 1, dtype=h.dtype)], dim=1)
             y = h[t + k + 1]
             xtx = x.T @ x if xtx is None else xtx + x.T @ x
             xty = x.T @ y if xty is None else xty + x.T @ y
-            xs = x.sum(0) if xs is None else xs + x.sum(0)
             ys = y.sum(0) if ys is None else ys + y.sum(0)
             y2 += (y * y).sum()
             n += len(t)
@@ -166,12 +164,6 @@ def ridge_init(maps: FirpMaps, data: list[dict[str, Any]], feats: list, train_id
         maps.maps[k].weight.copy_(w[:-1].T.to(maps.maps[k].weight.dtype))
         maps.maps[k].bias.copy_(w[-1].to(maps.maps[k].bias.dtype))
     return fits
-
-
-def maps_input(maps: FirpMaps, prev: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-    from methods.firp.decoder import map_input
-
-    return map_input(maps.input, prev, anchor)
 
 
 def parse_layers(value: Any, K: int, num_layers: int) -> list[int]:
