@@ -162,8 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--model", default="smollm2-135m")
     tune.add_argument("--data", nargs="+", default=[], metavar="FILE", help="training JSONL files (never eval files)")
     tune.add_argument("--out", default="skip.json", metavar="FILE")
-    tune.add_argument("--dtype", default="float32")
-    tune.add_argument("--trials", type=_int, default=30)
+    tune.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the run's rule)")
+    tune.add_argument("--trials", type=_int, default=40)
+    tune.add_argument("--space", default="blocks", choices=("blocks", "free"),
+                      help="self_spec: contiguous attention/MLP blocks with priors (default) or one bit per sublayer")
     tune.add_argument("--prompts", type=_int, default=6)
     tune.add_argument("--max-new-tokens", type=_int, default=32)
     tune.add_argument("--seed", type=_int, default=0)

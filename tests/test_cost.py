@@ -40,6 +40,32 @@ def test_processed_tokens_enter_the_cost():
     assert plain["draft_size"] == 12 and pseudo["draft_size"] < 12
 
 
+def test_draft_overhead_tilts_the_pick_to_bigger_trees():
+    """A per-step drafting cost paid whatever the tree (Medusa's heads) dilutes the pass's
+    growth with size, so the pick moves up; without it the middle tree wins."""
+    curve = CostCurve((1, 5, 13), (1.0, 1.3, 1.8))
+    plain = pick_tree(TABLE, curve, lambda paths: 1 + len(paths))
+    assert plain["draft_size"] == 4 and plain["draft_overhead"] == 0
+    dear = pick_tree(TABLE, curve, lambda paths: 1 + len(paths), draft_overhead=2.0)
+    assert dear["draft_size"] == 12
+    assert dear["predicted_speedup"] == pytest.approx(2.06 / 3.8, abs=1e-3)
+
+
+def test_auto_adds_the_timed_draft_probe(tmp_path, monkeypatch):
+    import methods.core.cost as cost
+
+    monkeypatch.setenv("SPECDEC_HARNESS_CACHE", str(tmp_path))
+    engine = Engine(tiny_model("llama"))
+    probe = object()
+    monkeypatch.setattr(cost, "relative_call_cost", lambda eng, fn: 0.5 if fn is probe else pytest.fail("no probe"))
+    _, choice = resolve_tree("auto", {"tree_search": TABLE}, "3x1", engine, "tiny-probe", lambda p: 1 + len(p),
+                             max_depth=3, draft_probe=probe)
+    curve = CostCurve(tuple(choice["cost_curve"]["sizes"]), tuple(choice["cost_curve"]["ratios"]))
+    assert choice["draft_overhead"] == 0.5
+    assert [c["cost"] for c in choice["candidates"]] == pytest.approx([curve(1 + t["size"]) + 0.5 for t in TABLE],
+                                                                      abs=2e-4)
+
+
 def test_auto_measures_once_caches_and_falls_back(tmp_path, monkeypatch):
     monkeypatch.setenv("SPECDEC_HARNESS_CACHE", str(tmp_path))
     engine = Engine(tiny_model("llama"))
@@ -82,5 +108,5 @@ def test_medusa_auto_tree_is_recorded_and_lossless(tmp_path, monkeypatch):
     (folder / "config.json").write_text(json.dumps({"default_tree": "2x1", "tree_search": table}))
     decoder = MedusaDecoder(engine, heads=str(folder))
     info = decoder.describe()
-    assert info["tree_choice"]["predicted_speedup"] > 0 and info["tree_paths"] == info["tree_choice"]["paths"]
+    assert info["tree_choice"]["predicted_speedup"] > 0 and sorted(info["tree_paths"]) == sorted(info["tree_choice"]["paths"])
     assert decoder.generate([1, 2, 3], 16).tokens == VanillaDecoder(engine).generate([1, 2, 3], 16).tokens

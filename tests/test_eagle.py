@@ -146,7 +146,7 @@ def test_stopping_rule_keeps_the_best_weights(tmp_path):
     from methods.core.training import TrainConfig, optimise
 
     param = torch.nn.Linear(1, 1, bias=False)
-    values = iter([1.0, 3.0, 2.0, 2.5, 2.9, 9.0])
+    values = iter([1.0, 0.5, 3.0, 2.0, 2.5, 2.9, 9.0])
     seen = []
 
     def validate() -> float:
@@ -156,6 +156,15 @@ def test_stopping_rule_keeps_the_best_weights(tmp_path):
     cfg = TrainConfig(method="x", epochs=100, batch_sequences=1, eval_every=2, patience=3, lr=0.1)
     log = optimise(cfg, param, [0, 1], lambda i, rng: (param.weight - 5.0).pow(2).sum(), tmp_path, "t", validate)
     assert log.stopped == "plateau" and log.best_step == 4
-    assert [c["step"] for c in log.curve] == [2, 4, 6, 8, 10]
-    assert float(param.weight.detach()) == pytest.approx(seen[1])
+    assert [c["step"] for c in log.curve] == [0, 2, 4, 6, 8, 10]
+    assert float(param.weight.detach()) == pytest.approx(seen[2])
     assert len(log.losses) == 10
+
+    # a start that training never beats (a ridge start) is what comes back
+    (tmp_path / "b").mkdir()
+    start = float(param.weight.detach())
+    values = iter([5.0, 1.0, 1.0, 1.0])
+    log = optimise(cfg, param, [0, 1], lambda i, rng: (param.weight - 50.0).pow(2).sum(), tmp_path / "b", "t",
+                   lambda: next(values))
+    assert log.best_step == 0 and log.stopped == "plateau"
+    assert float(param.weight.detach()) == pytest.approx(start)

@@ -82,3 +82,44 @@ def test_early_exit_skip_set_matches_transformers_assistant_early_exit(smollm):
                          max_new_tokens=32, do_sample=False, assistant_early_exit=exit_layer, eos_token_id=stop)
     got = decoder.generate(prompt, 32, stop)
     assert got.tokens == ref[0, len(prompt):].tolist()
+
+
+class _CharTokenizer:
+    """Enough of a tokenizer for the tuner: no chat template, one id per character."""
+
+    chat_template = None
+    eos_token_id = None
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": [ord(c) % 97 for c in text]}
+
+
+def test_tuner_searches_contiguous_blocks_from_the_priors(tmp_path):
+    """The block space's priors run first (attention in the upper half before any MLP), every
+    trial is one attention block and one MLP block inside 1..L-2, and the result says so."""
+    import json
+
+    from methods.core.errors import UserError
+    from methods.core.training import Toolkit
+    from methods.self_spec.tune import TuneConfig, blocks_space, tune_self_spec
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    L = model.config.num_hidden_layers
+    suggest, priors = blocks_space(L)
+    assert priors[0]["mlp_len"] == 0 and priors[0]["attn_first"] == L // 2
+    kit = Toolkit(cache_dir=tmp_path, load_model=lambda *a, **k: (model, _CharTokenizer()),
+                  training_prompts=lambda files, limit, seed: ["add two and two", "is the sky blue"][:limit],
+                  training_sequences=None, check_model=lambda name: None)
+    out = tmp_path / "skip.json"
+    config = TuneConfig(data=["train.jsonl"], out=str(out), trials=len(priors) + 2, prompts=2, max_new_tokens=6)
+    result = tune_self_spec(config, kit)
+    saved = json.loads(out.read_text())
+    assert saved["space"] == "blocks" and saved["trials"] == len(priors) + 2
+    for kind in ("attention", "mlp"):
+        layers = saved[kind]
+        assert layers == list(range(layers[0], layers[0] + len(layers))) if layers else True
+        assert all(1 <= i <= L - 2 for i in layers)
+    assert result["speedup"] > 0
+    with pytest.raises(UserError, match="blocks, free"):
+        tune_self_spec(TuneConfig(data=["x"], out=str(out), space="bits"), kit)

@@ -10,8 +10,9 @@ each size, the tree with the highest *expected speedup*:
     predicted speedup(tree) = E[accepted length](tree) / (t(processed(tree)) / t(1))
 
 where ``processed`` counts every token the target pass runs (root, draft nodes, and
-FIRP's pseudo tokens). Drafting costs outside the pass (Medusa's heads, a few matmuls)
-are left out; the report puts the prediction beside the measured speedup.
+FIRP's pseudo tokens). Drafting work outside the pass (Medusa's heads and their LM head,
+FIRP's top-k) is measured the same way, in units of a one-token pass, and added to every
+candidate's cost; the report puts the prediction beside the measured speedup.
 """
 
 from __future__ import annotations
@@ -125,22 +126,24 @@ def cost_curve(engine: Any, model_name: str, cache_dir: Path | None) -> CostCurv
 
 
 def pick_tree(candidates: Sequence[dict[str, Any]], curve: CostCurve,
-              processed: Callable[[list[list[int]]], int]) -> dict[str, Any]:
+              processed: Callable[[list[list[int]]], int], draft_overhead: float = 0.0) -> dict[str, Any]:
     """The candidate (``{"paths", "expected_accepted_length"}``, as trainers' ``tree_search``
-    records them) with the highest predicted speedup; returns it with the whole table."""
+    records them) with the highest predicted speedup; returns it with the whole table.
+    ``draft_overhead`` is the per-step drafting cost outside the pass, in vanilla steps."""
     table = []
     for c in candidates:
         paths = [list(p) for p in c["paths"]]
         n = processed(paths)
         acc = float(c["expected_accepted_length"])
+        cost = curve(n) + draft_overhead
         table.append({"draft_size": len(paths), "processed": n, "expected_accepted_length": round(acc, 4),
-                      "cost": round(curve(n), 4), "predicted_speedup": round(acc / curve(n), 4),
+                      "cost": round(cost, 4), "predicted_speedup": round(acc / cost, 4),
                       **({"name": c["name"]} if "name" in c else {}), "paths": paths})
     best = max(table, key=lambda row: row["predicted_speedup"])
     return {"paths": best["paths"], "draft_size": best["draft_size"], "predicted_speedup": best["predicted_speedup"],
             "expected_accepted_length": best["expected_accepted_length"], "processed": best["processed"],
             "candidates": [{k: v for k, v in row.items() if k != "paths"} for row in table],
-            "cost_curve": curve.as_dict()}
+            "draft_overhead": round(draft_overhead, 4), "cost_curve": curve.as_dict()}
 
 
 TREE_AUTO, TREE_TRAINED = "auto", "trained"
@@ -150,11 +153,12 @@ TREE_HELP = ("auto (default: the trained tree of the highest predicted speedup o
 
 def resolve_tree(option_value: str | None, weights_config: dict[str, Any], fallback: str, engine: Any,
                  model_name: str, processed: Callable[[list[list[int]]], int],
-                 max_depth: int) -> tuple[Any, dict[str, Any] | None]:
+                 max_depth: int, draft_probe: Callable[[], Any] | None = None) -> tuple[Any, dict[str, Any] | None]:
     """The tree spec a static-tree method runs with, and the cost-fitted choice behind it (or None).
 
     ``auto`` needs the trainer's ``tree_search`` table in the weights' config.json; without one
-    (upstream heads, older files) it falls back to the trained default tree."""
+    (upstream heads, older files) it falls back to the trained default tree. ``draft_probe``
+    runs one step's drafting work outside the pass; its measured cost joins the prediction."""
     from methods.core.files import cache_root
 
     value = option_value or TREE_AUTO
@@ -167,24 +171,43 @@ def resolve_tree(option_value: str | None, weights_config: dict[str, Any], fallb
              if c.get("paths") and max(len(p) for p in c["paths"]) <= max_depth]
     if not table:
         return trained, None
-    choice = pick_tree(table, cost_curve(engine, model_name, cache_root()), processed)
+    curve = cost_curve(engine, model_name, cache_root())
+    overhead = relative_call_cost(engine, draft_probe) if draft_probe is not None else 0.0
+    choice = pick_tree(table, curve, processed, overhead)
     return choice["paths"], choice
+
+
+def _median_ratio(engine: Any, variant: Callable[[int], Any], context: int, rounds: int) -> float:
+    """Median time of ``variant(round)`` over a plain one-token forward after ``context`` cached
+    tokens, the two interleaved round by round so drift in clock or load hits both alike."""
+    engine.reset(context + 2)
+    vocab = engine.config.vocab_size
+    engine.forward([i % vocab for i in range(context)], commit=True, want_logits=False)
+    plain, other = [], []
+    for r in range(rounds + 1):
+        for fn, bucket in ((lambda r: engine.forward([r % vocab]), plain), (variant, other)):
+            _sync(engine.device)
+            start = time.perf_counter()
+            fn(r)
+            _sync(engine.device)
+            if r:  # round 0 warms both up
+                bucket.append(time.perf_counter() - start)
+    return statistics.median(other) / statistics.median(plain)
 
 
 @torch.no_grad()
 def relative_step_cost(engine: Any, context: int = 128, rounds: int = 7, **forward_kwargs: Any) -> float:
-    """Median time of a one-token forward with ``forward_kwargs`` (a skip set) over a plain one:
-    what a self-drafting step costs in units of a vanilla step, on this hardware."""
-    engine.reset(context + 2)
+    """A one-token forward with ``forward_kwargs`` (a skip set) over a plain one: what a
+    self-drafting step costs in units of a vanilla step, on this hardware."""
     vocab = engine.config.vocab_size
-    engine.forward([i % vocab for i in range(context)], commit=True, want_logits=False)
-    plain, variant = [], []
-    for r in range(rounds + 1):
-        for kwargs, bucket in (({}, plain), (forward_kwargs, variant)):
-            _sync(engine.device)
-            start = time.perf_counter()
-            engine.forward([r % vocab], **kwargs)
-            _sync(engine.device)
-            if r:
-                bucket.append(time.perf_counter() - start)
-    return statistics.median(variant) / statistics.median(plain)
+    return _median_ratio(engine, lambda r: engine.forward([r % vocab], **forward_kwargs), context, rounds)
+
+
+@torch.no_grad()
+def relative_call_cost(engine: Any, fn: Callable[[], Any], context: int = 128, rounds: int = 7) -> float:
+    """``fn()`` (a method's drafting work outside the target pass) in units of a vanilla step.
+
+    The tree prediction adds it to every candidate's pass cost: Medusa's heads run the
+    49k-row LM head once per step whatever the tree, which favours larger trees where it is
+    dear (float32 on this CPU) and is negligible where it is cheap."""
+    return _median_ratio(engine, lambda r: fn(), context, rounds)

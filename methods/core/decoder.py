@@ -64,6 +64,9 @@ class Draft:
     distributions sampled drafts were drawn from (None: deterministic drafts).
     ``host_rows``: rows whose greedy token the method needs on the host (Lookahead's
     window); they travel with the acceptance, in the step's one transfer.
+    ``all_logits``: the pass decodes every row, ephemeral ones included, in its one LM-head
+    call; FIRP reads its pseudo tokens' drafts from them next step instead of paying a
+    second pass over the 49k-row LM head (memory-bound: as dear for 3 rows as for 20).
     """
 
     tokens: torch.Tensor
@@ -72,6 +75,7 @@ class Draft:
     ephemeral: int = 0
     q: torch.Tensor | None = None
     host_rows: torch.Tensor | None = None
+    all_logits: bool = False
 
     @property
     def processed(self) -> int:
@@ -206,12 +210,13 @@ class Decoder:
                 position_ids=None if layout.positions is None else layout.positions + past,
                 step_bias=layout.bias,
                 injections=draft.injections,
-                logits_rows=slice(0, layout.n),
+                logits_rows=None if draft.all_logits else slice(0, layout.n),
             )
+            logits = out.logits[: layout.n] if draft.all_logits else out.logits
             if config.greedy:
-                acc = accept_greedy(layout, draft.tokens, out.logits, draft.host_rows)
+                acc = accept_greedy(layout, draft.tokens, logits, draft.host_rows)
             else:
-                acc = accept_sampled(layout, draft.tokens, out.logits, config.temperature, config.top_p,
+                acc = accept_sampled(layout, draft.tokens, logits, config.temperature, config.top_p,
                                      generator, draft.q, draft.host_rows)
             engine.cache.keep(acc.nodes, acc.nodes_t)
             self.update(draft, out, acc)

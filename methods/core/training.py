@@ -261,6 +261,16 @@ def optimise(config: TrainConfig, module: torch.nn.Module, train_idx: list[int],
         stopped = state.get("stopped", "budget")
         print(f"Resuming from {ckpt.path} at step {step}/{total}", file=sys.stderr)
     clock = Stopwatch(elapsed)
+    if validate is not None and state is None:
+        # the start is a candidate too: a ridge start can beat the first fine-tuning steps,
+        # whose Adam warm-up shakes the maps before it settles
+        module.eval()
+        with torch.no_grad():
+            value = float(validate())
+        module.train()
+        curve.append({"step": 0, "value": round(value, 5)})
+        best = {"value": value, "step": 0, "weights": {k: v.detach().clone() for k, v in module.state_dict().items()}}
+        print(f"  step 0: validation {value:.4f}", file=sys.stderr)
     bar = tqdm(total=total, initial=step, desc=desc, file=sys.stderr, dynamic_ncols=True)
 
     def since_best() -> int:

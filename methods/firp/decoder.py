@@ -245,7 +245,8 @@ class FirpDecoder(Decoder):
         self.maps.to(device=engine.device, dtype=engine.dtype).eval().requires_grad_(False)
         self.tree_spec, self.tree_choice = resolve_tree(
             opts.tree, self.weights_config, self.default_tree, engine, self.model_name,
-            lambda paths: self.processed_per_step(parse_tree(paths), opts.chains), self.maps.K)
+            lambda paths: self.processed_per_step(parse_tree(paths), opts.chains), self.maps.K,
+            lambda: torch.topk(torch.zeros(self.maps.K, engine.config.vocab_size, device=engine.device), 4, dim=-1))
         self.tree = parse_tree(self.tree_spec)
         if self.tree.max_depth > self.maps.K:
             raise UserError(f"tree depth {self.tree.max_depth} exceeds FIRP's K={self.maps.K} pseudo steps")
@@ -297,22 +298,25 @@ class FirpDecoder(Decoder):
         return engine.forward(prompt_ids, logits_rows=slice(n - 1, n), injections=inj, commit=True)
 
     def begin(self, prompt_ids: Sequence[int], out: ForwardOutput) -> None:
-        self.hidden, self.chain_rows = out.hidden, self._prefill_rows
+        self.hidden, self.chain_rows, self.logits = out.hidden, self._prefill_rows, None
 
     def draft(self, root: int, root_t: torch.Tensor, room: int) -> Draft:
         engine = self.engine
         past = engine.cache.length
         if self.chain_rows is None:  # the last accepted node carried no chain: a root-only step rebuilds it
             inj = injections(self.maps, self.root_plan, torch.full((1,), past, device=engine.device), engine.device)
-            return Draft(root_t, self.root_layout, inj, ephemeral=self.maps.K)
-        logits = engine.lm_head(self.hidden.index_select(0, self.chain_rows))  # pseudo k predicts depth k+1
+            return Draft(root_t, self.root_layout, inj, ephemeral=self.maps.K, all_logits=True)
+        if self.logits is not None:  # decoded by the last pass's own LM-head call
+            logits = self.logits.index_select(0, self.chain_rows)  # pseudo k predicts depth k+1
+        else:  # after prefill, which decodes only its last row
+            logits = engine.lm_head(self.hidden.index_select(0, self.chain_rows))
         top = torch.topk(logits[: self.tree.max_depth], self.tree.topk, dim=-1).indices.view(-1)
         tokens = torch.cat([root_t, top])[self.candidate_index]
         inj = injections(self.maps, self.plan, self.anchor_depths + past, engine.device)
-        return Draft(tokens, self.layout, inj, ephemeral=len(self.plan.anchors) * self.maps.K)
+        return Draft(tokens, self.layout, inj, ephemeral=len(self.plan.anchors) * self.maps.K, all_logits=True)
 
     def update(self, draft: Draft, out: ForwardOutput, acc: Acceptance) -> None:
-        self.hidden = out.hidden
+        self.hidden, self.logits = out.hidden, out.logits
         if draft.layout is self.root_layout:
             self.chain_rows = self.root_rows
         else:

@@ -79,7 +79,8 @@ def anchor_positions(item: dict[str, Any], K: int, limit: int | None, rng: rando
 
 
 def firp_loss(model: Any, lm_head: torch.nn.Module, maps: FirpMaps, feats: dict[int, torch.Tensor],
-              anchors: list[int], need_stats: bool = False) -> tuple[torch.Tensor, list[dict[str, float]]]:
+              anchors: list[int], need_stats: bool = False,
+              weights: list[float] | None = None) -> tuple[torch.Tensor, list[dict[str, float]]]:
     device = model.device
     idx = torch.tensor(anchors, device=device)
     pseudo, _ = pseudo_forward(model, maps, feats[maps.layers[0]].to(device).float(), idx)
@@ -90,7 +91,8 @@ def firp_loss(model: Any, lm_head: torch.nn.Module, maps: FirpMaps, feats: dict[
         with torch.no_grad():
             teacher = F.log_softmax(lm_head(final[idx + k + 1]).float(), dim=-1)
         log_q = F.log_softmax(lm_head(pseudo[k]).float(), dim=-1)
-        total = total + F.kl_div(log_q, teacher, log_target=True, reduction="batchmean")
+        weight = 1.0 if weights is None else weights[k]
+        total = total + weight * F.kl_div(log_q, teacher, log_target=True, reduction="batchmean")
         if need_stats:
             want = teacher.argmax(-1)
             top3 = log_q.topk(3, dim=-1).indices
@@ -166,6 +168,17 @@ def ridge_init(maps: FirpMaps, data: list[dict[str, Any]], feats: list, train_id
     return fits
 
 
+def parse_step_weights(value: Any, K: int) -> list[float]:
+    """Per-step KL weights: a later step can only be accepted after every earlier one, so
+    its loss is worth less to the accepted length; "1,0.7,0.5" says so explicitly."""
+    parts = [float(x) for x in str(value).split(",") if x.strip()] if not isinstance(value, (list, tuple)) else [float(x) for x in value]
+    if len(parts) == 1:
+        parts = parts * K
+    if len(parts) != K or any(w < 0 for w in parts):
+        raise ValueError(f"step_weights must be one value or K={K} non-negative values, got {value!r}")
+    return parts
+
+
 def parse_layers(value: Any, K: int, num_layers: int) -> list[int]:
     if isinstance(value, str):
         parts = [int(x) for x in value.replace("x", ",").split(",") if x.strip()]
@@ -187,6 +200,7 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
     try:
         layers = parse_layers(opts.get("layers", 10), K, model.config.num_hidden_layers)
         maps = FirpMaps(model.config.hidden_size, layers, opts.get("mode", "serialized"), opts.get("input", "prev"))
+        step_weights = parse_step_weights(opts.get("step_weights", 1.0), K)
     except ValueError as exc:
         raise UserError(f"bad FIRP option: {exc}") from None
     anchors_per_seq = int(opts.get("anchors_per_seq", 48))
@@ -209,26 +223,25 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
     init_report: dict[str, Any] = {"init": init}
     if init == "ridge":
         init_report["ridge_r2"] = ridge_init(maps, data, feats, train_idx)
-        with torch.no_grad():
-            init_report["val_after_init"] = round(validate(), 4)
-        print(f"  ridge init: R^2 {init_report['ridge_r2']}, validation {init_report['val_after_init']:.4f}",
-              file=sys.stderr)
+        print(f"  ridge init: R^2 {init_report['ridge_r2']}", file=sys.stderr)
 
     def loss_of(i: int, rng: random.Random) -> torch.Tensor | None:
         anchors = anchor_positions(data[i], K, anchors_per_seq, rng)
         if not anchors:
             return None
         with autocast(model.device):
-            return firp_loss(model, lm_head, maps, feats[i], anchors)[0]
+            return firp_loss(model, lm_head, maps, feats[i], anchors, weights=step_weights)[0]
 
     log = optimise(config, maps, train_idx, loss_of, out, "training FIRP maps", validate)
+    if log.curve and log.curve[0]["step"] == 0:
+        init_report["val_after_init"] = round(log.curve[0]["value"], 4)
     val, ranks = evaluate(model, lm_head, maps, [data[i] for i in val_idx], [feats[i] for i in val_idx],
                           anchors_per_seq)
     for name, acc in val.items():
         print(f"  {name}: top-1 {acc['top1']:.1%}  top-3 {acc['top3']:.1%}  ({acc['positions']} val positions)",
               file=sys.stderr)
     meta = {"method": "firp", "model": config.model, **maps.config(), "K": K,
-            **init_report, "default_tree": opts.get("tree") or tree_search_default(ranks, tree_size),
+            "step_weights": step_weights, **init_report, "default_tree": opts.get("tree") or tree_search_default(ranks, tree_size),
             "tree_search": tree_search(ranks), "val_accuracy": val,
             **log.meta(), "val_metric": f"teacher-forced accepted length, best {tree_size}-node tree",
             "train_sequences": len(train_idx), "val_sequences": len(val_idx), "anchors_per_seq": anchors_per_seq}

@@ -156,7 +156,7 @@ class MedusaDecoder(Decoder):
         self.heads.to(device=engine.device, dtype=engine.dtype).eval().requires_grad_(False)
         self.tree_spec, self.tree_choice = resolve_tree(
             opts.tree, self.head_config, self.default_tree, engine, self.model_name,
-            lambda paths: 1 + len(paths), self.heads.num_heads)
+            lambda paths: 1 + len(paths), self.heads.num_heads, self._draft_probe)
         self.tree = parse_tree(self.tree_spec)
         if self.tree.max_depth > self.heads.num_heads:
             raise UserError(f"tree depth {self.tree.max_depth} exceeds the {self.heads.num_heads} Medusa heads")
@@ -175,6 +175,11 @@ class MedusaDecoder(Decoder):
                 "draft_size": self.tree.draft_size, "tree_paths": [list(p) for p in self.tree.paths],
                 **({"tree_choice": self.tree_choice} if self.tree_choice else {}),
                 "training": training_summary(self.head_config)}
+
+    def _draft_probe(self) -> None:
+        """One step's drafting work (heads, their LM head, top-k), timed by the tree choice."""
+        hidden = torch.zeros(self.engine.config.hidden_size, device=self.engine.device, dtype=self.engine.dtype)
+        torch.topk(self.heads(hidden, self.engine.lm_head), 4, dim=-1)
 
     def step_capacity(self) -> int:
         return self.tree.size
