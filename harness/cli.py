@@ -181,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     ana.add_argument("--sweep-layers", default=None, metavar="L1,L2,...",
                      help="firp: train maps at each of these prediction layers (a fixed budget each) and measure "
                           "validation accepted length and per-step cost, e.g. 6,8,10,12,14,18")
-    ana.add_argument("--sweep-steps", type=_int, default=100, help="firp sweep: optimiser steps per layer (default 100)")
+    ana.add_argument("--sweep-steps", type=_int, default=100,
+                     help="firp sweep: optimiser steps per layer after the ridge start (default 100; 0: the ridge start alone)")
+    ana.add_argument("--dtype", default="auto", help="firp sweep: dtype of the step-cost measurement (default auto)")
     ana.add_argument("--sweep-input", default="anchor", help="firp sweep: what each map reads (default anchor)")
     ana.add_argument("--sweep-tree", type=_int, default=4, help="firp sweep: tree size of the accepted length (default 4)")
     ana.add_argument("--out", default="firp_analysis.json", metavar="FILE",

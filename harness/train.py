@@ -12,15 +12,18 @@ from typing import Any
 
 from methods.core.errors import UserError
 from methods.core.training import Toolkit, TrainConfig, data_key, prepare_out
+import torch
+
 from methods.registry import get_spec, methods_with
 
 
 def toolkit(device: str = "cpu") -> Toolkit:
     from harness.distill import load_prompts, self_distilled_sequences
-    from harness.models import cache_root, check_model_name, load_model
+    from harness.models import cache_root, check_model_name, load_model, resolve_dtype
 
     return Toolkit(cache_dir=cache_root(), load_model=load_model, training_prompts=load_prompts,
-                   training_sequences=self_distilled_sequences, check_model=check_model_name, device=device)
+                   training_sequences=self_distilled_sequences, check_model=check_model_name, device=device,
+                   resolve_dtype=lambda name, dev: resolve_dtype(name, torch.device(dev)))
 
 
 def entry_point(kind: str, method: str):

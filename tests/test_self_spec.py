@@ -112,7 +112,8 @@ def test_tuner_searches_contiguous_blocks_from_the_priors(tmp_path):
                   training_prompts=lambda files, limit, seed: ["add two and two", "is the sky blue"][:limit],
                   training_sequences=None, check_model=lambda name: None)
     out = tmp_path / "skip.json"
-    config = TuneConfig(data=["train.jsonl"], out=str(out), trials=len(priors) + 2, prompts=2, max_new_tokens=6)
+    config = TuneConfig(model="tiny", data=["train.jsonl"], out=str(out), trials=len(priors) + 2, prompts=2,
+                        max_new_tokens=6)
     result = tune_self_spec(config, kit)
     saved = json.loads(out.read_text())
     assert saved["space"] == "blocks" and saved["trials"] == len(priors) + 2

@@ -29,7 +29,8 @@ class Toolkit:
     * ``training_prompts(files, limit=, seed=) -> [str]`` (evaluation files are refused);
     * ``training_sequences(model, tokenizer, model_name, files, limit=, seed=, max_new_tokens=)``
       ``-> [{"ids", "prompt_len"}]``: the model's own greedy answers, cached;
-    * ``check_model(name)``: fails fast on a model argument that cannot load.
+    * ``check_model(name)``: fails fast on a model argument that cannot load;
+    * ``resolve_dtype(name, device) -> torch.dtype``: the run's dtype rule (``auto`` included).
     """
 
     cache_dir: Path
@@ -38,6 +39,7 @@ class Toolkit:
     training_sequences: Callable[..., list[dict[str, Any]]]
     check_model: Callable[[str], None]
     device: str = "cpu"
+    resolve_dtype: Callable[[str, Any], torch.dtype] = lambda name, device: getattr(torch, name if name != "auto" else "float32")
 
 
 @dataclass
@@ -245,7 +247,7 @@ def optimise(config: TrainConfig, module: torch.nn.Module, train_idx: list[int],
     opt = torch.optim.Adam(module.parameters(), lr=config.lr)
     steps_per_epoch = (len(train_idx) + config.batch_sequences - 1) // config.batch_sequences
     total = steps_per_epoch * config.epochs
-    if config.max_steps:
+    if config.max_steps is not None:
         total = min(total, config.max_steps)
     ckpt = Checkpointer(out)
     state = ckpt.load()

@@ -163,13 +163,17 @@ def analyze(args: dict[str, Any], toolkit: Toolkit) -> dict[str, Any]:
         n = model.config.num_hidden_layers
         if not layers or not all(0 < x < n for x in layers):
             raise UserError(f"--sweep-layers: every layer must be in 1..{n - 1}, got {sweep!r}")
+        if int(args.get("sweep_steps") or 0) < 0:
+            raise UserError("--sweep-steps must be 0 or more")
+        sweep_dtype = toolkit.resolve_dtype(args.get("dtype") or "auto", model.device)
         base = TrainConfig(method="firp", model=model_name, data=[str(f) for f in files], limit=1200,
-                           max_steps=int(args.get("sweep_steps") or 100), epochs=1, eval_every=10**9,
+                           max_steps=int(100 if args.get("sweep_steps") is None else args["sweep_steps"]),
+                           epochs=1, eval_every=10**9,
                            options={"K": 3, "input": args.get("sweep_input") or "anchor",
                                     "tree_size": int(args.get("sweep_tree") or 4)})
         result["layer_sweep"] = {"steps_each": base.max_steps, "input": base.options["input"],
                                  "rows": sweep_layers(model, tok, data, base, layers, toolkit,
-                                                      out.parent / "firp-layer-sweep", torch.bfloat16)}
+                                                      out.parent / "firp-layer-sweep", sweep_dtype)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"Wrote {out}", file=sys.stderr)

@@ -96,11 +96,13 @@ def tune_self_spec(config: TuneConfig, toolkit: Toolkit) -> dict[str, Any]:
     from methods.core.engine import Engine
     from methods.core.prompts import encode_conversation, stop_token_ids
     from methods.core.timing import synchronize
-    from methods.self_spec.decoder import SelfSpeculativeDecoder
+    from methods.self_spec.decoder import SelfSpeculativeDecoder, shipped_skip_set
     from methods.vanilla import VanillaDecoder
 
     if not config.data:
         raise UserError("--data needs at least one training file (e.g. ../shared/data/gsm8k/train.jsonl)")
+    if config.space not in SPACES:
+        raise UserError(f"unknown --space {config.space!r}; valid: {', '.join(SPACES)}")
     if config.trials <= 0 or config.prompts <= 0 or config.max_new_tokens <= 0:
         raise UserError("--trials, --prompts and --max-new-tokens must be positive integers")
     toolkit.check_model(config.model)
@@ -126,9 +128,11 @@ def tune_self_spec(config: TuneConfig, toolkit: Toolkit) -> dict[str, Any]:
 
     vanilla_tps = tokens_per_s(VanillaDecoder(engine))
     print(f"vanilla: {vanilla_tps:.1f} tokens/s on {len(prompts)} training prompts", file=sys.stderr)
+    shipped = shipped_skip_set(config.model)
+    shipped_tps = tokens_per_s(SelfSpeculativeDecoder(engine, skip=str(shipped), policy="always")) if shipped else None
+    if shipped_tps:
+        print(f"shipped skip set: {shipped_tps:.1f} tokens/s ({shipped_tps / vanilla_tps:.2f}x)", file=sys.stderr)
     n_layers = engine.num_layers
-    if config.space not in SPACES:
-        raise UserError(f"unknown --space {config.space!r}; valid: {', '.join(SPACES)}")
     suggest, priors = SPACES[config.space](n_layers)
 
     def objective(trial: "optuna.Trial") -> float:
@@ -147,6 +151,7 @@ def tune_self_spec(config: TuneConfig, toolkit: Toolkit) -> dict[str, Any]:
     best = study.best_trial
     result = {**best.user_attrs["skip"], "tokens_per_s": round(best.value, 2),
               "vanilla_tokens_per_s": round(vanilla_tps, 2), "speedup": round(best.value / vanilla_tps, 3),
+              **({"shipped_speedup": round(shipped_tps / vanilla_tps, 3)} if shipped_tps else {}),
               "trials": config.trials, "space": config.space, "model": config.model, "dtype": str(engine.dtype).replace("torch.", ""),
               "command": "python -m harness tune self_spec " + " ".join(sys.argv[3:])}
     out_path.write_text(json.dumps(result, indent=2) + "\n")
