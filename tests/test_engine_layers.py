@@ -104,3 +104,28 @@ def test_rollback_and_keep_bookkeeping(tiny):
     engine.forward([1, 2, 3])
     engine.cache.keep([0, 2])
     assert engine.cache.length == len(PREFIX)
+
+
+def test_lm_head_takes_the_few_rows_route_in_float32_and_matches_linear(monkeypatch):
+    """A few float32 rows on a CPU go through (W @ x^T)^T (benchmarks/skinny_matmul.py: 2-6x
+    faster there), with F.linear's values; many rows, bf16 and training keep F.linear."""
+    import torch.nn.functional as F
+
+    from methods.core.engine import FEW_ROWS, LMHead
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 300, bias=False)
+    head = LMHead(linear)
+    assert LMHead(head).head is linear
+    for rows in (1, 2, 3, FEW_ROWS, FEW_ROWS + 1):
+        x = torch.randn(rows, 32)
+        with torch.no_grad():
+            assert torch.allclose(head(x), F.linear(x, linear.weight), atol=1e-5)
+            assert head(x[None]).shape == (1, rows, 300)
+    calls = []
+    monkeypatch.setattr(linear, "forward", lambda x: calls.append(x.shape[0]) or F.linear(x, linear.weight))
+    with torch.no_grad():
+        head(torch.randn(3, 32))
+        head(torch.randn(FEW_ROWS + 1, 32))
+        LMHead(linear.to(torch.bfloat16))(torch.randn(2, 32, dtype=torch.bfloat16))
+    assert calls == [FEW_ROWS + 1, 2]

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+ENGINE_COST_VERSION = 2  # bump when the engine's pass changes cost (2: the few-rows LM head), so cached curves re-measure
 CONTEXT = 256
 
 
@@ -69,7 +70,8 @@ def hardware_key(engine: Any, model_name: str) -> str:
         f"{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}")
     return json.dumps({"model": model_name or type(engine.model).__name__, "layers": engine.config.num_hidden_layers,
                        "hidden": engine.config.hidden_size, "device": f"{device.type}:{name}",
-                       "dtype": str(engine.dtype), "threads": torch.get_num_threads()}, sort_keys=True)
+                       "dtype": str(engine.dtype), "threads": torch.get_num_threads(),
+                       "engine": ENGINE_COST_VERSION}, sort_keys=True)
 
 
 @torch.no_grad()
