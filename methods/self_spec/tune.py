@@ -65,6 +65,8 @@ def blocks_space(n_layers: int) -> tuple[Callable[[Any], dict[str, list[int]]], 
         {"attn_first": third, "attn_len": last - third + 1, "mlp_first": last - quarter + 1, "mlp_len": quarter},
         {"attn_first": half, "attn_len": last - half + 1, "mlp_first": half, "mlp_len": quarter},
     ]
+    # a shallow model squeezes the priors into the search ranges (optuna ignores out-of-range fixed values)
+    priors = [{k: min(max(v, 0 if k.endswith("_len") else 1), last) for k, v in p.items()} for p in priors]
     return suggest, priors
 
 
