@@ -50,7 +50,8 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", text)
 
 
-def _svg(fig) -> str:
+def figure_svg(fig) -> str:
+    """Inline SVG of a matplotlib figure (closed after), so a report stays one self-contained file."""
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight")
     plt.close(fig)
@@ -107,7 +108,7 @@ def _grouped_speedup_bars(df: pd.DataFrame, group: str, colors: dict[str, str], 
     if xlabel:
         ax.set_xlabel(xlabel)
     _legend(ax, chart, colors, ncols=min(4, max(1, len(methods))))
-    return _svg(fig)
+    return figure_svg(fig)
 
 
 def speedup_by_task(summary: pd.DataFrame, colors: dict[str, str]) -> str:
@@ -137,7 +138,7 @@ def accepted_length_distribution(steps: pd.DataFrame, colors: dict[str, str]) ->
     ax.set_xlabel("tokens accepted per step")
     ax.set_ylabel("share of steps")
     _legend(ax, "accepted-length", colors)
-    return _svg(fig)
+    return figure_svg(fig)
 
 
 def acceptance_by_depth(summary: pd.DataFrame, colors: dict[str, str]) -> str:
@@ -159,7 +160,7 @@ def acceptance_by_depth(summary: pd.DataFrame, colors: dict[str, str]) -> str:
     ax.set_ylabel("acceptance rate")
     ax.set_xlabel("draft depth")
     _legend(ax, "acceptance-depth", colors)
-    return _svg(fig)
+    return figure_svg(fig)
 
 
 def speedup_vs_cost(summary: pd.DataFrame, colors: dict[str, str]) -> str:
@@ -183,4 +184,4 @@ def speedup_vs_cost(summary: pd.DataFrame, colors: dict[str, str]) -> str:
     ax.set_xlabel("tokens processed per step (beyond the committed one)")
     ax.set_ylabel("speedup vs vanilla (geomean)")
     _legend(ax, "speedup-cost", colors)
-    return _svg(fig)
+    return figure_svg(fig)

@@ -129,3 +129,51 @@ def test_lm_head_takes_the_few_rows_route_in_float32_and_matches_linear(monkeypa
         head(torch.randn(FEW_ROWS + 1, 32))
         LMHead(linear.to(torch.bfloat16))(torch.randn(2, 32, dtype=torch.bfloat16))
     assert calls == [FEW_ROWS + 1, 2]
+
+
+def test_engine_routes_its_layer_projections_through_the_few_rows_kernel(monkeypatch):
+    """The engine turns each decoder layer's nn.Linear into a FewRowsLinear in place: the same
+    parameters and state-dict keys, F.linear's values, the (W @ x^T)^T route for 1..FEW_ROWS_LAYER
+    float32 rows only; and a whole pass still matches the model's own forward."""
+    import torch.nn.functional as F
+
+    from methods.core import engine as engine_module
+    from methods.core.engine import FEW_ROWS_LAYER, FewRowsLinear
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    keys = list(model.state_dict())
+    engine = Engine(model)
+    Engine(model)  # idempotent
+    q = model.model.layers[0].self_attn.q_proj
+    assert type(q) is FewRowsLinear and isinstance(q, torch.nn.Linear) and list(model.state_dict()) == keys
+    assert all(type(m) is not torch.nn.Linear for layer in model.model.layers for m in layer.modules())
+    routed = []
+    real = engine_module.few_rows_product
+
+    def spy(x, *args):
+        out = real(x, *args)
+        if out is not None:
+            routed.append(x.shape[-2])
+        return out
+
+    monkeypatch.setattr(engine_module, "few_rows_product", spy)
+    with torch.no_grad():
+        for rows in (1, 2, FEW_ROWS_LAYER, FEW_ROWS_LAYER + 1):
+            x = torch.randn(1, rows, q.in_features)
+            got = q(x)
+            assert got.shape == (1, rows, q.out_features)
+            assert torch.allclose(got, F.linear(x, q.weight, q.bias), atol=1e-5)
+        q.to(torch.bfloat16)(torch.randn(2, q.in_features, dtype=torch.bfloat16))  # bf16 keeps F.linear
+        q.float()
+    assert routed == [1, 2, FEW_ROWS_LAYER]
+    x = torch.randn(2, q.in_features, requires_grad=True)
+    q(x).sum().backward()  # training keeps F.linear and its gradients
+    assert x.grad is not None and routed == [1, 2, FEW_ROWS_LAYER]
+    ids = torch.tensor([PREFIX])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits[0, -3:]
+        engine.reset()
+        engine.forward(PREFIX[:-3], commit=True)
+        got = engine.forward(PREFIX[-3:]).logits
+    assert torch.allclose(got, want, atol=1e-4)

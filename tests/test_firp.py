@@ -102,7 +102,7 @@ def test_parse_layers():
         parse_layers("10,15", 3, 30)
 
 
-def test_analysis_reports_cosine_by_layer_and_accuracy():
+def test_analysis_reports_cosine_by_layer_and_accuracy(tmp_path):
     from methods.firp.analysis import analyze_maps
 
     model = tiny_model("llama")
@@ -114,6 +114,12 @@ def test_analysis_reports_cosine_by_layer_and_accuracy():
     cos = result["cosine_by_layer"]["step1"]
     assert list(cos) == ["1", "2", "final"] and all(-1.0 <= v <= 1.0 for v in cos.values())
     assert 0.0 <= result["accuracy"]["step2"]["top1"] <= result["accuracy"]["step2"]["top3"] <= 1.0
+    from methods.firp.report import section
+
+    (tmp_path / "firp_analysis.json").write_text(json.dumps({"sequences": 3, "maps": {"weights": "w", **result}}))
+    html = section(tmp_path)["html"]
+    chart = html[html.index('id="firp-cosine-chart"'):]
+    assert "<svg" in chart[:400] and "entering layer" in chart and "step2" in chart
 
 
 def test_layer_sweep_trains_and_measures_every_layer(tmp_path, monkeypatch):
@@ -144,3 +150,6 @@ def test_layer_sweep_trains_and_measures_every_layer(tmp_path, monkeypatch):
         {"sequences": 2, "layer_sweep": {"steps_each": 2, "input": "anchor", "rows": rows}}))
     html = section(tmp_path / "run")["html"]
     assert 'id="layer-sweep"' in html and html.count("<tr><td>") == 2
+    chart = html[html.index('id="firp-sweep-chart"'):]
+    assert "<svg" in chart[:400] and "prediction layer" in chart  # the sweep as a chart, beside the table
+    assert 'id="firp-cosine-chart"' not in html  # no maps analysed here: no cosine chart to draw

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
-ENGINE_COST_VERSION = 2  # bump when the engine's pass changes cost (2: the few-rows LM head), so cached curves re-measure
+ENGINE_COST_VERSION = 3  # bump when the engine's pass changes cost (2: the few-rows LM head; 3: few-rows layer projections), so cached curves re-measure
 CONTEXT = 256
 
 

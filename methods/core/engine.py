@@ -63,22 +63,67 @@ class ForwardOutput:
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-FEW_ROWS = 64
+FEW_ROWS = 64  # the LM head's limit: (W @ x^T)^T stays ahead of F.linear up to 48 rows there
+FEW_ROWS_LAYER = 5  # a decoder layer's projections: F.linear catches up at 6 rows
+
+
+def few_rows_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     limit: int) -> torch.Tensor | None:
+    """``F.linear(x, weight, bias)`` as ``(W @ x^T)^T`` for 1..``limit`` float32 rows on a CPU;
+    ``None`` where ``F.linear`` is the better kernel (more rows, another dtype or device, autograd).
+
+    Why: a decode step multiplies one or a few rows by every weight matrix, and the weights
+    come from DRAM. ``benchmarks/skinny_matmul.py --model-walk`` on this project's 2-core CPU
+    (torch 2.13), over a whole SmolLM2-135M's layer projections in float32: one row through
+    ``F.linear`` (a matrix-vector kernel) takes 38 ms and two to four rows 53-70 ms (the GEMM
+    packs the weight), while ``(W @ x^T)^T`` takes 18 ms for two rows (one row padded with a
+    zero row: the same 18 ms) and 26-34 ms for three to five. In bfloat16 the two forms are
+    within noise, so bf16 keeps ``F.linear``.
+    """
+    rows = x.numel() // x.shape[-1]
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or not 0 < rows <= limit or (
+            torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return None
+    flat = x.reshape(rows, x.shape[-1])
+    if rows == 1:  # a matrix-vector product is the slow kernel here: pad to two rows
+        flat = torch.cat([flat, torch.zeros_like(flat)])
+    out = (weight @ flat.T).T[:rows].contiguous()
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+class FewRowsLinear(nn.Linear):
+    """An ``nn.Linear`` that takes ``few_rows_product`` when it is the faster kernel.
+
+    The engine turns a decoder layer's own ``nn.Linear`` modules into this class in place
+    (``route_few_rows``): same parameters, same state-dict keys, still an ``nn.Linear``, so
+    training, ``generate`` and weight loading see the model they had.
+    """
+
+    few_rows = FEW_ROWS_LAYER
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = few_rows_product(x, self.weight, self.bias, self.few_rows)
+        return super().forward(x) if out is None else out
+
+
+def route_few_rows(layers: Sequence[nn.Module]) -> None:
+    """Every plain ``nn.Linear`` in ``layers`` becomes a ``FewRowsLinear`` (idempotent)."""
+    for layer in layers:
+        for module in layer.modules():
+            if type(module) is nn.Linear:
+                module.__class__ = FewRowsLinear
 
 
 class LMHead(nn.Module):
-    """The model's LM head, with a faster route for a few rows in float32 on a CPU.
+    """The model's LM head, with the few-rows route of ``few_rows_product`` up to ``FEW_ROWS`` rows.
 
-    ``benchmarks/skinny_matmul.py`` on this project's CPU (torch 2.13, 2 threads): over the
-    49152x576 float32 head, ``F.linear`` takes 12.7 ms for one row, 27 ms for two and 42 ms
-    for three (the GEMM re-reads or packs the 113 MB weight per row), while the same product
-    written as ``(W @ x^T)^T``, where the small operand is the packed one, takes 5.5-7.2 ms
-    for two to four rows (and stays ahead up to 48 rows: 38 ms against 46). One row goes the
-    same way, padded with a zero row: 4.6 ms, where ``F.linear`` and a matrix-vector
-    product both take 12 ms. Every decoder, the vanilla
-    baseline included, decodes through this head, so the baseline gains what the methods
-    gain; a tree's verification stops paying per row for what is one weight read. In
-    bfloat16 ``F.linear`` is already flat (5.0-5.8 ms for 1-8 rows) and is kept.
+    Over the 49152x576 float32 head, ``F.linear`` takes 12.7 ms for one row, 27 ms for two
+    and 42 ms for three, while ``(W @ x^T)^T`` takes 5.5-7.2 ms for two to four rows (and
+    stays ahead up to 48 rows: 38 ms against 46) and 4.6 ms for one row padded to two. Every
+    decoder, the vanilla baseline included, decodes through this head and these layers, so
+    the baseline gains what the methods gain.
     """
 
     def __init__(self, head: nn.Module) -> None:
@@ -90,18 +135,8 @@ class LMHead(nn.Module):
         return self.head.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.head.weight
-        rows = x.numel() // x.shape[-1]
-        if w.dtype != torch.float32 or w.device.type != "cpu" or not 0 < rows <= FEW_ROWS or (
-                torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
-            return self.head(x)
-        flat = x.reshape(rows, x.shape[-1])
-        if rows == 1:  # a matrix-vector product is the slow kernel here (12 ms): pad to two rows (5 ms)
-            flat = torch.cat([flat, torch.zeros_like(flat)])
-        out = (w @ flat.T).T[:rows].contiguous()
-        if self.head.bias is not None:
-            out = out + self.head.bias
-        return out.view(*x.shape[:-1], w.shape[0])
+        out = few_rows_product(x, self.head.weight, self.head.bias, FEW_ROWS)
+        return self.head(x) if out is None else out
 
 
 class Engine:
@@ -119,6 +154,7 @@ class Engine:
         backbone = model.model
         self.embed_tokens = backbone.embed_tokens
         self.layers = list(backbone.layers)
+        route_few_rows(self.layers)
         self.norm = backbone.norm
         self.lm_head = LMHead(model.lm_head)
         self.rotary = backbone.rotary_emb
