@@ -64,7 +64,7 @@ class ForwardOutput:
 
 
 FEW_ROWS = 64  # the LM head's limit: (W @ x^T)^T stays ahead of F.linear up to 48 rows there
-FEW_ROWS_LAYER = 5  # a decoder layer's projections: F.linear catches up at 6 rows
+FEW_ROWS_LAYER = 6  # a decoder layer's projections: F.linear catches up at about 8 rows
 
 
 def few_rows_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -75,10 +75,10 @@ def few_rows_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     Why: a decode step multiplies one or a few rows by every weight matrix, and the weights
     come from DRAM. ``benchmarks/skinny_matmul.py --model-walk`` on this project's 2-core CPU
     (torch 2.13), over a whole SmolLM2-135M's layer projections in float32: one row through
-    ``F.linear`` (a matrix-vector kernel) takes 38 ms and two to four rows 53-70 ms (the GEMM
-    packs the weight), while ``(W @ x^T)^T`` takes 18 ms for two rows (one row padded with a
-    zero row: the same 18 ms) and 26-34 ms for three to five. In bfloat16 the two forms are
-    within noise, so bf16 keeps ``F.linear``.
+    ``F.linear`` (a matrix-vector kernel) takes 38-40 ms and two to six rows 45-63 ms (the
+    GEMM packs the weight), while ``(W @ x^T)^T`` takes 16-24 ms for one row padded with a zero
+    row, 17-30 ms for two and 21-35 ms for three to six; from 8 rows on the two trade places
+    from run to run. In bfloat16 the two forms are within noise, so bf16 keeps ``F.linear``.
     """
     rows = x.numel() // x.shape[-1]
     if weight.dtype != torch.float32 or weight.device.type != "cpu" or not 0 < rows <= limit or (

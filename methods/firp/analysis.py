@@ -85,13 +85,15 @@ def sweep_layers(model: Any, tokenizer: Any, data: list[dict[str, Any]], base: T
     import time
 
     from methods.core.engine import Engine
-    from methods.core.training import data_key
+    from methods.core.training import cached_features, data_key
     from methods.firp.decoder import FirpDecoder
     from methods.firp.train import train as train_firp
     from methods.vanilla import VanillaDecoder
 
     _, val = split_train_val(list(range(len(data))), base.val_fraction, base.seed)
     held_out = [data[i]["ids"][:data[i]["prompt_len"]] for i in val[:prompts]]
+    # one frozen-model pass caches every swept layer's features (a pass each took 6 min here)
+    cached_features(model, data, sorted(set(layers)) + [-1], data_key(base), toolkit.cache_dir)
     rows = []
     for layer in layers:
         config = replace(base, out=str(out_dir / f"layer{layer}"), options={**base.options, "layers": layer})
