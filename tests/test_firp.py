@@ -53,6 +53,34 @@ def test_engine_chains_equal_training_forward(layers, mode, input):
     assert (multi[:, 2:3] - ref).abs().max() < 1e-4
 
 
+def test_training_forward_gradients_match_finite_differences():
+    """The training pass runs the real tokens without gradients and the pseudo tokens alone after
+    them: the maps' gradients must still be right (central differences in float64; the model's
+    RMSNorm computes in float32, hence the step and the tolerance)."""
+    model = tiny_model("llama").double()
+    maps = _random_maps(model, [1, 2, 2], "serialized", "prev+anchor").double()
+    h = model.model(torch.tensor([[5, 9, 14, 3, 77, 21, 8, 40]]), output_hidden_states=True).hidden_states[1][0].detach()
+    anchors = torch.tensor([1, 3, 4])
+    target = torch.randn(3, 3, model.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def loss() -> torch.Tensor:
+        return (pseudo_forward(model, maps, h, anchors)[0] * target).sum()
+
+    maps.zero_grad()
+    loss().backward()
+    for k, (r, c) in ((0, (3, 5)), (1, (7, 70)), (2, (0, 1))):  # W_1 and W_2 enter at layer 2, after W_0's layer
+        w = maps.maps[k].weight
+        with torch.no_grad():
+            w[r, c] += 1e-3
+            up = loss()
+            w[r, c] -= 2e-3
+            down = loss()
+            w[r, c] += 1e-3
+        grad = float(w.grad[r, c])
+        assert abs(grad) > 1e-3 and abs(grad - float(up - down) / 2e-3) < 0.03 * abs(grad) + 1e-3
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in maps.parameters())
+
+
 def _decoder(engine, maps, tmp_path, tree, chains="all"):
     folder = tmp_path / "firp"
     folder.mkdir(exist_ok=True)

@@ -18,10 +18,27 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from methods.core.engine import cache_keyword
 from methods.core.errors import UserError
 from methods.core.training import Toolkit, autocast, TrainConfig, cached_features, optimise, prepare_out, split_train_val, write_result
 from methods.core.tree import best_tree_paths, expected_accepted_length, tree_search, tree_search_default
 from methods.firp.decoder import FirpMaps, build_plan, injections, map_input
+
+
+class _RealThenPseudo:
+    """The cache argument of one pass: a layer's first call (the real tokens) stores its keys and
+    values, the second (the pseudo tokens) attends over them followed by its own."""
+
+    def __init__(self) -> None:
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_: object,
+               **__: object) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx not in self.kv:
+            self.kv[layer_idx] = (key, value)
+            return key, value
+        real_k, real_v = self.kv.pop(layer_idx)
+        return torch.cat([real_k, key], dim=-2), torch.cat([real_v, value], dim=-2)
 
 
 def pseudo_forward(model: Any, maps: FirpMaps, h_start: torch.Tensor, anchors: torch.Tensor,
@@ -29,43 +46,56 @@ def pseudo_forward(model: Any, maps: FirpMaps, h_start: torch.Tensor, anchors: t
     """Run layers l_1..L over a sequence's real states [T, D] plus the anchors' chains.
 
     Returns the pseudo tokens' final (normed) hidden states [K, a, D], step-major, and, if
-    ``capture``, every layer's full hidden states (for the analysis of pseudo vs real).
+    ``capture``, every layer's hidden states, real rows then pseudo rows (for the analysis of
+    pseudo vs real).
+
+    The real tokens never see a pseudo token and do not depend on the maps, so each layer runs
+    them first without gradients, and then the pseudo tokens alone, with gradients, attending
+    to the real tokens' keys and values and to each other: the backward pass only covers the
+    pseudo rows (point 2 of #13), and the result equals one pass over both.
     """
     backbone = model.model
     T, device = h_start.shape[0], h_start.device
     causal = torch.ones((T, T), dtype=torch.bool).tril()
     plan = build_plan(maps, causal[anchors.cpu()], anchors.tolist())
     injs = {inj.layer: inj for inj in injections(maps, plan, anchors.to(device), device)}
-    causal = causal.to(device)
-    h = h_start[None]
-    pos = torch.arange(T, device=device)
-    visible = causal
     neg = torch.finfo(torch.float32).min
+    cache_kw = cache_keyword(backbone.layers[0].self_attn)
+    real = h_start[None].detach()
+    real_rope = backbone.rotary_emb(real, torch.arange(T, device=device)[None])
+    real_mask = torch.where(causal.to(device), 0.0, neg)[None, None].to(real.dtype)
+    pseudo = real[:, :0]
+    pos = torch.zeros(0, dtype=torch.long, device=device)
+    visible = torch.zeros((0, T), dtype=torch.bool, device=device)  # what each pseudo row sees
     mask = rope = None
     captured = []
     for i in range(maps.layers[0], len(backbone.layers)):
         inj = injs.get(i)
         if inj is not None:
-            extra, extra_pos, vis = inj.make(h)
-            n_cur, m = h.shape[1], extra.shape[1]
-            grown = torch.zeros((n_cur + m, n_cur + m), dtype=torch.bool, device=device)
-            grown[:n_cur, :n_cur] = visible
-            grown[n_cur:] = vis.to(device)
-            visible = grown
-            h = torch.cat([h, extra.to(h.dtype)], dim=1)
+            extra, extra_pos, vis = inj.make(torch.cat([real, pseudo], dim=1))
+            m = extra.shape[1]
+            visible = torch.cat([torch.cat([visible, visible.new_zeros((visible.shape[0], m))], dim=1),
+                                 vis.to(device)])
+            pseudo = torch.cat([pseudo, extra.to(real.dtype)], dim=1)
             pos = torch.cat([pos, extra_pos.to(device)])
             mask = rope = None
         if mask is None:
-            mask = torch.where(visible, 0.0, neg)[None, None].to(h.dtype)
-            rope = backbone.rotary_emb(h, pos[None])
+            mask = torch.where(visible, 0.0, neg)[None, None].to(real.dtype)
+            rope = backbone.rotary_emb(pseudo, pos[None])
         if capture:
-            captured.append(h[0])
-        layer = backbone.layers[i]
-        attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), position_embeddings=rope,
-                                  attention_mask=mask, cache=None)
-        h = h + attn
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-    final = backbone.norm(h)[0, T:]
+            captured.append(torch.cat([real, pseudo], dim=1)[0])
+        layer, kv = backbone.layers[i], _RealThenPseudo()
+        with torch.no_grad():
+            attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(real), position_embeddings=real_rope,
+                                      attention_mask=real_mask, **{cache_kw: kv})
+            real_next = real + attn
+            real_next = real_next + layer.mlp(layer.post_attention_layernorm(real_next))
+        attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(pseudo), position_embeddings=rope,
+                                  attention_mask=mask, **{cache_kw: kv})
+        pseudo = pseudo + attn
+        pseudo = pseudo + layer.mlp(layer.post_attention_layernorm(pseudo))
+        real = real_next
+    final = backbone.norm(pseudo)[0]
     return final.view(maps.K, len(anchors), -1), captured
 
 
