@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--out", default="skip.json", metavar="FILE")
     tune.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the run's rule)")
     tune.add_argument("--trials", type=_int, default=40)
+    tune.add_argument("--draft", type=_int, default=None,
+                      help="self_spec: draft tokens per step in every trial, no adaptive exit, so a cheap but wrong "
+                           "draft pays for itself (default 4)")
     tune.add_argument("--space", default="blocks", choices=("blocks", "free"),
                       help="self_spec: contiguous attention/MLP blocks with priors (default) or one bit per sublayer")
     tune.add_argument("--prompts", type=_int, default=6)

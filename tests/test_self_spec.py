@@ -114,9 +114,25 @@ def test_tuner_searches_contiguous_blocks_from_the_priors(tmp_path):
     out = tmp_path / "skip.json"
     config = TuneConfig(model="tiny", data=["train.jsonl"], out=str(out), trials=len(priors) + 2, prompts=2,
                         max_new_tokens=6)
-    result = tune_self_spec(config, kit)
+    from methods.self_spec import decoder as decoder_module
+
+    made = []
+    real_init = decoder_module.SelfSpeculativeDecoder.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append(self.options)
+
+    decoder_module.SelfSpeculativeDecoder.__init__ = spy
+    try:
+        result = tune_self_spec(config, kit)
+    finally:
+        decoder_module.SelfSpeculativeDecoder.__init__ = real_init
     saved = json.loads(out.read_text())
-    assert saved["space"] == "blocks" and saved["trials"] == len(priors) + 2
+    assert saved["space"] == "blocks" and saved["trials"] == len(priors) + 2 and saved["draft_tokens"] == 4
+    # every trial drafts a fixed length without the adaptive exit, so a cheap wrong draft pays for itself
+    assert made and all(o.max_draft == 4 and o.threshold == 0.0 and not o.adaptive and o.policy == "always"
+                        for o in made)
     for kind in ("attention", "mlp"):
         layers = saved[kind]
         assert layers == list(range(layers[0], layers[0] + len(layers))) if layers else True
@@ -124,3 +140,5 @@ def test_tuner_searches_contiguous_blocks_from_the_priors(tmp_path):
     assert result["speedup"] > 0
     with pytest.raises(UserError, match="blocks, free"):
         tune_self_spec(TuneConfig(data=["x"], out=str(out), space="bits"), kit)
+    with pytest.raises(UserError, match="--draft"):
+        tune_self_spec(TuneConfig(data=["x"], out=str(out), draft=0), kit)

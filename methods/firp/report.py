@@ -20,7 +20,7 @@ def cosine_chart(analysis: dict[str, Any]) -> str:
     from reports.plots import figure_svg
 
     names = [n for n in ("maps", "compare") if analysis.get(n)]
-    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 3.0), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 4.8), squeeze=False, sharey=True)
     for ax, name in zip(axes[0], names):
         a = analysis[name]
         for k, (step, cos) in enumerate(a["cosine_by_layer"].items()):
@@ -46,17 +46,17 @@ def sweep_chart(sweep: dict[str, Any]) -> str:
     rows = sorted(sweep["rows"], key=lambda r: r["layer"])
     layers = [r["layer"] for r in rows]
     colors = sns.color_palette("deep")
-    fig, axes = plt.subplots(1, 3, figsize=(10.5, 2.8))
-    for ax, key, title, color in zip(axes, ("val_accepted_length", "step_cost", "predicted_speedup"),
-                                     ("accepted length (teacher-forced)", "step cost (x vanilla step)",
-                                      "predicted speedup"), colors):
+    fig, axes = plt.subplots(3, 1, figsize=(4.6, 4.8), sharex=True)
+    for ax, key, label, color in zip(axes, ("val_accepted_length", "step_cost", "predicted_speedup"),
+                                     ("accepted length\n(teacher-forced)", "step cost\n(x vanilla)",
+                                      "predicted\nspeedup"), colors):
         ax.plot(layers, [r[key] for r in rows], marker="o", color=color)
-        ax.set_xticks(layers)
-        ax.set_xlabel("prediction layer")
-        ax.set_title(title, fontsize=9)
+        ax.set_ylabel(label, fontsize=8)
+    axes[-1].set_xticks(layers)
+    axes[-1].set_xlabel("prediction layer")
     best = max(rows, key=lambda r: r["predicted_speedup"])
     axes[2].annotate(f"{best['predicted_speedup']:.2f}x", (best["layer"], best["predicted_speedup"]),
-                     textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+                     textcoords="offset points", xytext=(0, -12), ha="center", fontsize=8)
     fig.tight_layout()
     return figure_svg(fig)
 
