@@ -79,9 +79,10 @@ def analyze_maps(model: Any, maps: Any, data: list[dict[str, Any]], anchors_per_
 
 
 def sweep_layers(model: Any, tokenizer: Any, data: list[dict[str, Any]], base: TrainConfig, layers: list[int],
-                 toolkit: Toolkit, out_dir: Path, dtype: torch.dtype, prompts: int = 3,
-                 new_tokens: int = 32) -> list[dict[str, Any]]:
+                 toolkit: Toolkit, out_dir: Path, dtype: torch.dtype, prompts: int = 6,
+                 new_tokens: int = 48) -> list[dict[str, Any]]:
     """Train FIRP maps at each layer for ``base.max_steps`` steps and measure each one."""
+    import statistics
     import time
 
     from methods.core.engine import Engine
@@ -104,19 +105,19 @@ def sweep_layers(model: Any, tokenizer: Any, data: list[dict[str, Any]], base: T
         engine = Engine(model)
         decoders = {"vanilla": VanillaDecoder(engine),
                     "firp": FirpDecoder(engine, weights=config.out, tree="trained")}
-        spent = {name: [0.0, 0] for name in decoders}
+        per_step: dict[str, list[float]] = {name: [] for name in decoders}
         for d in decoders.values():
             d.generate(held_out[0], 4)  # warm-up
-        for ids in held_out:
+        for ids in held_out:  # per prompt, both methods back to back: the median ratio shrugs off load swings
             for name, d in decoders.items():
                 start = time.perf_counter()
                 gen = d.generate(ids, new_tokens)
-                spent[name][0] += time.perf_counter() - start
-                spent[name][1] += gen.target_forwards
-        step_ms = {name: 1000 * t / max(1, n) for name, (t, n) in spent.items()}
+                per_step[name].append((time.perf_counter() - start) * 1000 / max(1, gen.target_forwards))
+        ratios = [f / v for f, v in zip(per_step["firp"], per_step["vanilla"])]
+        step_ms = {name: statistics.median(v) for name, v in per_step.items()}
         row = {"layer": layer, "steps": meta["train_steps"], "val_accepted_length": best["expected_accepted_length"],
                "firp_ms_per_step": round(step_ms["firp"], 2), "vanilla_ms_per_step": round(step_ms["vanilla"], 2),
-               "step_cost": round(step_ms["firp"] / step_ms["vanilla"], 3)}
+               "step_cost": round(statistics.median(ratios), 3)}
         row["predicted_speedup"] = round(row["val_accepted_length"] / row["step_cost"], 3)
         rows.append(row)
         print(f"  layer {layer}: accepted length {row['val_accepted_length']:.3f}, step cost {row['step_cost']:.2f}x "
