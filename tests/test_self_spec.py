@@ -61,6 +61,51 @@ def test_cost_policy_pauses_drafting_that_does_not_pay(tiny, monkeypatch, tmp_pa
     assert all(d > 0 for d in cheap.generate(prompt, 40).draft_sizes[1:-1])
 
 
+def test_cost_policy_drafts_another_token_only_while_the_chain_can_pay(tiny, monkeypatch, tmp_path):
+    """Another draft forward runs only while the chain's confidence covers its cost plus one more
+    verified token: free drafts run to max_draft, dear ones stop after the first token."""
+    monkeypatch.setenv("SPECDEC_HARNESS_CACHE", str(tmp_path))
+    engine = Engine(tiny)
+    prompt = [1, 2, 3]
+    ref = VanillaDecoder(engine).generate(prompt, 40).tokens
+    sizes = {}
+    for draft_cost in (0.0, 0.9):
+        decoder = SelfSpeculativeDecoder(engine, skip={"attention": [], "mlp": []}, threshold=0.0, adaptive=False,
+                                         max_draft=4, policy="cost")
+        decoder.draft_cost = draft_cost
+        decoder.verify_cost = lambda n: 1.0  # flat: only the draft forward costs
+        decoder.efficiency, decoder.pause = 10.0, 0  # keep the pause logic out of it
+        got = decoder.generate(prompt, 40)
+        assert got.tokens == ref
+        sizes[draft_cost] = got.draft_sizes[1:-1]
+    assert max(sizes[0.0]) == 4 and all(d == 4 for d in sizes[0.0][:3]), sizes
+    # a tiny random model is never 90% sure of two tokens in a row
+    assert max(sizes[0.9]) == 1 and 1 in sizes[0.9], sizes
+
+
+def test_plain_steps_leave_the_adaptive_threshold_alone(tiny, monkeypatch, tmp_path):
+    """A paused (plain) step carries no evidence about drafts; lowering the threshold on each would
+    make the probe after a long pause draft everything up to max_draft."""
+    monkeypatch.setenv("SPECDEC_HARNESS_CACHE", str(tmp_path))
+    engine = Engine(tiny)
+    decoder = SelfSpeculativeDecoder(engine, skip={"attention": [], "mlp": []}, threshold=0.6, adaptive=True,
+                                     max_draft=4, policy="cost")
+    decoder.draft_cost = 1.5  # never pays: mostly plain steps
+    seen: list[tuple[int, float, float]] = []
+    update = decoder.update
+
+    def recording(draft, out, acc):
+        before = decoder.threshold
+        update(draft, out, acc)
+        seen.append((decoder.forwards, before, decoder.threshold))
+
+    monkeypatch.setattr(decoder, "update", recording)
+    decoder.generate([1, 2, 3], 60)
+    plain = [(b, a) for f, b, a in seen if f == 0]
+    assert len(plain) > 20 and all(b == a for b, a in plain), seen
+    assert any(b != a for f, b, a in seen if f > 0)  # drafting steps still adapt it
+
+
 def test_load_skip_set_forms(tmp_path):
     f = tmp_path / "s.json"
     f.write_text('{"attention": [3, 1], "mlp": [2]}')

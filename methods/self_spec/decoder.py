@@ -12,7 +12,11 @@ efficiency, tokens gained per step over the step's cost in vanilla steps (draft 
 their measured relative cost + the verify pass's measured cost, ``methods.core.cost``),
 and when it falls below 1 it takes plain steps for a while (doubling the pause, up to 256
 steps, each time drafting fails again, resetting it when a probe pays; the state carries
-across prompts), so self_spec never runs much slower than vanilla.
+across prompts), so self_spec never runs much slower than vanilla. Within a step the same
+costs bound the draft's length: another draft forward runs only while the chain's confidence
+(the product of its top-1 probabilities, an upper bound on the next token's acceptance) covers
+that forward plus the extra verified token. Plain steps leave the adaptive threshold alone, so
+the probe after a long pause drafts as cautiously as the last draft did.
 
 Draft tokens are written to the cache while drafting (non-skipped layers need each
 other's keys), then rolled back; the verification pass rewrites every layer's entries,
@@ -127,16 +131,32 @@ class SelfSpeculativeDecoder(Decoder):
     def begin(self, prompt_ids: Sequence[int], out: ForwardOutput) -> None:
         self.threshold, self.rate = self.options.threshold, self.options.target_acceptance
 
+    def _worth_another(self, confidence: float, drafted: int) -> bool:
+        """Under the cost policy, one more draft forward must be able to pay for itself.
+
+        The next token is accepted at most as often as the whole chain so far (``confidence``,
+        the product of the draft's top-1 probabilities); it costs a draft forward plus what one
+        more token adds to the verification pass. Without this bound a confident draft runs to
+        ``max_draft`` even where, as in float32 on a CPU, each verified token is dear.
+        """
+        if self.verify_cost is None:
+            return True
+        marginal = self.draft_cost + self.verify_cost(drafted + 2) - self.verify_cost(drafted + 1)
+        return confidence >= marginal
+
     def _draft(self, root: int, room: int) -> list[int]:
         engine = self.engine
         drafts: list[int] = []
-        token, forwards = root, 0
+        token, forwards, confidence = root, 0, 1.0
         for _ in range(min(self.options.max_draft, room)):
+            if drafts and not self._worth_another(confidence, len(drafts)):
+                break
             out = engine.forward([token], skip_attention=self._skip_attn, skip_mlp=self._skip_mlp, commit=True)
             forwards += 1
             p, d = torch.softmax(out.logits[-1], dim=-1).max(dim=-1)
             if float(p) < self.threshold:
                 break
+            confidence *= float(p)
             token = int(d)
             drafts.append(token)
         engine.cache.rollback(forwards)  # the verification pass rewrites these positions in every layer
@@ -155,8 +175,8 @@ class SelfSpeculativeDecoder(Decoder):
     def update(self, draft: Draft, out: ForwardOutput, acc: Acceptance) -> None:
         if self.verify_cost is not None and self.forwards:
             self._account(draft.layout.n, acc.accepted_drafts + 1)
-        if not self.options.adaptive:
-            return
+        if not self.options.adaptive or not self.forwards:
+            return  # a plain step (paused, or no room) says nothing about the threshold
         drafted = draft.layout.draft_size
         if drafted:
             self.rate = 0.9 * self.rate + 0.1 * (acc.accepted_drafts / drafted)
