@@ -66,27 +66,37 @@ def load_prompts(files: Sequence[Path], *, limit: int | None, seed: int, allow_e
 @torch.no_grad()
 def generate_continuations(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
                            batch_size: int, max_prompt_tokens: int, stop_ids: Sequence[int],
-                           partial: Path | None = None) -> list[dict[str, Any]]:
+                           partial: Path | None = None,
+                           known: dict[tuple[int, ...], list[int]] | None = None) -> list[dict[str, Any]]:
     """[{"ids": prompt + greedy answer, "prompt_len": n}], generated in left-padded batches.
 
     With ``partial``, finished batches are saved there after each batch and skipped on a
     rerun, so a long distillation can be stopped (a session's end, Ctrl-C) and resumed.
+    ``known`` maps encoded prompts to answers an earlier distillation already generated with
+    the same settings; those are reused, so growing ``--limit`` only pays for the new prompts.
     """
     from tqdm import tqdm
 
     encoded = [encode_conversation(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     encoded = [e for e in encoded if len(e) <= max_prompt_tokens]
+    reused = [{"ids": e + known[tuple(e)], "prompt_len": len(e)} for e in encoded if known and tuple(e) in known]
+    if reused:
+        print(f"Reusing {len(reused)} answers from earlier distillations", file=sys.stderr)
+        encoded = [e for e in encoded if tuple(e) not in known]  # type: ignore[operator]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths pad less
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stop = set(stop_ids)
     data: list[dict[str, Any]] = []
     first = 0
+    pending = hashlib.sha256(json.dumps(encoded).encode()).hexdigest()[:16]  # the batches are over these prompts
     if partial is not None and partial.is_file():
         try:
             saved = torch.load(partial)
+            if saved.get("pending", pending) != pending:
+                raise ValueError("the prompts left to answer changed since this partial file was written")
             data, first = saved["data"], saved["next_batch"]
             print(f"Resuming self-distillation at batch {first} ({partial})", file=sys.stderr)
-        except Exception:  # noqa: BLE001 - a torn partial file only costs the batches in it
+        except Exception:  # noqa: BLE001 - a torn or stale partial file only costs the batches in it
             data, first = [], 0
     starts = list(enumerate(range(0, len(order), batch_size)))
     for b, start in tqdm(starts[first:], desc="self-distilling", file=sys.stderr, total=len(starts), initial=first):
@@ -108,9 +118,9 @@ def generate_continuations(model: Any, tokenizer: Any, prompts: Sequence[str], *
         if partial is not None:
             partial.parent.mkdir(parents=True, exist_ok=True)
             tmp = partial.with_suffix(".tmp")
-            torch.save({"data": data, "next_batch": b + 1}, tmp)
+            torch.save({"data": data, "next_batch": b + 1, "pending": pending}, tmp)
             tmp.replace(partial)
-    return data
+    return reused + data
 
 
 # Self-written prompts (#13): the benchmarks are chat, summaries, translation, QA and maths,
@@ -201,6 +211,32 @@ def distill_cache_path(model_name: str, files: Sequence[Path], settings: dict[st
     return cache_root() / "distill" / f"{Path(model_name).name}-{digest}.pt"
 
 
+class AnswerCache:
+    """Greedy answers by encoded prompt, shared by every distillation with the same generation
+    settings (whatever its files, limit or self-written prompts), so a larger data set reuses
+    the answers of a smaller one instead of generating them again."""
+
+    def __init__(self, model_name: str, settings: dict[str, Any]) -> None:
+        self.path = distill_cache_path(model_name, [], {"answers": True, **settings}).with_suffix(".answers.pt")
+
+    def load(self) -> dict[tuple[int, ...], list[int]]:
+        try:
+            return torch.load(self.path) if self.path.is_file() else {}
+        except Exception:  # noqa: BLE001 - a torn file only costs regeneration
+            return {}
+
+    def add(self, data: Sequence[dict[str, Any]]) -> None:
+        known = self.load()
+        new = {tuple(d["ids"][:d["prompt_len"]]): list(d["ids"][d["prompt_len"]:]) for d in data}
+        if all(k in known for k in new):
+            return
+        known.update(new)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(known, tmp)
+        tmp.replace(self.path)
+
+
 def self_distilled_sequences(model: Any, tokenizer: Any, model_name: str, files: Sequence[Path], *,
                              limit: int | None, seed: int, max_new_tokens: int, batch_size: int = 16,
                              max_prompt_tokens: int = 320, allow_eval: bool = False,
@@ -216,9 +252,12 @@ def self_distilled_sequences(model: Any, tokenizer: Any, model_name: str, files:
     if self_prompts:
         settings["self_prompts"] = self_prompts
     path = distill_cache_path(model_name, files, settings)
+    answers = AnswerCache(model_name, {k: settings[k] for k in ("max_new_tokens", "max_prompt_tokens", "dtype")})
     if path.is_file():
         print(f"Using cached self-distilled data {path}", file=sys.stderr)
-        return torch.load(path)
+        data = torch.load(path)
+        answers.add(data)
+        return data
     prompts = load_prompts(files, limit=limit, seed=seed, allow_eval=allow_eval)
     if self_prompts:
         written = self_written_prompts(model, tokenizer, self_prompts, seed=seed,
@@ -229,7 +268,9 @@ def self_distilled_sequences(model: Any, tokenizer: Any, model_name: str, files:
     partial = path.with_suffix(".partial.pt")
     data = generate_continuations(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                   batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
-                                  stop_ids=stop_token_ids(tokenizer, model), partial=partial)
+                                  stop_ids=stop_token_ids(tokenizer, model), partial=partial,
+                                  known=answers.load())
+    answers.add(data)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(data, tmp)

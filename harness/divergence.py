@@ -12,9 +12,12 @@ verdict is measured, per divergence, against a float32 reference on the same wei
   divergence to judge);
 * the *low-precision error* at that position is the largest |low-precision logit -
   float32 logit| over the vocabulary;
-* the divergence is ``numerics`` when the two tokens' float32 gap is within that error (the
-  run's precision cannot tell them apart there), else ``real``: a discrepancy that rounding
-  does not explain, reported loudly.
+* the divergence is ``numerics`` when the two tokens' float32 gap is within twice that
+  error, else ``real``: a discrepancy that rounding does not explain, reported loudly. Twice,
+  because the verdict is about a *difference* of two logits, each off by up to the error, in
+  a pass of another shape (a tree pass) than the one measured: a held-out bf16 FIRP run had
+  a float32 gap of 0.324 at a one-logit error of 0.320, and float32 decoding of the same
+  example matched vanilla exactly.
 
 A float32 run has no higher-precision reference here; its divergences count as numerics
 when the gap is under ``FLOAT32_TIE`` (kernel-order differences), else real.
@@ -58,8 +61,9 @@ def judge(low: torch.Tensor, reference: torch.Tensor | None, v_tok: int, m_tok: 
     else:
         error = float((low - reference).abs().max())
         ref_gap = float(reference[v_tok] - reference[m_tok])
-        numerics = abs(ref_gap) <= error
-        out.update(reference_gap=ref_gap, error=error, tolerance=error)
+        tolerance = 2 * error  # a gap between two logits, each within ``error`` of float32
+        numerics = abs(ref_gap) <= tolerance
+        out.update(reference_gap=ref_gap, error=error, tolerance=tolerance)
     out.update(verdict="numerics" if numerics else "real", near_tie=numerics)
     return out
 

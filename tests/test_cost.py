@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from methods.core.cost import CostCurve, cost_curve, pick_tree, resolve_tree
+from methods.core.cost import CostCurve, cost_curve, layered_cost, pick_tree, resolve_tree
 from methods.core.engine import Engine
 from tests.conftest import tiny_model
 
@@ -38,6 +38,35 @@ def test_processed_tokens_enter_the_cost():
     plain = pick_tree(TABLE, curve, lambda paths: 1 + len(paths))
     pseudo = pick_tree(TABLE, curve, lambda paths: (1 + len(paths)) * 3)
     assert plain["draft_size"] == 12 and pseudo["draft_size"] < 12
+
+
+def test_tokens_entering_at_an_inner_layer_pay_only_for_the_layers_they_run():
+    curve = CostCurve((1, 4, 16), (1.0, 1.3, 2.5))
+    assert layered_cost(curve, 30, 4, []) == pytest.approx(1.3)
+    assert layered_cost(curve, 30, 4, [(0, 12)]) == pytest.approx(2.5)  # from the first layer: the whole pass
+    # 12 pseudo tokens joining at layer 18 of 30: 18 layers at t(4), 12 at t(16)
+    assert layered_cost(curve, 30, 4, [(18, 12)]) == pytest.approx(0.6 * 1.3 + 0.4 * 2.5)
+    # two steps joining at 10 and 20: three stretches
+    assert layered_cost(curve, 30, 4, [(10, 6), (20, 6)]) == pytest.approx((1.3 + curve(10) + 2.5) / 3)
+
+
+def test_firp_prices_its_pseudo_tokens_by_the_layers_they_run():
+    """A late prediction layer makes FIRP's pseudo tokens cheap, so the pick can grow."""
+    from methods.core.tree import parse_tree
+    from methods.firp import FirpDecoder
+
+    curve = CostCurve((1, 5, 13, 64), (1.0, 1.05, 1.3, 6.0))
+    table = [{**t, "paths": [p[:2] for p in t["paths"]]} for t in TABLE]
+
+    def pick(layer: int) -> dict:
+        return pick_tree(table, curve, lambda paths: FirpDecoder.processed_per_step(parse_tree(paths), "all"),
+                         pass_cost=lambda paths, c: FirpDecoder.pass_cost(parse_tree(paths), "all", [layer] * 3, 30, c))
+
+    early, late = pick(0), pick(27)
+    assert early["draft_size"] < late["draft_size"]
+    tree = parse_tree([[0], [1], [0, 0], [2]])
+    assert FirpDecoder.pass_cost(tree, "all", [0, 0], 30, curve) == pytest.approx(
+        curve(FirpDecoder.processed_per_step(tree, "all")))  # from layer 0: the plain count
 
 
 def test_draft_overhead_tilts_the_pick_to_bigger_trees():

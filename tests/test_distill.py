@@ -47,6 +47,39 @@ def test_distillation_resumes_after_an_interruption(tmp_path):
     assert calls["n"] == 12  # only the two batches that were not saved ran again
 
 
+def test_distillation_reuses_answers_generated_before(tmp_path, monkeypatch):
+    """A larger data set pays only for its new prompts: answers of an earlier distillation with
+    the same generation settings are reused, from the per-prompt answer cache."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from harness.distill import AnswerCache
+    from harness.models import embedded_model_dir
+
+    monkeypatch.setenv("SPECDEC_HARNESS_CACHE", str(tmp_path))
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir("smollm2-135m"))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).eval()
+    prompts = [f"question number {i}: what is {i} plus {i}?" for i in range(6)]
+    kw = dict(max_new_tokens=5, batch_size=2, max_prompt_tokens=200, stop_ids=[tokenizer.eos_token_id])
+    first = generate_continuations(model, tokenizer, prompts[:4], **kw)
+    cache = AnswerCache("tiny", {"max_new_tokens": 5})
+    cache.add(first)
+    assert AnswerCache("tiny", {"max_new_tokens": 6}).load() == {}  # other settings, other answers
+    real, calls = model.generate, []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return real(*args, **kwargs)
+
+    model.generate = counting
+    grown = generate_continuations(model, tokenizer, prompts, known=cache.load(), **kw)
+    assert calls == [2]  # one batch: the two new prompts
+    whole = generate_continuations(model, tokenizer, prompts, **kw)
+    key = lambda d: tuple(d["ids"])  # noqa: E731
+    assert sorted(grown, key=key) == sorted(whole, key=key)
+
+
 def test_self_written_prompts_are_distinct_cached_and_resume(tmp_path, monkeypatch):
     """The model's own requests: deduplicated, saved after every batch, and a rerun continues
     from the cache instead of starting over (a long distillation spans sessions)."""

@@ -80,7 +80,7 @@ def test_planted_bug_is_judged_real_against_float32():
     found = find_divergences([rec("vanilla", van), rec("bug", bug), rec("bug2", bug)], [EXAMPLE], engine, TOK,
                              reference=reference)
     assert [d["verdict"] for d in found] == ["real", "real"] and found[0]["position"] == SwapOneToken.at
-    assert abs(found[0]["reference_gap"]) > found[0]["error"] > 0
+    assert abs(found[0]["reference_gap"]) > found[0]["tolerance"] == 2 * found[0]["error"] > 0
     assert loads == [1]  # the float32 copy is made once per run, however many divergences
 
 

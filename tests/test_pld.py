@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from methods.core.engine import Engine
-from methods.pld import PromptLookupDecoder, lookup
+from methods.pld import PromptLookupDecoder, best_length, lookup
 from methods.vanilla import VanillaDecoder
 
 
@@ -17,9 +17,11 @@ def test_lookup_prefers_longest_ngram_and_earliest_match():
     assert lookup([1, 2, 3], 3, 5) == []     # no earlier occurrence
 
 
-def test_pld_is_lossless_on_tiny_model(tiny):
+@pytest.mark.parametrize("policy", ["fixed", "cost"])
+def test_pld_is_lossless_on_tiny_model(tiny, policy, monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECDEC_HARNESS_CACHE", str(tmp_path))
     engine = Engine(tiny)
-    pld, vanilla = PromptLookupDecoder(engine), VanillaDecoder(engine)
+    pld, vanilla = PromptLookupDecoder(engine, policy=policy), VanillaDecoder(engine)
     for seed in range(3):
         g = torch.Generator().manual_seed(seed)
         prompt = torch.randint(0, 20, (24,), generator=g).tolist()  # small alphabet: many n-gram matches
@@ -29,12 +31,54 @@ def test_pld_is_lossless_on_tiny_model(tiny):
         assert sum(got.accepted) == len(got.tokens)
 
 
+def test_best_length_trades_expected_acceptance_against_measured_cost():
+    flat, steep = (lambda n: 1.0), (lambda n: 1.0 + 0.25 * (n - 1))  # bf16-like, float32-like on this CPU
+    unseen = [0.0] * 10
+    assert best_length(unseen, unseen, flat) == 10  # free tokens: take them all
+    assert best_length(unseen, unseen, steep) == 3  # the 0.8 prior: 0.8^4 no longer pays 0.25
+    always = [100.0] * 10
+    assert best_length(always, always, steep) == 10
+    never = [0.0] * 10, [100.0] * 10
+    assert best_length(*never, steep) == 1  # (on a flat curve any length costs the same)
+    # first token usually right, later ones rarely: one token
+    assert best_length([90.0, 5.0] + [0.0] * 8, [100.0, 90.0] + [5.0] * 8, steep) == 1
+
+
+def test_pld_cost_policy_learns_the_draft_length_from_acceptance(tiny, monkeypatch, tmp_path):
+    """Under a float32-like cost, lookups that keep being rejected shrink to one token and ones
+    that keep being accepted grow past the prior's pick (3) to num_tokens; on a flat cost curve
+    even rejected lookups are taken whole. Lossless throughout."""
+    import methods.pld as pld_module
+
+    monkeypatch.setenv("SPECDEC_HARNESS_CACHE", str(tmp_path))
+    engine = Engine(tiny)
+    prompt = torch.randint(0, 20, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    ref = VanillaDecoder(engine).generate(prompt, 60).tokens
+    flat, steep = (lambda n: 1.0), (lambda n: 1.0 + 0.25 * (n - 1))
+
+    def run(cost, shift):  # lookups replaced by the true continuation, shifted by ``shift`` token ids
+        monkeypatch.setattr(pld_module, "lookup", lambda h, n, k: [
+            (t + shift) % 97 for t in ref[len(h) - len(prompt):len(h) - len(prompt) + k]])
+        pld = PromptLookupDecoder(engine, num_tokens=6)
+        pld.verify_cost = cost
+        got = pld.generate(prompt, 60)
+        assert got.tokens == ref
+        return got.draft_sizes[1:-2], pld
+
+    right, decoder = run(steep, 0)
+    assert decoder.accepted[0] == decoder.tried[0] > 0 and right[0] == 3 and right == sorted(right) and right[-1] == 6, right
+    wrong, decoder = run(steep, 1)
+    assert decoder.accepted[0] == 0 and wrong[0] == 3 and wrong[-10:] == [1] * 10, wrong
+    free, _ = run(flat, 1)
+    assert free[:20] == [6] * 20, free
+
+
 @pytest.mark.slow
 def test_pld_matches_transformers_prompt_lookup(smollm):
     from methods.core.prompts import encode_conversation, stop_token_ids
 
     model, tok = smollm
-    decoder = PromptLookupDecoder(Engine(model))
+    decoder = PromptLookupDecoder(Engine(model), policy="fixed")  # transformers' rule
     stop = stop_token_ids(tok, model)
     text = ("Summarize in one sentence: The council voted to close the old library on Main Street and move "
             "its books to the community centre, because the library building needed repairs.")

@@ -6,7 +6,8 @@ Refresh the baseline deliberately (after an intended change), then commit it:
 
     python -m harness run --methods vanilla,medusa,firp,eagle,sps,pld,lookahead,self_spec --tasks builtin --limit 6 \
         --max-new-tokens 24 --dtype float32 --device cpu --method-option medusa.tree=trained \
-        --method-option firp.tree=trained --method-option self_spec.policy=always --out runs/ci --overwrite
+        --method-option firp.tree=trained --method-option self_spec.policy=always --method-option pld.policy=fixed \
+        --out runs/ci --overwrite
     python -m harness baseline runs/ci -o tests/baselines/smollm2-135m-cpu-float32.json
 """
 
@@ -21,11 +22,12 @@ from harness.cli import main
 pytestmark = pytest.mark.slow
 BASELINE = Path(__file__).parent / "baselines" / "smollm2-135m-cpu-float32.json"
 METHODS = "vanilla,medusa,firp,eagle,sps,pld,lookahead,self_spec"
-# trees pinned to the trained ones and self_spec drafting every step: ``auto`` trees and the
-# cost policy follow the machine's measured costs, which would make the gate depend on the CI machine's CPU
+# trees pinned to the trained ones, self_spec drafting every step and PLD's draft length fixed: ``auto``
+# trees and the cost policies follow the machine's measured costs, which would make the gate depend on the CI machine's CPU
 RUN = ["run", "--methods", METHODS, "--tasks", "builtin", "--limit", "6", "--max-new-tokens", "24",
        "--dtype", "float32", "--device", "cpu", "--method-option", "medusa.tree=trained",
-       "--method-option", "firp.tree=trained", "--method-option", "self_spec.policy=always"]
+       "--method-option", "firp.tree=trained", "--method-option", "self_spec.policy=always",
+       "--method-option", "pld.policy=fixed"]
 
 
 def test_ci_suite_matches_committed_baseline(tmp_path, capsys):

@@ -127,17 +127,36 @@ def cost_curve(engine: Any, model_name: str, cache_dir: Path | None) -> CostCurv
     return curve
 
 
+PassCost = Callable[[list[list[int]], CostCurve], float]
+
+
+def layered_cost(curve: CostCurve, num_layers: int, base: int, joins: Sequence[tuple[int, int]]) -> float:
+    """A pass in which ``base`` tokens run every layer and ``joins`` = (layer, count) tokens
+    enter at an inner layer (FIRP's pseudo tokens): each stretch of layers is charged, by its
+    share of the layers, the curve at the tokens present there. Charging every token the
+    whole pass overstates what tokens entering at layer 18 of 30 cost."""
+    cuts = sorted({0, num_layers, *(min(max(layer, 0), num_layers) for layer, _ in joins)})
+    total = 0.0
+    for lo, hi in zip(cuts, cuts[1:]):
+        present = base + sum(count for layer, count in joins if layer <= lo)
+        total += (hi - lo) / num_layers * curve(present)
+    return total
+
+
 def pick_tree(candidates: Sequence[dict[str, Any]], curve: CostCurve,
-              processed: Callable[[list[list[int]]], int], draft_overhead: float = 0.0) -> dict[str, Any]:
+              processed: Callable[[list[list[int]]], int], draft_overhead: float = 0.0,
+              pass_cost: PassCost | None = None) -> dict[str, Any]:
     """The candidate (``{"paths", "expected_accepted_length"}``, as trainers' ``tree_search``
     records them) with the highest predicted speedup; returns it with the whole table.
-    ``draft_overhead`` is the per-step drafting cost outside the pass, in vanilla steps."""
+    ``draft_overhead`` is the per-step drafting cost outside the pass, in vanilla steps;
+    ``pass_cost`` prices a pass whose tokens do not all run every layer (default: the
+    curve at ``processed``)."""
     table = []
     for c in candidates:
         paths = [list(p) for p in c["paths"]]
         n = processed(paths)
         acc = float(c["expected_accepted_length"])
-        cost = curve(n) + draft_overhead
+        cost = (pass_cost(paths, curve) if pass_cost is not None else curve(n)) + draft_overhead
         table.append({"draft_size": len(paths), "processed": n, "expected_accepted_length": round(acc, 4),
                       "cost": round(cost, 4), "predicted_speedup": round(acc / cost, 4),
                       **({"name": c["name"]} if "name" in c else {}), "paths": paths})
@@ -155,7 +174,8 @@ TREE_HELP = ("auto (default: the trained tree of the highest predicted speedup o
 
 def resolve_tree(option_value: str | None, weights_config: dict[str, Any], fallback: str, engine: Any,
                  model_name: str, processed: Callable[[list[list[int]]], int],
-                 max_depth: int, draft_probe: Callable[[], Any] | None = None) -> tuple[Any, dict[str, Any] | None]:
+                 max_depth: int, draft_probe: Callable[[], Any] | None = None,
+                 pass_cost: PassCost | None = None) -> tuple[Any, dict[str, Any] | None]:
     """The tree spec a static-tree method runs with, and the cost-fitted choice behind it (or None).
 
     ``auto`` needs the trainer's ``tree_search`` table in the weights' config.json; without one
@@ -175,7 +195,7 @@ def resolve_tree(option_value: str | None, weights_config: dict[str, Any], fallb
         return trained, None
     curve = cost_curve(engine, model_name, cache_root())
     overhead = relative_call_cost(engine, draft_probe) if draft_probe is not None else 0.0
-    choice = pick_tree(table, curve, processed, overhead)
+    choice = pick_tree(table, curve, processed, overhead, pass_cost)
     return choice["paths"], choice
 
 

@@ -37,7 +37,7 @@ from methods.core.decoder import Decoder, Draft
 from methods.core.engine import ForwardOutput, Injection
 from methods.core.errors import UserError, first_line
 from methods.core.options import option
-from methods.core.cost import TREE_AUTO, TREE_HELP, TREE_TRAINED, resolve_tree
+from methods.core.cost import TREE_AUTO, TREE_HELP, TREE_TRAINED, layered_cost, resolve_tree
 from methods.core.tree import TreeLayout, chain_layout, parse_tree
 from methods.core.verify import Acceptance
 from methods.core.training import training_summary
@@ -246,7 +246,9 @@ class FirpDecoder(Decoder):
         self.tree_spec, self.tree_choice = resolve_tree(
             opts.tree, self.weights_config, self.default_tree, engine, self.model_name,
             lambda paths: self.processed_per_step(parse_tree(paths), opts.chains), self.maps.K,
-            lambda: torch.topk(torch.zeros(self.maps.K, engine.config.vocab_size, device=engine.device), 4, dim=-1))
+            lambda: torch.topk(torch.zeros(self.maps.K, engine.config.vocab_size, device=engine.device), 4, dim=-1),
+            lambda paths, curve: self.pass_cost(parse_tree(paths), opts.chains, self.maps.layers,
+                                                engine.num_layers, curve))
         self.tree = parse_tree(self.tree_spec)
         if self.tree.max_depth > self.maps.K:
             raise UserError(f"tree depth {self.tree.max_depth} exceeds FIRP's K={self.maps.K} pseudo steps")
@@ -271,6 +273,13 @@ class FirpDecoder(Decoder):
         """Tokens one FIRP target pass runs: the tree plus K' pseudo tokens per chain-carrying node."""
         anchors = tree.size if chains == "all" else 1 + sum(1 for p in tree.paths if all(c == 0 for c in p))
         return tree.size + anchors * tree.max_depth
+
+    @staticmethod
+    def pass_cost(tree: Any, chains: str, layers: Sequence[int], num_layers: int, curve: Any) -> float:
+        """The pass's cost on the measured curve: the tree runs every layer, pseudo step k's
+        tokens (one per chain-carrying node) only from its map's layer on."""
+        anchors = tree.size if chains == "all" else 1 + sum(1 for p in tree.paths if all(c == 0 for c in p))
+        return layered_cost(curve, num_layers, tree.size, [(layers[k], anchors) for k in range(tree.max_depth)])
 
     @classmethod
     def check_ready(cls, model_name: str, options: FirpOptions) -> None:
