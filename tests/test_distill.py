@@ -14,7 +14,8 @@ class Interrupt(Exception):
     pass
 
 
-def test_distillation_resumes_after_an_interruption(tmp_path):
+def tiny_setup():
+    """A one-layer random Llama with the real tokenizer, six prompts and small generation settings."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from harness.models import embedded_model_dir
@@ -25,6 +26,11 @@ def test_distillation_resumes_after_an_interruption(tmp_path):
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).eval()
     prompts = [f"question number {i}: what is {i} plus {i}?" for i in range(6)]
     kw = dict(max_new_tokens=5, batch_size=2, max_prompt_tokens=200, stop_ids=[tokenizer.eos_token_id])
+    return model, tokenizer, prompts, kw
+
+
+def test_distillation_resumes_after_an_interruption(tmp_path):
+    model, tokenizer, prompts, kw = tiny_setup()
     whole = generate_continuations(model, tokenizer, prompts, **kw)
 
     partial = tmp_path / "distill.partial.pt"
@@ -50,18 +56,10 @@ def test_distillation_resumes_after_an_interruption(tmp_path):
 def test_distillation_reuses_answers_generated_before(tmp_path, monkeypatch):
     """A larger data set pays only for its new prompts: answers of an earlier distillation with
     the same generation settings are reused, from the per-prompt answer cache."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from harness.distill import AnswerCache
-    from harness.models import embedded_model_dir
 
     monkeypatch.setenv("SPECDEC_HARNESS_CACHE", str(tmp_path))
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir("smollm2-135m"))
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).eval()
-    prompts = [f"question number {i}: what is {i} plus {i}?" for i in range(6)]
-    kw = dict(max_new_tokens=5, batch_size=2, max_prompt_tokens=200, stop_ids=[tokenizer.eos_token_id])
+    model, tokenizer, prompts, kw = tiny_setup()
     first = generate_continuations(model, tokenizer, prompts[:4], **kw)
     cache = AnswerCache("tiny", {"max_new_tokens": 5})
     cache.add(first)
@@ -83,15 +81,9 @@ def test_distillation_reuses_answers_generated_before(tmp_path, monkeypatch):
 def test_self_written_prompts_are_distinct_cached_and_resume(tmp_path, monkeypatch):
     """The model's own requests: deduplicated, saved after every batch, and a rerun continues
     from the cache instead of starting over (a long distillation spans sessions)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from harness import distill
-    from harness.models import embedded_model_dir
 
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir("smollm2-135m"))
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).eval()
+    model, tokenizer, _, _ = tiny_setup()
     # every third request is too short and every fourth repeats an earlier one: both are dropped
     words = iter("too short" if i % 3 == 0 else f"please tell me about topic number {i - i % 4} in detail"
                  for i in range(1000))
