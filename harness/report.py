@@ -154,7 +154,7 @@ def verdict_text(d: dict[str, Any]) -> str:
     if kind == "length":
         return "length only (one output is a prefix of the other)"
     if kind == "numerics":
-        return "numerics (float32 gap within the low-precision error)" if d.get("error") is not None else "numerics"
+        return "numerics (float32 gap within twice the low-precision error)" if d.get("error") is not None else "numerics"
     return "REAL DISCREPANCY"
 
 
