@@ -269,16 +269,20 @@ class FirpDecoder(Decoder):
         self.root_layout = chain_layout(0, engine)
 
     @staticmethod
-    def processed_per_step(tree: Any, chains: str) -> int:
-        """Tokens one FIRP target pass runs: the tree plus K' pseudo tokens per chain-carrying node."""
-        anchors = tree.size if chains == "all" else 1 + sum(1 for p in tree.paths if all(c == 0 for c in p))
-        return tree.size + anchors * tree.max_depth
+    def chain_carriers(tree: Any, chains: str) -> int:
+        """Nodes that carry a pseudo chain: every node, or the root and the all-top-1 spine."""
+        return tree.size if chains == "all" else 1 + sum(1 for p in tree.paths if all(c == 0 for c in p))
 
-    @staticmethod
-    def pass_cost(tree: Any, chains: str, layers: Sequence[int], num_layers: int, curve: Any) -> float:
+    @classmethod
+    def processed_per_step(cls, tree: Any, chains: str) -> int:
+        """Tokens one FIRP target pass runs: the tree plus K' pseudo tokens per chain-carrying node."""
+        return tree.size + cls.chain_carriers(tree, chains) * tree.max_depth
+
+    @classmethod
+    def pass_cost(cls, tree: Any, chains: str, layers: Sequence[int], num_layers: int, curve: Any) -> float:
         """The pass's cost on the measured curve: the tree runs every layer, pseudo step k's
         tokens (one per chain-carrying node) only from its map's layer on."""
-        anchors = tree.size if chains == "all" else 1 + sum(1 for p in tree.paths if all(c == 0 for c in p))
+        anchors = cls.chain_carriers(tree, chains)
         return layered_cost(curve, num_layers, tree.size, [(layers[k], anchors) for k in range(tree.max_depth)])
 
     @classmethod
