@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sampling temperature; 0 = greedy (default). Every method keeps the target distribution")
     run.add_argument("--top-p", type=_float, default=1.0, help="nucleus sampling threshold with --temperature (default 1)")
     run.add_argument("--warmup", type=_int, default=1, help="uncounted warm-up rounds per method (default: 1)")
+    run.add_argument("--repeats", type=_int, default=1,
+                     help="timed rounds per example and method, interleaved; the round with the median time per "
+                          "token is kept (default: 1). Use 3 or more to decide speedups near 1.0 on a noisy machine")
     run.add_argument("--data-dir", default=None, help="folder with <suite>/<file> data (e.g. ../shared/data)")
     run.add_argument("--task-path", action="append", default=[], metavar="SUITE=FILE",
                      help="a suite's data file in another layout (repeatable)")
@@ -241,7 +244,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS
     config = RunConfig(
         methods=methods, tasks=args.tasks, model=args.model, device=args.device, dtype=args.dtype,
-        max_new_tokens=max_new_tokens, limit=limit, seed=args.seed, warmup=args.warmup,
+        max_new_tokens=max_new_tokens, limit=limit, seed=args.seed, warmup=args.warmup, repeats=args.repeats,
         data_dir=args.data_dir, out=args.out, overwrite=args.overwrite,
         task_paths=_pairs(args.task_path, "--task-path", "SUITE=FILE"),
         task_options=_pairs(args.task_option, "--task-option", "KEY=VALUE"),

@@ -4,6 +4,12 @@
 scheduler such as Ray can later spread shards over GPUs and machines unchanged. Methods
 are interleaved per example, and their order rotates from one example to the next, so
 slow machine drift and warm-cache effects fall on every method alike.
+
+With ``repeats`` > 1 every method decodes each example that many times, the rounds
+interleaved and rotated too, and the record kept is the round with the median time per
+token: a whole real run (its tokens, steps and times together), not a blend. On a shared
+machine whose speed drifts by tens of percent over seconds, this is what makes a ratio
+near 1.0 decidable without multiplying the examples.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ class ShardSettings:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    repeats: int = 1  # timed rounds per (example, method); the median round is kept
 
     def gen_config(self, example: Example, turn: int) -> GenConfig:
         """Sampling is seeded per (run seed, example, turn): reproducible, and the same for every method."""
@@ -88,6 +95,20 @@ def _record(example: Example, decoder: Decoder, turns: list[dict[str, Any]], ski
     }
 
 
+def median_round(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median time per new token (the lower middle for an even count).
+
+    Ranked per token, so a round whose output differs in length (bf16 numerics under another
+    draft shape) is compared fairly; the other rounds' times are kept beside it for the record.
+    """
+    if len(rounds) == 1:
+        return rounds[0]
+    ranked = sorted(rounds, key=lambda r: r["wall_time"] / max(r["new_tokens"], 1))
+    kept = dict(ranked[(len(ranked) - 1) // 2])
+    kept["repeats"] = {"wall_times": [r["wall_time"] for r in rounds], "new_tokens": [r["new_tokens"] for r in rounds]}
+    return kept
+
+
 def warm_up(decoders: Sequence[Decoder], example: Example, tokenizer: Any, settings: ShardSettings, rounds: int) -> None:
     """Uncounted generations first: allocator, kernels and caches settle before timing starts."""
     short = ShardSettings(min(settings.max_new_tokens, 16), settings.stop_ids, settings.max_context,
@@ -113,11 +134,18 @@ def run_shard(
     ``start`` is the position of ``examples[0]`` in the whole run, so a scheduler that hands
     out one example at a time keeps the same method rotation as one process running them all.
     """
+    repeats = max(1, settings.repeats)
     for i, example in enumerate(examples, start=start):
-        shift = i % len(decoders)
-        for decoder in [*decoders[shift:], *decoders[:shift]]:
-            if (example.task, example.id, label_of(decoder)) not in done:
-                emit(run_example(decoder, example, tokenizer, settings))
-            if on_progress is not None:
-                on_progress()
+        rounds: dict[str, list[dict[str, Any]]] = {}
+        for r in range(repeats):
+            shift = (i + r) % len(decoders)
+            last = r == repeats - 1
+            for decoder in [*decoders[shift:], *decoders[:shift]]:
+                label = label_of(decoder)
+                if (example.task, example.id, label) not in done:
+                    rounds.setdefault(label, []).append(run_example(decoder, example, tokenizer, settings))
+                    if last:  # emitted at once, so an interruption loses at most this example's unfinished methods
+                        emit(median_round(rounds.pop(label)))
+                if last and on_progress is not None:
+                    on_progress()
 

@@ -119,6 +119,7 @@ class RunConfig:
     limit: int | None = None
     seed: int = 0
     warmup: int = 1
+    repeats: int = 1        # timed rounds per (example, method), the median kept (harness.runner)
     data_dir: str | None = None
     task_paths: dict[str, str] = field(default_factory=dict)
     task_options: dict[str, Any] = field(default_factory=dict)
@@ -151,7 +152,10 @@ class RunConfig:
         """
         keep = ("tasks", "model", "device", "dtype", "max_new_tokens", "limit", "seed", "task_options",
                 "temperature", "top_p")
-        return {k: getattr(self, k) for k in keep}
+        identity = {k: getattr(self, k) for k in keep}
+        if self.repeats != 1:  # a median of rounds is another measurement; absent at 1, so older runs still resume
+            identity["repeats"] = self.repeats
+        return identity
 
     def identity_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
@@ -173,6 +177,8 @@ def validate(config: RunConfig) -> list[MethodRun]:
     check_task_settings(config.tasks, config.task_options, config.task_paths)
     if config.warmup < 0:
         raise UserError(f"--warmup must be 0 or more, got {config.warmup}")
+    if config.repeats < 1:
+        raise UserError(f"--repeats must be a positive integer, got {config.repeats}")
     if config.executor not in ("local", "ray"):
         raise UserError(f"unknown --executor {config.executor!r}; valid executors: local, ray")
     if config.executor != "ray":
@@ -400,6 +406,7 @@ def build_workbench(config: RunConfig, runs: list[MethodRun]) -> Workbench:
         temperature=config.temperature,
         top_p=config.top_p,
         seed=config.seed,
+        repeats=config.repeats,
     )
     return Workbench(model, tokenizer, engine, decoders, settings)
 

@@ -156,6 +156,7 @@ RUN: list[Case] = [
     ("float option nan", lambda w: ["--methods", "self_spec", "--method-option", "self_spec.threshold=nan"],
      "expected a finite number"),
     ("temperature nan", lambda w: ["--temperature", "nan"], "expected a finite number"),
+    ("zero timing repeats", lambda w: ["--repeats", "0"], "--repeats must be a positive integer, got 0"),
     # model folders and context
     ("model config without model_type", lambda w: ["--model", w.model("m1", {"hidden_size": 16})], "has no 'model_type'"),
     ("model config of unknown type", lambda w: ["--model", w.model("m2", {"model_type": "gpt2"})], "is of type 'gpt2'"),

@@ -1,0 +1,104 @@
+"""The runner's timing discipline, with scripted decoders and clock: no model needed."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+import harness.runner as runner
+from harness.runner import ShardSettings, median_round, run_shard
+from harness.session import RunConfig
+from methods.core.decoder import Generation
+from tasks.base import Example
+
+
+CLOCK: list[float] = []  # the seconds of the latest scripted call
+
+
+class Scripted:
+    """A decoder whose n-th call produces ``tokens[n]`` tokens; the clock reads ``seconds[n]``."""
+
+    def __init__(self, name: str, log: list[str], seconds: list[float], tokens: list[int] | None = None) -> None:
+        self.name = self.label = name
+        self.engine = SimpleNamespace(device=torch.device("cpu"))
+        self.log, self.seconds, self.tokens, self.calls = log, seconds, tokens, 0
+
+    def generate(self, prompt_ids: list[int], config: Any) -> Generation:
+        n = self.tokens[self.calls] if self.tokens else 4
+        self.log.append(self.name)
+        CLOCK.append(self.seconds[self.calls])
+        self.calls += 1
+        return Generation(tokens=list(range(n)), accepted=[1] * n)
+
+
+@pytest.fixture
+def scripted_clock(monkeypatch):
+    """``timed`` returns the calling decoder's scripted seconds, not the real clock."""
+    monkeypatch.setattr(runner, "timed", lambda fn, device: (fn(), CLOCK[-1]))
+
+
+class Tok:
+    def apply_chat_template(self, messages, **kwargs):
+        return [1, 2, 3]
+
+    def decode(self, ids, **kwargs):
+        return " ".join(map(str, ids))
+
+
+@pytest.fixture(autouse=True)
+def plain_prompts(monkeypatch):
+    monkeypatch.setattr(runner, "encode_conversation", lambda tokenizer, messages: [1, 2, 3])
+
+
+EXAMPLES = [Example(f"e{i}", "chat", ["hi"], task="t") for i in range(2)]
+
+
+def test_repeats_interleave_rounds_and_keep_the_median_round(scripted_clock):
+    log: list[str] = []
+    # a: rounds of 4 tokens in 3.0, 1.0, 2.0 s -> median 2.0 s; then 0.5, 0.4, 0.6 -> 0.5
+    a = Scripted("a", log, [3.0, 1.0, 2.0, 0.5, 0.4, 0.6])
+    # b: the median is per token: 8 tokens in 2.0 s (0.25/token) sits between 4 in 0.4 and 4 in 2.0
+    b = Scripted("b", log, [0.4, 2.0, 2.0, 1.0, 1.0, 1.0], tokens=[4, 8, 4, 4, 4, 4])
+    records: list[dict] = []
+    run_shard(EXAMPLES, [a, b], Tok(), ShardSettings(4, (), None, repeats=3), records.append)
+    # rounds are interleaved, and their method order rotates from round to round
+    assert log == ["a", "b", "b", "a", "a", "b", "b", "a", "a", "b", "b", "a"]
+    assert [(r["example_id"], r["method"]) for r in records] == [("e0", "a"), ("e0", "b"), ("e1", "b"), ("e1", "a")]
+    first_a, first_b = records[0], records[1]
+    assert first_a["wall_time"] == 2.0 and first_a["repeats"]["wall_times"] == [3.0, 1.0, 2.0]
+    assert first_b["wall_time"] == 2.0 and first_b["new_tokens"] == 8  # the whole median round: its tokens too
+    assert records[3]["wall_time"] == 0.5
+
+
+def test_one_round_emits_each_method_as_soon_as_it_finishes(scripted_clock):
+    log: list[str] = []
+    a, b = Scripted("a", log, [1.0, 1.0]), Scripted("b", log, [1.0, 1.0])
+    records: list[dict] = []
+    run_shard(EXAMPLES, [a, b], Tok(), ShardSettings(4, (), None),
+              lambda r: (records.append(r), log.append(f"emit {r['method']}")))
+    assert log == ["a", "emit a", "b", "emit b", "b", "emit b", "a", "emit a"]
+    assert all("repeats" not in r for r in records)
+
+
+def test_repeats_skip_methods_already_done(scripted_clock):
+    log: list[str] = []
+    a, b = Scripted("a", log, [1.0] * 4), Scripted("b", log, [1.0] * 4)
+    records: list[dict] = []
+    run_shard(EXAMPLES[:1], [a, b], Tok(), ShardSettings(4, (), None, repeats=2), records.append, done={("t", "e0", "a")})
+    assert log == ["b", "b"] and [r["method"] for r in records] == ["b"]
+
+
+def test_median_round_of_an_even_count_is_the_lower_middle():
+    rounds = [{"wall_time": t, "new_tokens": 1} for t in (4.0, 1.0, 3.0, 2.0)]
+    assert median_round(rounds)["wall_time"] == 2.0
+
+
+def test_repeats_change_a_runs_identity_only_when_used():
+    """A median of rounds is another measurement, so it may not resume a single-round run; at 1 the
+    identity is what it always was, so runs made before the option still resume."""
+    assert "repeats" not in RunConfig().identity()
+    assert RunConfig(repeats=3).identity()["repeats"] == 3
+    assert RunConfig(repeats=3).identity_hash() != RunConfig().identity_hash()
