@@ -159,12 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="method settings, e.g. heads=3, layout=shared|upstream, tree=4x2x1, layers=10")
     tr.add_argument("--allow-eval-data", action="store_true", help="permit training on evaluation files")
 
-    tune = sub.add_parser("tune", help="tune a method's settings (self_spec: its skip set, by Bayesian optimisation)")
+    tune = sub.add_parser("tune", help="tune a method's settings (self_spec: its skip set; lookahead: its window, "
+                                       "n-gram size and guesses; both by Bayesian optimisation)")
     tune.add_argument("method", help="a tunable method (see `python -m harness list`)")
     tune.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     tune.add_argument("--model", default="smollm2-135m")
     tune.add_argument("--data", nargs="+", default=[], metavar="FILE", help="training JSONL files (never eval files)")
-    tune.add_argument("--out", default="skip.json", metavar="FILE")
+    tune.add_argument("--out", default=None, metavar="FILE",
+                      help="where the result goes (default: skip.json for self_spec, lookahead.json for lookahead)")
     tune.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the run's rule)")
     tune.add_argument("--trials", type=_int, default=40)
     tune.add_argument("--draft", type=_int, default=None,
@@ -173,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--space", default="blocks", choices=("blocks", "free"),
                       help="self_spec: contiguous attention/MLP blocks with priors (default) or one bit per sublayer")
     tune.add_argument("--prompts", type=_int, default=6)
-    tune.add_argument("--max-new-tokens", type=_int, default=32)
+    tune.add_argument("--max-new-tokens", type=_int, default=None, help="tokens per prompt (default: 32; lookahead 64)")
     tune.add_argument("--seed", type=_int, default=0)
 
     ana = sub.add_parser("analyze", help="a method's analysis (firp: pseudo vs real hidden states, per-step accuracy)")

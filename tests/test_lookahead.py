@@ -35,3 +35,76 @@ def test_lookahead_is_lossless_on_tiny_models(tiny, window, ngram, guesses):
         got = decoder.generate(prompt, 30)
         assert got.tokens == ref
         assert sum(got.accepted) == len(got.tokens)
+
+
+def test_predicted_speedup_charges_every_step_its_pass_size():
+    from types import SimpleNamespace
+
+    from methods.lookahead.tune import predicted_speedup
+
+    # prefill first (left out), then steps of 3 and 1 tokens with passes of 1 + 4 and 1 + 2 tokens
+    gens = [SimpleNamespace(accepted=[1, 3, 1], processed=[0, 4, 2])]
+    linear = lambda n: 0.5 + 0.5 * n  # noqa: E731 - t(1) = 1
+    got = predicted_speedup(gens, linear)
+    assert got["speedup"] == pytest.approx(4 / (3.0 + 2.0))
+    assert got["mean_accepted_length"] == 2.0 and got["processed_per_step"] == 3.0
+
+
+def test_tuner_follows_the_cost_curve(tmp_path, monkeypatch):
+    """Under a cost that grows with every token fed, the tuner settles on a smaller pass than the
+    default's; the result carries the shape, its prediction and the default's."""
+    import json
+
+    import methods.core.cost as cost
+    from methods.core.training import Toolkit
+    from methods.lookahead.tune import PRIORS, TuneConfig, tune_lookahead
+    from tests.conftest import tiny_model
+    from tests.test_self_spec import _CharTokenizer
+
+    model = tiny_model("llama")
+    steep = cost.CostCurve((1, 64), (1.0, 64.0))  # t(n) = n: every token fed costs a whole pass
+    monkeypatch.setattr(cost, "cost_curve", lambda engine, name, cache: steep)
+    kit = Toolkit(cache_dir=tmp_path, load_model=lambda *a, **k: (model, _CharTokenizer()),
+                  training_prompts=lambda files, limit, seed: ["abcabcabcabc", "the cat the cat the cat"][:limit],
+                  training_sequences=None, check_model=lambda name: None)
+    out = tmp_path / "lookahead.json"
+    result = tune_lookahead(TuneConfig(model="tiny", data=["train.jsonl"], out=str(out), trials=len(PRIORS) + 4,
+                                       prompts=2, max_new_tokens=24), kit)
+    saved = json.loads(out.read_text())
+    assert saved == result and saved["trials"] == len(PRIORS) + 4
+    assert saved["predicted_speedup"] >= saved["default_predicted_speedup"]
+    W, N, G = saved["window"], saved["ngram"], saved["guesses"]
+    default_pass = 5 * 3 + 5 * 3
+    assert W * (N - 1) + G * (N - 1) < default_pass
+
+
+def test_a_tuned_shape_replaces_the_options_and_says_so(tiny, tmp_path):
+    import json
+
+    from methods.core.errors import UserError
+
+    engine = Engine(tiny)
+    path = tmp_path / "la.json"
+    path.write_text(json.dumps({"window": 2, "ngram": 3, "guesses": 1, "predicted_speedup": 1.1}))
+    decoder = LookaheadDecoder(engine, tuned=str(path))
+    assert (decoder.W, decoder.N, decoder.G) == (2, 3, 1)
+    assert decoder.describe()["shape_from"] == str(path) and decoder.step_capacity() == 1 + 4 + 2
+    # nothing ships for this model: auto falls back to the options
+    plain = LookaheadDecoder(engine, window=3)
+    assert (plain.W, plain.shape_from) == (3, "options")
+    with pytest.raises(UserError, match="lookahead.window conflicts with the tuned shape"):
+        LookaheadDecoder(engine, window=3, tuned=str(path))
+    (tmp_path / "bad.json").write_text('{"window": 2}')
+    with pytest.raises(UserError, match="bad.json is not a tune result"):
+        LookaheadDecoder(engine, tuned=str(tmp_path / "bad.json"))
+    with pytest.raises(UserError, match="cannot read"):
+        LookaheadDecoder(engine, tuned=str(tmp_path / "missing.json"))
+
+
+def test_the_shipped_tuned_shapes_load(tiny):
+    """Every file in methods/lookahead/tuned/ is a tune result that loads."""
+    from methods.lookahead.decoder import TUNED_DIR, load_shape
+
+    for path in sorted(TUNED_DIR.glob("*.json")):
+        W, N, G = load_shape(path)
+        assert W >= 1 and N >= 2 and G >= 0

@@ -3,6 +3,7 @@
 from methods.lookahead.decoder import LookaheadDecoder, LookaheadOptions, lookahead_visibility
 from methods.registry import MethodSpec
 
-SPEC = MethodSpec("lookahead", LookaheadDecoder, "lookahead decoding: Jacobi window + n-gram pool, one pass per step")
+SPEC = MethodSpec("lookahead", LookaheadDecoder, "lookahead decoding: Jacobi window + n-gram pool, one pass per step",
+                  tune="methods.lookahead.tune:tune")
 
 __all__ = ["LookaheadDecoder", "LookaheadOptions", "lookahead_visibility", "SPEC"]

@@ -14,19 +14,24 @@ into the pool; the verification branch accepts the longest matching guess (greed
 lossless). Draft size counts the guess tokens verified; the window tokens count as processed.
 
 Defaults are smaller than upstream's (LEVEL=5, WINDOW=7, GUESS=7) because on a CPU every
-extra token costs time: W=5, N=4, G=5 feeds 15 + 15 = 30 extra tokens.
+extra token costs time: W=5, N=4, G=5 feeds 15 + 15 = 30 extra tokens. What pays depends
+on the hardware's verify-cost curve, so ``python -m harness tune lookahead`` fits (W, N, G)
+to it, and a shape tuned for a model and dtype ships in ``tuned/`` and is used by default.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from methods.core.decoder import Decoder, Draft
 from methods.core.engine import ForwardOutput
+from methods.core.errors import UserError
 from methods.core.options import option
 from methods.core.tree import TreeLayout
 from methods.core.verify import Acceptance
@@ -64,6 +69,33 @@ class LookaheadOptions:
     ngram: int = option(4, min=2, max=16, help="n-gram size N (levels = N - 1)")
     guesses: int = option(5, min=0, max=64, help="cached n-grams verified per step G")
     seed_from_prompt: bool = option(True, help="fill the n-gram pool from the prompt first")
+    tuned: str = option("auto", help="auto: the (window, ngram, guesses) `harness tune lookahead` fitted for this "
+                                     "model and dtype, when one ships in methods/lookahead/tuned/; none: the three "
+                                     "options as given; or a tune result JSON file")
+
+
+TUNED_DIR = Path(__file__).parent / "tuned"
+SHAPE_KEYS = ("window", "ngram", "guesses")
+
+
+def tuned_path(model_name: str, dtype: torch.dtype) -> Path:
+    return TUNED_DIR / f"{model_name}-{str(dtype).replace('torch.', '')}.json"
+
+
+def load_shape(path: Path) -> tuple[int, int, int]:
+    """(W, N, G) from a tune result; a file that is not one says what it lacks."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        shape = tuple(int(data[k]) for k in SHAPE_KEYS)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read lookahead.tuned {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise UserError(f"lookahead.tuned {path} is not a tune result: expected JSON with integer "
+                        f"{', '.join(SHAPE_KEYS)} (python -m harness tune lookahead writes one)") from None
+    W, N, G = shape
+    if W < 1 or N < 2 or G < 0:
+        raise UserError(f"lookahead.tuned {path}: window >= 1, ngram >= 2 and guesses >= 0 needed, got {shape}")
+    return W, N, G
 
 
 class LookaheadDecoder(Decoder):
@@ -74,6 +106,17 @@ class LookaheadDecoder(Decoder):
     def setup(self) -> None:
         o = self.options
         self.W, self.N, self.G = o.window, o.ngram, o.guesses
+        self.shape_from = "options"
+        path = None if o.tuned == "none" else (
+            tuned_path(self.model_name, self.engine.dtype) if o.tuned == "auto" else Path(o.tuned))
+        if path is not None and (o.tuned != "auto" or path.is_file()):
+            defaults = {f.name: f.default for f in fields(o) if f.name in SHAPE_KEYS}
+            changed = [k for k, v in defaults.items() if getattr(o, k) != v]
+            if changed:  # never drop a setting the user typed
+                raise UserError(f"lookahead.{changed[0]} conflicts with the tuned shape in {path}; pass "
+                                f"lookahead.tuned=none to set window, ngram and guesses by hand")
+            self.W, self.N, self.G = load_shape(path)
+            self.shape_from = str(path)
         self._layouts: dict[tuple[int, int], TreeLayout] = {}
         self._window_rows: dict[int, torch.Tensor] = {}
 
@@ -91,7 +134,8 @@ class LookaheadDecoder(Decoder):
         return self._layouts[key]
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "draft_size_max": self.G * (self.N - 1),
+        return {**super().describe(), "shape": f"W={self.W} N={self.N} G={self.G}", "shape_from": self.shape_from,
+                "draft_size_max": self.G * (self.N - 1),
                 "processed_max": self.W * (self.N - 1) + self.G * (self.N - 1)}
 
     def step_capacity(self) -> int:

@@ -1,0 +1,152 @@
+"""``python -m harness tune lookahead``: fit the window, n-gram size and guesses to the hardware.
+
+Lookahead's pass carries W x (N-1) window tokens and up to G x (N-1) guess tokens beside
+the root, so what pays depends on the verify-cost curve t(n)/t(1): on this project's CPU
+a 31-token pass costs little more than one in bf16 but several times one in float32,
+where the default shape ran at 0.58x vanilla. The objective is the speedup the cost
+model predicts from what decoding really did:
+
+    predicted speedup = tokens / sum over steps of t(1 + processed tokens of the step)
+
+with every step's accepted tokens and pass size counted while greedily decoding a few
+*training* prompts. It needs no timing, so the search is deterministic and not at the
+mercy of a shared machine's drift; the best and the default shape are timed against
+vanilla once at the end, for the record. Search: optuna's TPE, starting from the
+default, upstream's shape and small shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from methods.core.errors import UserError
+from methods.core.training import Toolkit
+
+MAX_WINDOW, MAX_NGRAM, MAX_GUESSES = 8, 6, 8
+# (W, N, G): the default, upstream's, then smaller shapes for a steep cost curve
+PRIORS = [(5, 4, 5), (7, 5, 7), (3, 3, 3), (2, 3, 2), (1, 3, 1), (1, 2, 2)]
+
+
+@dataclass
+class TuneConfig:
+    model: str = "smollm2-135m"
+    data: list[str] = field(default_factory=list)
+    out: str = "lookahead.json"
+    dtype: str = "auto"
+    device: str = "cpu"
+    trials: int = 30
+    prompts: int = 6
+    max_new_tokens: int = 64
+    seed: int = 0
+
+
+def predicted_speedup(generations: Sequence[Any], cost: Any) -> dict[str, float]:
+    """Tokens per unit of one-token pass time, the prefill left out (vanilla's is the same)."""
+    tokens = steps = 0
+    spent = processed = 0.0
+    for gen in generations:
+        accepted, sizes = gen.accepted[1:], gen.processed[1:]
+        tokens += sum(accepted)
+        steps += len(accepted)
+        processed += sum(sizes)
+        spent += sum(cost(1 + n) for n in sizes)
+    if not steps:
+        return {"speedup": 0.0, "mean_accepted_length": 0.0, "processed_per_step": 0.0}
+    return {"speedup": tokens / spent, "mean_accepted_length": tokens / steps, "processed_per_step": processed / steps}
+
+
+def tune(args: dict[str, Any], toolkit: Toolkit) -> dict[str, Any]:
+    """``harness tune lookahead``: ``args`` holds the CLI's model, data, out, dtype, device, trials, ... ."""
+    known = set(TuneConfig.__dataclass_fields__)
+    return tune_lookahead(TuneConfig(**{k: v for k, v in args.items() if k in known and v is not None}), toolkit)
+
+
+def tune_lookahead(config: TuneConfig, toolkit: Toolkit) -> dict[str, Any]:
+    try:
+        import optuna
+    except ImportError:
+        raise UserError("tuning needs optuna: pip install optuna") from None
+    from methods.core.cost import cost_curve
+    from methods.core.engine import Engine
+    from methods.core.prompts import encode_conversation, stop_token_ids
+    from methods.core.timing import synchronize
+    from methods.lookahead.decoder import LookaheadDecoder
+    from methods.vanilla import VanillaDecoder
+
+    if not config.data:
+        raise UserError("--data needs at least one training file (e.g. ../shared/data/gsm8k/train.jsonl)")
+    if config.trials <= 0 or config.prompts <= 0 or config.max_new_tokens <= 0:
+        raise UserError("--trials, --prompts and --max-new-tokens must be positive integers")
+    toolkit.check_model(config.model)
+    texts = toolkit.training_prompts([Path(f) for f in config.data], limit=config.prompts, seed=config.seed)
+    out_path = Path(config.out)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write {out_path}: {exc.strerror}") from None
+    model, tokenizer = toolkit.load_model(config.model, device=config.device, dtype=config.dtype)
+    engine = Engine(model)
+    stop = stop_token_ids(tokenizer, model)
+    prompts = [encode_conversation(tokenizer, [{"role": "user", "content": t}])[-320:] for t in texts]
+    curve = cost_curve(engine, config.model, toolkit.cache_dir)
+
+    def decoder(shape: tuple[int, int, int]) -> LookaheadDecoder:
+        W, N, G = shape
+        return LookaheadDecoder(engine, window=W, ngram=N, guesses=G, tuned="none", model_name=config.model)
+
+    def predict(shape: tuple[int, int, int]) -> dict[str, float]:
+        d = decoder(shape)
+        return predicted_speedup([d.generate(p, config.max_new_tokens, stop) for p in prompts], curve)
+
+    def objective(trial: "optuna.Trial") -> float:
+        shape = (trial.suggest_int("window", 1, MAX_WINDOW), trial.suggest_int("ngram", 2, MAX_NGRAM),
+                 trial.suggest_int("guesses", 1, MAX_GUESSES))
+        result = predict(shape)
+        for key, value in result.items():
+            trial.set_user_attr(key, value)
+        return result["speedup"]
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=config.seed))
+    for W, N, G in PRIORS:
+        study.enqueue_trial({"window": W, "ngram": N, "guesses": G})
+    study.optimize(objective, n_trials=max(config.trials, len(PRIORS)), show_progress_bar=True)
+    best = study.best_trial
+    shape = (best.params["window"], best.params["ngram"], best.params["guesses"])
+    default = next(t for t in study.trials if (t.params["window"], t.params["ngram"], t.params["guesses"]) == PRIORS[0])
+
+    def tokens_per_s(d: Any) -> float:
+        d.generate(prompts[0], 4, stop)  # warm-up
+        synchronize(engine.device)
+        start, tokens = time.perf_counter(), 0
+        for p in prompts:
+            tokens += len(d.generate(p, config.max_new_tokens, stop).tokens)
+        synchronize(engine.device)
+        return tokens / (time.perf_counter() - start)
+
+    base = tokens_per_s(VanillaDecoder(engine))
+    measured = {"vanilla_tokens_per_s": round(base, 2),
+                "best": round(tokens_per_s(decoder(shape)) / base, 3),
+                "default": round(tokens_per_s(decoder(PRIORS[0])) / base, 3)}
+    result = {"window": shape[0], "ngram": shape[1], "guesses": shape[2],
+              "predicted_speedup": round(best.value, 3),
+              "mean_accepted_length": round(best.user_attrs["mean_accepted_length"], 3),
+              "processed_per_step": round(best.user_attrs["processed_per_step"], 2),
+              "default_shape": dict(zip(("window", "ngram", "guesses"), PRIORS[0])),
+              "default_predicted_speedup": round(default.value, 3),
+              "measured_speedup_once": measured,
+              "cost_curve": curve.as_dict(), "trials": len(study.trials), "prompts": len(prompts),
+              "max_new_tokens": config.max_new_tokens, "model": config.model,
+              "dtype": str(engine.dtype).replace("torch.", ""),
+              "command": "python -m harness tune lookahead " + " ".join(sys.argv[3:])}
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"best: W={shape[0]} N={shape[1]} G={shape[2]}, predicted {best.value:.2f}x vanilla "
+          f"(default 5x4x5: {default.value:.2f}x); measured once {measured['best']:.2f}x "
+          f"(default {measured['default']:.2f}x); written to {out_path}", file=sys.stderr)
+    return result
