@@ -70,7 +70,7 @@ class LookaheadOptions:
     guesses: int = option(5, min=0, max=64, help="cached n-grams verified per step G")
     seed_from_prompt: bool = option(True, help="fill the n-gram pool from the prompt first")
     tuned: str = option("auto", help="auto: the (window, ngram, guesses) `harness tune lookahead` fitted for this "
-                                     "model and dtype, when one ships in methods/lookahead/tuned/; none: the three "
+                                     "model, device type and dtype, when one ships in methods/lookahead/tuned/; none: the three "
                                      "options as given; or a tune result JSON file")
 
 
@@ -78,8 +78,9 @@ TUNED_DIR = Path(__file__).parent / "tuned"
 SHAPE_KEYS = ("window", "ngram", "guesses")
 
 
-def tuned_path(model_name: str, dtype: torch.dtype) -> Path:
-    return TUNED_DIR / f"{model_name}-{str(dtype).replace('torch.', '')}.json"
+def tuned_path(model_name: str, device: torch.device, dtype: torch.dtype) -> Path:
+    """A shape fits one kind of device's cost curve: one tuned on a CPU is not used on a GPU."""
+    return TUNED_DIR / f"{model_name}-{device.type}-{str(dtype).replace('torch.', '')}.json"
 
 
 def load_shape(path: Path) -> tuple[int, int, int]:
@@ -108,7 +109,7 @@ class LookaheadDecoder(Decoder):
         self.W, self.N, self.G = o.window, o.ngram, o.guesses
         self.shape_from = "options"
         path = None if o.tuned == "none" else (
-            tuned_path(self.model_name, self.engine.dtype) if o.tuned == "auto" else Path(o.tuned))
+            tuned_path(self.model_name, self.engine.device, self.engine.dtype) if o.tuned == "auto" else Path(o.tuned))
         if path is not None and (o.tuned != "auto" or path.is_file()):
             defaults = {f.name: f.default for f in fields(o) if f.name in SHAPE_KEYS}
             changed = [k for k, v in defaults.items() if getattr(o, k) != v]
