@@ -19,13 +19,10 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from methods.core.errors import UserError
 from methods.core.training import Toolkit
 
 MAX_WINDOW, MAX_NGRAM, MAX_GUESSES = 8, 6, 8
@@ -68,32 +65,14 @@ def tune(args: dict[str, Any], toolkit: Toolkit) -> dict[str, Any]:
 
 
 def tune_lookahead(config: TuneConfig, toolkit: Toolkit) -> dict[str, Any]:
-    try:
-        import optuna
-    except ImportError:
-        raise UserError("tuning needs optuna: pip install optuna") from None
     from methods.core.cost import cost_curve
-    from methods.core.engine import Engine
-    from methods.core.prompts import encode_conversation, stop_token_ids
-    from methods.core.timing import synchronize
+    from methods.core.tuning import prepare, require_optuna, tokens_per_s
     from methods.lookahead.decoder import LookaheadDecoder
     from methods.vanilla import VanillaDecoder
 
-    if not config.data:
-        raise UserError("--data needs at least one training file (e.g. ../shared/data/gsm8k/train.jsonl)")
-    if config.trials <= 0 or config.prompts <= 0 or config.max_new_tokens <= 0:
-        raise UserError("--trials, --prompts and --max-new-tokens must be positive integers")
-    toolkit.check_model(config.model)
-    texts = toolkit.training_prompts([Path(f) for f in config.data], limit=config.prompts, seed=config.seed)
-    out_path = Path(config.out)
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot write {out_path}: {exc.strerror}") from None
-    model, tokenizer = toolkit.load_model(config.model, device=config.device, dtype=config.dtype)
-    engine = Engine(model)
-    stop = stop_token_ids(tokenizer, model)
-    prompts = [encode_conversation(tokenizer, [{"role": "user", "content": t}])[-320:] for t in texts]
+    optuna = require_optuna()
+    bench = prepare(config, toolkit)
+    engine, prompts, stop = bench.engine, bench.prompts, bench.stop
     curve = cost_curve(engine, config.model, toolkit.cache_dir)
 
     def decoder(shape: tuple[int, int, int]) -> LookaheadDecoder:
@@ -112,7 +91,6 @@ def tune_lookahead(config: TuneConfig, toolkit: Toolkit) -> dict[str, Any]:
             trial.set_user_attr(key, value)
         return result["speedup"]
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=config.seed))
     for W, N, G in PRIORS:
         study.enqueue_trial({"window": W, "ngram": N, "guesses": G})
@@ -121,19 +99,10 @@ def tune_lookahead(config: TuneConfig, toolkit: Toolkit) -> dict[str, Any]:
     shape = (best.params["window"], best.params["ngram"], best.params["guesses"])
     default = next(t for t in study.trials if (t.params["window"], t.params["ngram"], t.params["guesses"]) == PRIORS[0])
 
-    def tokens_per_s(d: Any) -> float:
-        d.generate(prompts[0], 4, stop)  # warm-up
-        synchronize(engine.device)
-        start, tokens = time.perf_counter(), 0
-        for p in prompts:
-            tokens += len(d.generate(p, config.max_new_tokens, stop).tokens)
-        synchronize(engine.device)
-        return tokens / (time.perf_counter() - start)
-
-    base = tokens_per_s(VanillaDecoder(engine))
-    measured = {"vanilla_tokens_per_s": round(base, 2),
-                "best": round(tokens_per_s(decoder(shape)) / base, 3),
-                "default": round(tokens_per_s(decoder(PRIORS[0])) / base, 3)}
+    speed = lambda d: tokens_per_s(d, bench, config.max_new_tokens)  # noqa: E731
+    base = speed(VanillaDecoder(engine))
+    measured = {"vanilla_tokens_per_s": round(base, 2), "best": round(speed(decoder(shape)) / base, 3),
+                "default": round(speed(decoder(PRIORS[0])) / base, 3)}
     result = {"window": shape[0], "ngram": shape[1], "guesses": shape[2],
               "predicted_speedup": round(best.value, 3),
               "mean_accepted_length": round(best.user_attrs["mean_accepted_length"], 3),
@@ -145,8 +114,8 @@ def tune_lookahead(config: TuneConfig, toolkit: Toolkit) -> dict[str, Any]:
               "max_new_tokens": config.max_new_tokens, "model": config.model,
               "dtype": str(engine.dtype).replace("torch.", ""),
               "command": "python -m harness tune lookahead " + " ".join(sys.argv[3:])}
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    bench.out_path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"best: W={shape[0]} N={shape[1]} G={shape[2]}, predicted {best.value:.2f}x vanilla "
           f"(default 5x4x5: {default.value:.2f}x); measured once {measured['best']:.2f}x "
-          f"(default {measured['default']:.2f}x); written to {out_path}", file=sys.stderr)
+          f"(default {measured['default']:.2f}x); written to {bench.out_path}", file=sys.stderr)
     return result

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -92,42 +90,18 @@ def tune(args: dict[str, Any], toolkit: Toolkit) -> dict[str, Any]:
 
 
 def tune_self_spec(config: TuneConfig, toolkit: Toolkit) -> dict[str, Any]:
-    try:
-        import optuna
-    except ImportError:
-        raise UserError("tuning needs optuna: pip install optuna") from None
-    from methods.core.engine import Engine
-    from methods.core.prompts import encode_conversation, stop_token_ids
-    from methods.core.timing import synchronize
+    from methods.core.tuning import prepare, require_optuna, tokens_per_s
     from methods.self_spec.decoder import SelfSpeculativeDecoder, shipped_skip_set
     from methods.vanilla import VanillaDecoder
 
-    if not config.data:
-        raise UserError("--data needs at least one training file (e.g. ../shared/data/gsm8k/train.jsonl)")
+    optuna = require_optuna()
     if config.space not in SPACES:
         raise UserError(f"unknown --space {config.space!r}; valid: {', '.join(SPACES)}")
-    if config.trials <= 0 or config.prompts <= 0 or config.max_new_tokens <= 0 or config.draft <= 0:
-        raise UserError("--trials, --prompts, --max-new-tokens and --draft must be positive integers")
-    toolkit.check_model(config.model)
-    texts = toolkit.training_prompts([Path(f) for f in config.data], limit=config.prompts, seed=config.seed)
-    out_path = Path(config.out)
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot write {out_path}: {exc.strerror}") from None
-    model, tokenizer = toolkit.load_model(config.model, device=config.device, dtype=config.dtype)
-    engine = Engine(model)
-    stop = stop_token_ids(tokenizer, model)
-    prompts = [encode_conversation(tokenizer, [{"role": "user", "content": t}])[-320:] for t in texts]
-
-    def tokens_per_s(decoder) -> float:
-        decoder.generate(prompts[0], 4, stop)  # warm-up
-        synchronize(engine.device)
-        start, tokens = time.perf_counter(), 0
-        for p in prompts:
-            tokens += len(decoder.generate(p, config.max_new_tokens, stop).tokens)
-        synchronize(engine.device)
-        return tokens / (time.perf_counter() - start)
+    if config.draft <= 0:
+        raise UserError("--draft must be a positive integer")
+    bench = prepare(config, toolkit)
+    engine, out_path, prompts = bench.engine, bench.out_path, bench.prompts
+    speed = lambda decoder: tokens_per_s(decoder, bench, config.max_new_tokens)  # noqa: E731
 
     def drafter(skip: Any) -> SelfSpeculativeDecoder:
         # every step drafts exactly ``config.draft`` tokens: with the adaptive exit a draft that is
@@ -137,10 +111,10 @@ def tune_self_spec(config: TuneConfig, toolkit: Toolkit) -> dict[str, Any]:
         return SelfSpeculativeDecoder(engine, skip=skip, policy="always", threshold=0.0, adaptive=False,
                                       max_draft=config.draft)
 
-    vanilla_tps = tokens_per_s(VanillaDecoder(engine))
+    vanilla_tps = speed(VanillaDecoder(engine))
     print(f"vanilla: {vanilla_tps:.1f} tokens/s on {len(prompts)} training prompts", file=sys.stderr)
     shipped = shipped_skip_set(config.model)
-    shipped_tps = tokens_per_s(drafter(str(shipped))) if shipped else None
+    shipped_tps = speed(drafter(str(shipped))) if shipped else None
     if shipped_tps:
         print(f"shipped skip set: {shipped_tps:.1f} tokens/s ({shipped_tps / vanilla_tps:.2f}x)", file=sys.stderr)
     n_layers = engine.num_layers
@@ -150,11 +124,10 @@ def tune_self_spec(config: TuneConfig, toolkit: Toolkit) -> dict[str, Any]:
         skip = suggest(trial)
         if not skip["attention"] and not skip["mlp"]:
             return 0.0  # the full model as its own draft: every draft token costs a whole step
-        tps = tokens_per_s(drafter(skip))
+        tps = speed(drafter(skip))
         trial.set_user_attr("skip", skip)
         return tps
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=config.seed))
     for prior in priors:
         study.enqueue_trial(prior)
