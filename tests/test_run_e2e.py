@@ -69,3 +69,18 @@ def test_a_method_alone_runs_beside_the_vanilla_baseline(tmp_path, capsys):
     report_line = next(line for line in stdout.splitlines() if line.startswith("Report: "))
     assert report_line == f"Report: {(out / 'report.html').resolve().as_uri()}"
     assert report_line.removeprefix("Report: ").startswith("file://")
+
+
+def test_repeats_keep_one_whole_round_and_the_report_says_so(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["run", "--methods", "vanilla", "--limit", "1", "--max-new-tokens", "4", "--dtype", "float32",
+            "--device", "cpu", "--warmup", "0", "--repeats", "3", "--out", str(out)]
+    assert main(argv) == 0
+    (record,) = read_records(out / "results.jsonl")
+    rounds = record["repeats"]["wall_times"]
+    assert len(rounds) == 3 and record["wall_time"] == sorted(rounds)[1]
+    assert json.loads((out / "manifest.json").read_text())["config"]["identity"]["repeats"] == 3
+    assert "median of 3 interleaved rounds" in (out / "report.html").read_text()
+    # a single-round command may not resume it: the times would mean something else
+    assert main([*argv[:-4], "--out", str(out)]) == 2
+    assert "repeats" in capsys.readouterr().err

@@ -117,7 +117,7 @@ class LookaheadDecoder(Decoder):
                 raise UserError(f"lookahead.{changed[0]} conflicts with the tuned shape in {path}; pass "
                                 f"lookahead.tuned=none to set window, ngram and guesses by hand")
             self.W, self.N, self.G = load_shape(path)
-            self.shape_from = str(path)
+            self.shape_from = str(path.relative_to(TUNED_DIR.parents[2])) if path.is_relative_to(TUNED_DIR) else str(path)
         self._layouts: dict[tuple[int, int], TreeLayout] = {}
         self._window_rows: dict[int, torch.Tensor] = {}
 
