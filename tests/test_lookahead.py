@@ -101,10 +101,15 @@ def test_a_tuned_shape_replaces_the_options_and_says_so(tiny, tmp_path):
         LookaheadDecoder(engine, tuned=str(tmp_path / "missing.json"))
 
 
-def test_the_shipped_tuned_shapes_load(tiny):
+def test_the_shipped_tuned_shapes_load():
     """Every file in methods/lookahead/tuned/ is a tune result that loads."""
+    import json
+
     from methods.lookahead.decoder import TUNED_DIR, load_shape
 
-    for path in sorted(TUNED_DIR.glob("*.json")):
-        W, N, G = load_shape(path)
-        assert W >= 1 and N >= 2 and G >= 0
+    shipped = sorted(TUNED_DIR.glob("*.json"))
+    assert {p.name for p in shipped} >= {"smollm2-135m-cpu-float32.json", "smollm2-135m-cpu-bfloat16.json"}
+    for path in shipped:
+        data = json.loads(path.read_text())
+        assert load_shape(path) == (data["window"], data["ngram"], data["guesses"])
+        assert data["predicted_speedup"] >= data["default_predicted_speedup"]  # a tune never ships a loss
