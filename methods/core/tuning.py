@@ -8,11 +8,32 @@ every method.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from methods.core.errors import UserError
+
+
+@dataclass
+class TuneSettings:
+    """What every tuner takes from ``harness tune``; a tuner subclasses it for its defaults and extras."""
+
+    model: str = "smollm2-135m"
+    data: list[str] = field(default_factory=list)
+    out: str = "tune.json"
+    dtype: str = "auto"
+    device: str = "cpu"
+    trials: int = 40
+    prompts: int = 6
+    max_new_tokens: int = 32
+    seed: int = 0
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> "TuneSettings":
+        """The CLI's arguments this tuner knows; an argument left unset keeps the tuner's default."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in args.items() if k in known and v is not None})
 
 
 @dataclass

@@ -20,10 +20,11 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from methods.core.training import Toolkit
+from methods.core.tuning import TuneSettings
 
 MAX_WINDOW, MAX_NGRAM, MAX_GUESSES = 8, 6, 8
 # (W, N, G): the default, upstream's, then smaller shapes for a steep cost curve
@@ -31,16 +32,10 @@ PRIORS = [(5, 4, 5), (7, 5, 7), (3, 3, 3), (2, 3, 2), (1, 3, 1), (1, 2, 2)]
 
 
 @dataclass
-class TuneConfig:
-    model: str = "smollm2-135m"
-    data: list[str] = field(default_factory=list)
+class TuneConfig(TuneSettings):
     out: str = "lookahead.json"
-    dtype: str = "auto"
-    device: str = "cpu"
     trials: int = 30
-    prompts: int = 6
     max_new_tokens: int = 64
-    seed: int = 0
 
 
 def predicted_speedup(generations: Sequence[Any], cost: Any) -> dict[str, float]:
@@ -60,8 +55,7 @@ def predicted_speedup(generations: Sequence[Any], cost: Any) -> dict[str, float]
 
 def tune(args: dict[str, Any], toolkit: Toolkit) -> dict[str, Any]:
     """``harness tune lookahead``: ``args`` holds the CLI's model, data, out, dtype, device, trials, ... ."""
-    known = set(TuneConfig.__dataclass_fields__)
-    return tune_lookahead(TuneConfig(**{k: v for k, v in args.items() if k in known and v is not None}), toolkit)
+    return tune_lookahead(TuneConfig.from_args(args), toolkit)
 
 
 def tune_lookahead(config: TuneConfig, toolkit: Toolkit) -> dict[str, Any]:

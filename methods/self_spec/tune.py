@@ -21,25 +21,18 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
 
 from methods.core.errors import UserError
 from methods.core.training import Toolkit
+from methods.core.tuning import TuneSettings
 
 
 @dataclass
-class TuneConfig:
-    model: str = "smollm2-135m"
-    data: list[str] = field(default_factory=list)
+class TuneConfig(TuneSettings):
     out: str = "skip.json"
-    dtype: str = "auto"
-    device: str = "cpu"
-    trials: int = 40
-    prompts: int = 6
-    max_new_tokens: int = 32
-    seed: int = 0
     space: str = "blocks"
     draft: int = 4
 
@@ -85,8 +78,7 @@ SPACES = {"blocks": blocks_space, "free": free_space}
 
 def tune(args: dict[str, Any], toolkit: Toolkit) -> dict[str, Any]:
     """``harness tune self_spec``: ``args`` holds the CLI's model, data, out, dtype, device, trials, ... ."""
-    known = {f for f in TuneConfig.__dataclass_fields__}
-    return tune_self_spec(TuneConfig(**{k: v for k, v in args.items() if k in known and v is not None}), toolkit)
+    return tune_self_spec(TuneConfig.from_args(args), toolkit)
 
 
 def tune_self_spec(config: TuneConfig, toolkit: Toolkit) -> dict[str, Any]:
