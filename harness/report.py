@@ -39,6 +39,18 @@ def method_sections(run_dir: Path, manifest: dict[str, Any]) -> list[dict[str, A
     return sections
 
 
+def describe_data(training: dict[str, Any]) -> str:
+    """The files, how many of their prompts, and the self-written ones: two runs on the same
+    files but different prompt counts are different training sets, and the row must say so."""
+    files = ", ".join(training.get("data") or [])
+    if not files:
+        return "-"
+    extra = [f"first {training['prompts']} prompts"] if training.get("prompts") else []
+    if training.get("self_prompts"):
+        extra.append(f"+ {training['self_prompts']} self-written")
+    return files + (f" ({'; '.join(extra)})" if extra else "")
+
+
 def training_rows(manifest: dict[str, Any], summary: pd.DataFrame) -> list[dict[str, Any]]:
     """One row per trained method: its data, budget, stopping and validation, and for a
     cost-fitted tree the predicted speedup beside the measured one (principle 4: the report
@@ -54,11 +66,12 @@ def training_rows(manifest: dict[str, Any], summary: pd.DataFrame) -> list[dict[
         t = training or {}
         rows.append({
             "method": label,
-            "data": ", ".join(t.get("data") or []) or "-",
+            "data": describe_data(t),
             "sequences": t.get("sequences") if t.get("sequences") is not None else "-",
             "steps": t.get("steps") if t.get("steps") is not None else "-",
-            "stopped": (f"{t.get('stopped')} (best step {t['best_step']})" if t.get("best_step") else
-                        (t.get("stopped") or "-")),
+            "stopped": ((f"{t.get('stopped')} (best step {t['best_step']})" if t.get("best_step") else
+                         (t.get("stopped") or "-"))
+                        + (f", at most {t['max_steps']} steps" if t.get("max_steps") else "")),
             "validation": (f"{t['val_best']:.3f} ({t.get('val_metric')})" if t.get("val_best") is not None else "-"),
             "minutes": f"{t['train_time_s'] / 60:.1f}" if t.get("train_time_s") is not None else "-",
             "tree": (f"{choice['draft_size']} nodes, {choice['processed']} processed" if choice else

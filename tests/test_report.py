@@ -314,8 +314,14 @@ def test_report_says_how_each_method_was_trained_and_what_its_tree_predicted(tmp
     (run / "manifest.json").write_text(json.dumps(manifest))
     page = build_report(run).read_text()
     table = page[page.index('id="training-table"'):page.index("</table>", page.index('id="training-table"'))]
-    assert "gsm8k/train.jsonl, boolq/dev.jsonl" in table and "plateau (best step 300)" in table
+    assert "gsm8k/train.jsonl, boolq/dev.jsonl (first 1200 prompts)" in table and "plateau (best step 300)" in table
     assert "2.070 (teacher-forced accepted length, best 12-node tree)" in table
     assert "1.61x" in table and "8 nodes, 9 processed" in table
     assert "vanilla" not in table  # untrained methods have no row
+    # a broader set and a step ceiling are said too
+    meta["train_config"].update(limit=3000, self_prompts=1000, max_steps=1000)
+    manifest["methods"]["medusa"]["training"] = training_summary(meta)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    page = build_report(run).read_text()
+    assert "(first 3000 prompts; + 1000 self-written)" in page and "at most 1000 steps" in page
     assert training_summary({"fc.weight": 1}) is None  # a foreign checkpoint's config says nothing

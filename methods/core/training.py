@@ -85,7 +85,7 @@ def training_summary(meta: dict[str, Any]) -> dict[str, Any] | None:
     return {"data": [Path(f).parent.name + "/" + Path(f).name for f in cfg.get("data", [])],
             "prompts": cfg.get("limit"), "self_prompts": cfg.get("self_prompts", 0), "answer_tokens": cfg.get("max_new_tokens"),
             "sequences": meta.get("train_sequences"), "steps": meta.get("train_steps"),
-            "epochs_max": cfg.get("epochs"), "stopped": meta.get("stopped", "budget (fixed epochs)"),
+            "epochs_max": cfg.get("epochs"), "max_steps": cfg.get("max_steps"), "stopped": meta.get("stopped", "budget (fixed epochs)"),
             "best_step": meta.get("best_step"), "val_metric": meta.get("val_metric"),
             "val_best": best, "train_time_s": meta.get("train_time_s"), "command": meta.get("command")}
 
