@@ -51,6 +51,13 @@ def describe_data(training: dict[str, Any]) -> str:
     return files + (f" ({'; '.join(extra)})" if extra else "")
 
 
+def describe_stop(training: dict[str, Any]) -> str:
+    """Why training ended, the step kept, and the step ceiling where one capped the budget."""
+    stop = (f"{training.get('stopped')} (best step {training['best_step']})" if training.get("best_step")
+            else training.get("stopped") or "-")
+    return stop + (f", at most {training['max_steps']} steps" if training.get("max_steps") else "")
+
+
 def training_rows(manifest: dict[str, Any], summary: pd.DataFrame) -> list[dict[str, Any]]:
     """One row per trained method: its data, budget, stopping and validation, and for a
     cost-fitted tree the predicted speedup beside the measured one (principle 4: the report
@@ -69,9 +76,7 @@ def training_rows(manifest: dict[str, Any], summary: pd.DataFrame) -> list[dict[
             "data": describe_data(t),
             "sequences": t.get("sequences") if t.get("sequences") is not None else "-",
             "steps": t.get("steps") if t.get("steps") is not None else "-",
-            "stopped": ((f"{t.get('stopped')} (best step {t['best_step']})" if t.get("best_step") else
-                         (t.get("stopped") or "-"))
-                        + (f", at most {t['max_steps']} steps" if t.get("max_steps") else "")),
+            "stopped": describe_stop(t),
             "validation": (f"{t['val_best']:.3f} ({t.get('val_metric')})" if t.get("val_best") is not None else "-"),
             "minutes": f"{t['train_time_s'] / 60:.1f}" if t.get("train_time_s") is not None else "-",
             "tree": (f"{choice['draft_size']} nodes, {choice['processed']} processed" if choice else
