@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--self-prompts", type=_int, default=0, metavar="N",
                     help="also distil on N requests the model writes itself across task kinds and topics "
                          "(chat, summaries, translation, code; cached and resumable; default 0)")
+    tr.add_argument("--summary-prompts", type=_int, default=0, metavar="N",
+                    help="also distil on N summary requests over the training files' passages (BoolQ), "
+                         "with instructions written here (default 0)")
+    tr.add_argument("--init-from", default=None, metavar="DIR",
+                    help="start from the trained weights in DIR (same method and options) instead of afresh")
     tr.add_argument("--epochs", type=_int, default=2,
                     help="the most epochs; training stops earlier when the validation metric stops improving")
     tr.add_argument("--eval-every", type=_int, default=50, help="optimiser steps between validations (default 50)")
@@ -367,11 +372,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.epochs <= 0 or args.batch <= 0 or args.limit <= 0 or args.max_new_tokens <= 0:
         raise UserError("--epochs, --batch, --limit and --max-new-tokens must be positive integers")
+    if args.self_prompts < 0 or args.summary_prompts < 0:
+        raise UserError("--self-prompts and --summary-prompts must be 0 or more")
+    if args.init_from and not os.path.isdir(args.init_from):
+        raise UserError(f"--init-from {args.init_from}: no such folder")
     config = TrainConfig(method=args.method, model=args.model, data=args.data, out=args.out, dtype=args.dtype,
                          limit=args.limit, max_new_tokens=args.max_new_tokens, epochs=args.epochs, lr=args.lr,
                          batch_sequences=args.batch, seed=args.seed, allow_eval_data=args.allow_eval_data,
                          max_steps=args.max_steps, eval_every=args.eval_every, patience=args.patience,
-                         self_prompts=args.self_prompts,
+                         self_prompts=args.self_prompts, summary_prompts=args.summary_prompts,
+                         init_from=args.init_from,
                          options=_pairs(args.option, "--option", "KEY=VALUE"))
     train(config, device=args.device)
     return 0

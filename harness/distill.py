@@ -144,6 +144,37 @@ REQUEST_TEMPLATE = ("Write one realistic message that a user might send to an AI
                     "Topic: {topic}. Include any text the task needs. Reply with the message only.")
 
 
+# Summary requests (#13): XSum asks for a summary of a long article, and the drafts accept
+# least there. Passages of the training files (BoolQ's, never an evaluation file) become
+# summary requests through these instructions, written here and varied so the heads learn
+# to summarise, not one wording.
+SUMMARY_TEMPLATES = (
+    "Summarize the following passage in one sentence.\n\n{passage}",
+    "Write a one-sentence summary of this text:\n\n{passage}",
+    "Give a short summary of the following article.\n\nArticle: {passage}",
+    "What is the main point of this passage? Answer in a sentence or two.\n\n{passage}",
+    "Read the text below and sum it up briefly.\n\nText: {passage}",
+    "Summarise this for a busy reader in two sentences:\n\n{passage}",
+    "Explain in a few sentences what the following passage says.\n\n{passage}",
+    "TL;DR of the following, in one sentence:\n\n{passage}",
+)
+
+
+def summary_requests(files: Sequence[Path], count: int, *, seed: int) -> list[str]:
+    """``count`` summary requests over distinct passages of the files' rows that have one
+    (BoolQ), each with a seeded choice of ``SUMMARY_TEMPLATES``."""
+    passages: dict[str, None] = {}
+    for path in files:
+        for _, row in read_jsonl(Path(path)):
+            if isinstance(row.get("passage"), str) and row["passage"].strip():
+                passages.setdefault(" ".join(row["passage"].split()))
+    if not passages:
+        raise UserError("--summary-prompts needs a training file with passages (e.g. boolq/dev.jsonl)")
+    rng = random.Random(seed + 2)
+    chosen = rng.sample(sorted(passages), min(count, len(passages)))
+    return [rng.choice(SUMMARY_TEMPLATES).format(passage=p) for p in chosen]
+
+
 def _normalised(text: str) -> str:
     return " ".join(text.lower().split())[:80]
 
@@ -240,17 +271,23 @@ class AnswerCache:
 def self_distilled_sequences(model: Any, tokenizer: Any, model_name: str, files: Sequence[Path], *,
                              limit: int | None, seed: int, max_new_tokens: int, batch_size: int = 16,
                              max_prompt_tokens: int = 320, allow_eval: bool = False,
-                             self_prompts: int = 0) -> list[dict[str, Any]]:
+                             self_prompts: int = 0, summary_prompts: int = 0) -> list[dict[str, Any]]:
     """Cached list of {"ids", "prompt_len"}; the cache key covers the files and every setting.
 
     ``self_prompts`` > 0 adds that many requests the model writes itself (``self_written_prompts``)
-    to the file prompts, so the heads also see chat, summaries, translation and code."""
+    to the file prompts, so the heads also see chat, summaries, translation and code;
+    ``summary_prompts`` > 0 adds that many summary requests over the files' passages
+    (``summary_requests``)."""
     from methods.core.prompts import stop_token_ids
 
     settings = {"limit": limit, "seed": seed, "max_new_tokens": max_new_tokens,
                 "max_prompt_tokens": max_prompt_tokens, "dtype": str(model.dtype)}
     if self_prompts:
         settings["self_prompts"] = self_prompts
+    written_cache = distill_cache_path(model_name, files, settings)  # self-written prompts don't depend on summaries
+    written_cache = written_cache.with_name(written_cache.stem + ".self-prompts.json")
+    if summary_prompts:
+        settings["summary_prompts"] = summary_prompts
     path = distill_cache_path(model_name, files, settings)
     answers = AnswerCache(model_name, {k: settings[k] for k in ("max_new_tokens", "max_prompt_tokens", "dtype")})
     if path.is_file():
@@ -260,10 +297,14 @@ def self_distilled_sequences(model: Any, tokenizer: Any, model_name: str, files:
         return data
     prompts = load_prompts(files, limit=limit, seed=seed, allow_eval=allow_eval)
     if self_prompts:
-        written = self_written_prompts(model, tokenizer, self_prompts, seed=seed,
-                                       cache=path.with_name(path.stem + ".self-prompts.json"))
+        written = self_written_prompts(model, tokenizer, self_prompts, seed=seed, cache=written_cache)
         print(f"{len(written)} self-written prompts added to {len(prompts)} from the files", file=sys.stderr)
         prompts = prompts + written
+    if summary_prompts:
+        summaries = summary_requests(files, summary_prompts, seed=seed)
+        print(f"{len(summaries)} summary requests added", file=sys.stderr)
+        prompts = prompts + summaries
+    if self_prompts or summary_prompts:
         random.Random(seed + 1).shuffle(prompts)
     partial = path.with_suffix(".partial.pt")
     data = generate_continuations(model, tokenizer, prompts, max_new_tokens=max_new_tokens,

@@ -48,6 +48,10 @@ def describe_data(training: dict[str, Any]) -> str:
     extra = [f"first {training['prompts']} prompts"] if training.get("prompts") else []
     if training.get("self_prompts"):
         extra.append(f"+ {training['self_prompts']} self-written")
+    if training.get("summary_prompts"):
+        extra.append(f"+ {training['summary_prompts']} summary requests")
+    if training.get("init_from"):
+        extra.append(f"continued from {training['init_from']}")
     return files + (f" ({'; '.join(extra)})" if extra else "")
 
 

@@ -49,7 +49,8 @@ def train(config: TrainConfig, device: str = "cpu") -> dict[str, Any]:
     model, tokenizer = tools.load_model(config.model, device=device, dtype=config.dtype)
     data = tools.training_sequences(model, tokenizer, config.model, files, limit=config.limit, seed=config.seed,
                                     max_new_tokens=config.max_new_tokens, allow_eval=config.allow_eval_data,
-                                    **({"self_prompts": config.self_prompts} if config.self_prompts else {}))
+                                    **({"self_prompts": config.self_prompts} if config.self_prompts else {}),
+                                    **({"summary_prompts": config.summary_prompts} if config.summary_prompts else {}))
     if len(data) < 4:
         raise UserError(f"only {len(data)} training sequences; give more data (--limit, --data)")
     answer_tokens = sum(len(d["ids"]) - d["prompt_len"] for d in data)

@@ -104,3 +104,30 @@ def test_self_written_prompts_are_distinct_cached_and_resume(tmp_path, monkeypat
     assert saved["batches"] >= 2 and saved["prompts"][:5] == first
     model.generate = lambda *a, **k: pytest.fail("regenerated what the cache holds")
     assert distill.self_written_prompts(model, tokenizer, 5, seed=0, cache=cache, batch_size=4) == first
+
+
+def test_summary_requests_cover_distinct_passages_with_the_templates(tmp_path):
+    """Each request wraps one distinct passage (duplicates and rows without one are skipped) in
+    one of the instructions; the choice is seeded; files without passages are a user error."""
+    from harness.distill import SUMMARY_TEMPLATES, summary_requests
+    from methods.core.errors import UserError
+
+    rows = [{"question": "q", "passage": f"Passage number {i % 5} says something."} for i in range(10)]
+    rows.append({"question": "a maths question without a passage"})
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = summary_requests([path], 4, seed=0)
+    assert len(got) == 4
+    passages = [next(f"Passage number {i} says something." for i in range(5) if f"number {i} " in g) for g in got]
+    assert len(set(passages)) == 4
+    prefixes = [t.split("{passage}")[0] for t in SUMMARY_TEMPLATES]
+    for text, passage in zip(got, passages):
+        assert any(text == t.format(passage=passage) for t in SUMMARY_TEMPLATES), text
+    assert len(summary_requests([path], 50, seed=0)) == 5  # never more than the distinct passages
+    assert summary_requests([path], 4, seed=0) == got
+    assert summary_requests([path], 4, seed=1) != got
+    assert len({p for p in prefixes}) == len(SUMMARY_TEMPLATES)
+    plain = tmp_path / "maths.jsonl"
+    plain.write_text(json.dumps({"question": "1+1?"}) + "\n")
+    with pytest.raises(UserError, match="passages"):
+        summary_requests([plain], 4, seed=0)

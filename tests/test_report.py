@@ -324,4 +324,10 @@ def test_report_says_how_each_method_was_trained_and_what_its_tree_predicted(tmp
     (run / "manifest.json").write_text(json.dumps(manifest))
     page = build_report(run).read_text()
     assert "(first 3000 prompts; + 1000 self-written)" in page and "at most 1000 steps" in page
+    # summary requests and a continued run are said too
+    meta["train_config"].update(summary_prompts=1000, init_from="runs/medusa-heads-broad")
+    manifest["methods"]["medusa"]["training"] = training_summary(meta)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    page = build_report(run).read_text()
+    assert "+ 1000 self-written; + 1000 summary requests; continued from runs/medusa-heads-broad" in page
     assert training_summary({"fc.weight": 1}) is None  # a foreign checkpoint's config says nothing

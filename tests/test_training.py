@@ -68,6 +68,45 @@ def test_medusa_training_writes_heads_and_resumes(tmp_path, tiny_data, layout, t
     assert got == VanillaDecoder(engine).generate([1, 2, 3], 20).tokens
 
 
+def test_training_continues_from_earlier_weights(tmp_path, tiny_data, toolkit):
+    """``--init-from``: the second run starts from the first run's (perturbed) weights: at lr 0
+    it writes them back unchanged, where a fresh start differs; FIRP skips its ridge fit, and
+    weights of other settings are refused."""
+    from safetensors.torch import load_file
+
+    from methods.core.errors import UserError
+    from methods.firp import train as firp
+    from methods.medusa import train as medusa
+
+    def weights(folder: str) -> dict[str, torch.Tensor]:
+        return load_file(str(next((tmp_path / folder).glob("*.safetensors"))))
+
+    def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    model = tiny_model("llama")
+    for method, trainer, opts, key in (("medusa", medusa, {"heads": 2}, "tiny"),
+                                       ("firp", firp, {"K": 2, "layers": "1", "anchors_per_seq": 8}, "tiny-firp")):
+        def run(out: str, **kw) -> dict:
+            cfg = TrainConfig(method=method, out=str(tmp_path / out), options=opts, **kw)
+            return trainer.train(cfg, model, None, tiny_data, key, toolkit)
+
+        run(f"{method}-a", max_steps=2)
+        from safetensors.torch import save_file  # move the weights off anything a fresh start could give
+        path = next((tmp_path / f"{method}-a").glob("*.safetensors"))
+        save_file({k: v + 0.5 * torch.randn_like(v) for k, v in weights(f"{method}-a").items()}, str(path))
+        meta = run(f"{method}-b", max_steps=1, lr=0.0, init_from=str(tmp_path / f"{method}-a"))
+        assert same(weights(f"{method}-b"), weights(f"{method}-a"))
+        run(f"{method}-fresh", max_steps=1, lr=0.0)
+        assert not same(weights(f"{method}-fresh"), weights(f"{method}-a"))
+        if method == "firp":
+            assert meta["init"] == f"from {tmp_path / 'firp-a'}" and "ridge_r2" not in meta
+    with pytest.raises(UserError, match="do not fit"):
+        medusa.train(TrainConfig(method="medusa", out=str(tmp_path / "c"), max_steps=1,
+                                 init_from=str(tmp_path / "medusa-a"), options={"heads": 3}),
+                     model, None, tiny_data, "tiny", toolkit)
+
+
 def test_firp_training_writes_maps_and_loss_drops(tmp_path, tiny_data, toolkit):
     from methods.firp import train as firp
     from methods.core.engine import Engine

@@ -52,6 +52,8 @@ class TrainConfig:
     limit: int | None = 1200         # training prompts
     max_new_tokens: int = 96         # length of the self-distilled answers
     self_prompts: int = 0            # requests the model writes itself, added to the file prompts
+    summary_prompts: int = 0         # summary requests over the files' passages, added likewise
+    init_from: str | None = None     # start from these trained weights (a folder) instead of afresh
     epochs: int = 2                  # the most: with a validation metric, training stops earlier (below)
     lr: float = 1e-3
     warmup_steps: int = 10
@@ -71,7 +73,8 @@ def data_key(config: TrainConfig) -> str:
     """The cache key of a training set's frozen-model features: every setting that changes the data."""
     files = [str(Path(f).resolve()) for f in config.data]
     key = f"{config.model}|{config.dtype}|{files}|{config.limit}|{config.seed}|{config.max_new_tokens}"
-    return key + (f"|self{config.self_prompts}" if config.self_prompts else "")
+    return (key + (f"|self{config.self_prompts}" if config.self_prompts else "")
+            + (f"|sum{config.summary_prompts}" if config.summary_prompts else ""))
 
 
 def training_summary(meta: dict[str, Any]) -> dict[str, Any] | None:
@@ -83,7 +86,8 @@ def training_summary(meta: dict[str, Any]) -> dict[str, Any] | None:
     curve = meta.get("val_curve") or []
     best = max((c["value"] for c in curve), default=None)
     return {"data": [Path(f).parent.name + "/" + Path(f).name for f in cfg.get("data", [])],
-            "prompts": cfg.get("limit"), "self_prompts": cfg.get("self_prompts", 0), "answer_tokens": cfg.get("max_new_tokens"),
+            "prompts": cfg.get("limit"), "self_prompts": cfg.get("self_prompts", 0),
+            "summary_prompts": cfg.get("summary_prompts", 0), "init_from": cfg.get("init_from"), "answer_tokens": cfg.get("max_new_tokens"),
             "sequences": meta.get("train_sequences"), "steps": meta.get("train_steps"),
             "epochs_max": cfg.get("epochs"), "max_steps": cfg.get("max_steps"), "stopped": meta.get("stopped", "budget (fixed epochs)"),
             "best_step": meta.get("best_step"), "val_metric": meta.get("val_metric"),
@@ -228,6 +232,24 @@ class TrainLog:
         return {"train_time_s": round(self.elapsed, 1), "train_steps": len(self.losses),
                 "train_loss": [round(x, 5) for x in self.losses], "val_curve": self.curve,
                 "best_step": self.best_step, "stopped": self.stopped}
+
+
+def load_start(folder: str, load: Callable[[dict[str, torch.Tensor]], Any]) -> None:
+    """Start from earlier trained weights (``--init-from``): continuing a converged run on more
+    data costs a fraction of training afresh. ``load`` puts them into the trainer's module in
+    its own saved format; weights of other settings are the user's error, not a traceback."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if len(files) != 1:
+        raise UserError(f"--init-from {folder}: expected one .safetensors file there, found {len(files)}")
+    try:
+        load(load_file(str(files[0])))
+    except RuntimeError as exc:  # load_state_dict's missing / unexpected keys or sizes
+        raise UserError(f"--init-from {files[0]}: its weights do not fit this method's settings "
+                        f"(train with the same --option values as the run that made them): "
+                        f"{str(exc).splitlines()[-1].strip()}") from None
+    print(f"  starting from {files[0]}", file=sys.stderr)
 
 
 def optimise(config: TrainConfig, module: torch.nn.Module, train_idx: list[int],

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from methods.core.training import Toolkit, autocast, TrainConfig, cached_features, optimise, prepare_out, split_train_val, write_result
+from methods.core.training import Toolkit, autocast, TrainConfig, cached_features, load_start, optimise, prepare_out, split_train_val, write_result
 from methods.core.tree import best_tree_paths, expected_accepted_length, tree_search, tree_search_default
 from methods.medusa.decoder import MedusaHeads
 
@@ -90,6 +90,9 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
     if layout == "upstream":  # per-head LM heads start from the base LM head, as upstream does
         for head in heads.heads:
             head[1].weight.data.copy_(lm_head.weight.data)
+
+    if config.init_from:  # a checkpoint in --out still wins: optimise() resumes from it
+        load_start(config.init_from, heads.load_upstream_state_dict)
 
     def loss_of(i: int, rng: random.Random) -> torch.Tensor:
         start = _positions(data[i])[0]
