@@ -32,7 +32,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, record failures, ke
       --dtypes bfloat16 --model "random:$shape" --prompts 6 --new 64 --repeats 2
   done
   for shape in smollm2-135m llama-1b; do
-    step "every method, $shape shape, bf16" 60 python benchmarks/methods_speed.py --device cuda --dtype bfloat16 \
+    step "every method, $shape shape, bf16" 120 python benchmarks/methods_speed.py --device cuda --dtype bfloat16 \
       --model "random:$shape" --prompts 4 --new 64
   done
   step "memory over 100 generations" 90 python benchmarks/memory.py --device cuda --dtype bfloat16 \
