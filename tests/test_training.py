@@ -97,6 +97,8 @@ def test_training_continues_from_earlier_weights(tmp_path, tiny_data, toolkit):
         save_file({k: v + 0.5 * torch.randn_like(v) for k, v in weights(f"{method}-a").items()}, str(path))
         meta = run(f"{method}-b", max_steps=1, lr=0.0, init_from=str(tmp_path / f"{method}-a"))
         assert same(weights(f"{method}-b"), weights(f"{method}-a"))
+        earlier = json.loads((tmp_path / f"{method}-b" / "config.json").read_text())["continued_from"]
+        assert earlier["folder"] == str(tmp_path / f"{method}-a") and earlier["train_steps"] == 2
         run(f"{method}-fresh", max_steps=1, lr=0.0)
         assert not same(weights(f"{method}-fresh"), weights(f"{method}-a"))
         if method == "firp":

@@ -201,7 +201,21 @@ def write_result(out: Path, config: TrainConfig, state: dict[str, torch.Tensor],
     save_file({k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}, str(out / filename))
     meta = {**meta, "train_config": asdict(config),
             "command": "python -m harness train " + config.method + " " + " ".join(sys.argv[3:])}
+    if config.init_from:
+        meta["continued_from"] = earlier_run(Path(config.init_from))
     (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def earlier_run(folder: Path) -> dict[str, Any] | None:
+    """What a continued run started from (``--init-from``): that run's command, budget and curve,
+    and its own start in turn, so a shipped file's config.json says every stage that made it."""
+    try:
+        meta = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    keep = ("command", "train_config", "train_steps", "best_step", "stopped", "val_curve", "train_time_s",
+            "continued_from")
+    return {"folder": str(folder), **{k: meta[k] for k in keep if k in meta}}
 
 
 def chain_accepted_length(correct: torch.Tensor, depth: int) -> torch.Tensor:
