@@ -256,7 +256,8 @@ def load_start(folder: str, load: Callable[[dict[str, torch.Tensor]], Any]) -> N
 
     files = sorted(Path(folder).glob("*.safetensors"))
     if len(files) != 1:
-        raise UserError(f"--init-from {folder}: expected one .safetensors file there, found {len(files)}")
+        raise UserError(f"--init-from {folder}: expected one .safetensors file there, found {len(files)}; "
+                        "give the --out folder of an earlier `harness train` run of this method")
     try:
         load(load_file(str(files[0])))
     except RuntimeError as exc:  # load_state_dict's missing / unexpected keys or sizes
@@ -268,7 +269,8 @@ def load_start(folder: str, load: Callable[[dict[str, torch.Tensor]], Any]) -> N
 
 def optimise(config: TrainConfig, module: torch.nn.Module, train_idx: list[int],
              loss_of: Callable[[int, random.Random], torch.Tensor | None], out: Path,
-             desc: str, validate: Callable[[], float] | None = None) -> TrainLog:
+             desc: str, validate: Callable[[], float] | None = None,
+             load_saved: Callable[[dict[str, torch.Tensor]], Any] | None = None) -> TrainLog:
     """The loop every trainer shares: Adam, warm-up + cosine LR, seeded shuffles, resumable checkpoints.
 
     ``loss_of(i, rng)`` returns sequence i's loss (or None to skip it); gradients are averaged
@@ -277,6 +279,9 @@ def optimise(config: TrainConfig, module: torch.nn.Module, train_idx: list[int],
     same stopping rule: validate every ``eval_every`` steps, stop after ``patience``
     validations without improvement, and keep the best weights, so no method is compared
     at a budget chosen for another. ``epochs`` is then only the ceiling (and the LR schedule's length).
+    With ``config.init_from`` and no checkpoint to resume, the module starts from those saved
+    weights, read by ``load_saved`` (default: ``module.load_state_dict``) for trainers whose saved
+    format differs from their module's.
     """
     from tqdm import tqdm
 
@@ -298,6 +303,8 @@ def optimise(config: TrainConfig, module: torch.nn.Module, train_idx: list[int],
         curve, best = state.get("curve", []), state.get("best", best)
         stopped = state.get("stopped", "budget")
         print(f"Resuming from {ckpt.path} at step {step}/{total}", file=sys.stderr)
+    elif config.init_from:
+        load_start(config.init_from, load_saved or module.load_state_dict)
     clock = Stopwatch(elapsed)
     if validate is not None and state is None:
         # the start is a candidate too: a ridge start can beat the first fine-tuning steps,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from methods.core.engine import cache_keyword
 from methods.core.errors import UserError
-from methods.core.training import Toolkit, autocast, TrainConfig, cached_features, load_start, optimise, prepare_out, split_train_val, write_result
+from methods.core.training import Toolkit, autocast, TrainConfig, cached_features, optimise, prepare_out, split_train_val, write_result
 from methods.core.tree import best_tree_paths, expected_accepted_length, tree_search, tree_search_default
 from methods.firp.decoder import FirpMaps, build_plan, injections, map_input
 
@@ -250,8 +250,7 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
     init = opts.get("init", "ridge")
     if init not in ("ridge", "identity"):
         raise UserError(f"bad FIRP option init={init!r}; valid: ridge, identity")
-    if config.init_from:  # a checkpoint in --out still wins: optimise() resumes from it
-        load_start(config.init_from, maps.load_state_dict)
+    if config.init_from:  # optimise() loads them (a ridge fit would be overwritten)
         init = "from " + config.init_from
     init_report: dict[str, Any] = {"init": init}
     if init == "ridge":

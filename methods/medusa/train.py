@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from methods.core.training import Toolkit, autocast, TrainConfig, cached_features, load_start, optimise, prepare_out, split_train_val, write_result
+from methods.core.training import Toolkit, autocast, TrainConfig, cached_features, optimise, prepare_out, split_train_val, write_result
 from methods.core.tree import best_tree_paths, expected_accepted_length, tree_search, tree_search_default
 from methods.medusa.decoder import MedusaHeads
 
@@ -91,9 +91,6 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
         for head in heads.heads:
             head[1].weight.data.copy_(lm_head.weight.data)
 
-    if config.init_from:  # a checkpoint in --out still wins: optimise() resumes from it
-        load_start(config.init_from, heads.load_upstream_state_dict)
-
     def loss_of(i: int, rng: random.Random) -> torch.Tensor:
         start = _positions(data[i])[0]
         with autocast(device):
@@ -106,7 +103,8 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
         ranks = evaluate(heads, lm_head, val_data, val_feats)[1]
         return expected_accepted_length(ranks, best_tree_paths(ranks, tree_size))
 
-    log = optimise(config, heads, train_idx, loss_of, out, "training medusa heads", validate)
+    log = optimise(config, heads, train_idx, loss_of, out, "training medusa heads", validate,
+                   load_saved=heads.load_upstream_state_dict)
     val, ranks = evaluate(heads, lm_head, [data[i] for i in val_idx], [feats[i] for i in val_idx])
     for name, acc in val.items():
         print(f"  {name}: top-1 {acc['top1']:.1%}  top-3 {acc['top3']:.1%}  ({acc['positions']} val positions)",
