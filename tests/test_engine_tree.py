@@ -5,6 +5,7 @@ Random trees on tiny random Llama / Mistral / Qwen2 configs, float32.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -88,6 +89,29 @@ def test_keep_branch_then_continue_matches_sequential(tiny, case, data):
     seq = prefix + [node_tokens[i] for i in kept] + [next_token]
     ref = _sequential_logits(engine, seq)[-1]
     assert (got - ref).abs().max().item() < TOL
+
+
+def test_walk_accepted_length_follows_the_steps_decoding_takes():
+    """A step at t accepts a(t) and the next starts at t + a(t): the positions it jumps over
+    do not count, so the walk differs from the mean over positions (here it lands on the good ones)."""
+    from methods.core.tree import accepted_per_position, tree_search, walk_accepted_length
+
+    chain = [(0,), (0, 0)]
+    ranks = torch.tensor([[0, 0], [1, 0], [0, 0], [0, 3], [2, 2], [0, 0]])
+    assert accepted_per_position(ranks, chain) == [3, 1, 3, 2, 1, 3]
+    # one sequence of 6: steps at 0 (3), 3 (2), 5 (3) -> 8 tokens / 3 steps
+    assert walk_accepted_length(ranks, [6], chain) == pytest.approx(8 / 3)
+    # two sequences of 3: steps at 0 (3) | 3 (2), 5 (3) -> 8 / 3 again; [2, 4] walks other positions
+    assert walk_accepted_length(ranks, [3, 3], chain) == pytest.approx(8 / 3)
+    assert walk_accepted_length(ranks, [2, 4], chain) == pytest.approx((3 + 3 + 3) / 3)  # 0 | 2, 5
+    # a rank past max_rank ends the prefix even if the path set would hold it
+    assert accepted_per_position(torch.tensor([[12, 0]]), [(12,), (12, 0)]) == [1]
+    mean = 1 + sum(a - 1 for a in [3, 1, 3, 2, 1, 3]) / 6
+    table = {t.get("name", t["size"]): t for t in tree_search(ranks, sizes=(2,), lengths=[6])}
+    assert table["chain"]["per_position_accepted_length"] == pytest.approx(mean, abs=1e-4)
+    assert table["chain"]["expected_accepted_length"] == pytest.approx(8 / 3, abs=1e-4)
+    assert abs(8 / 3 - mean) > 0.4
+    assert "per_position_accepted_length" not in tree_search(ranks, sizes=(2,))[0]
 
 
 def test_best_tree_and_expected_length():

@@ -26,6 +26,9 @@ class Scripted:
         self.engine = SimpleNamespace(device=torch.device("cpu"))
         self.log, self.seconds, self.tokens, self.calls = log, seconds, tokens, 0
 
+    def reserve(self, prompt_len: int, limit: int) -> None:
+        pass
+
     def generate(self, prompt_ids: list[int], config: Any) -> Generation:
         n = self.tokens[self.calls] if self.tokens else 4
         self.log.append(self.name)
@@ -102,3 +105,31 @@ def test_repeats_change_a_runs_identity_only_when_used():
     assert "repeats" not in RunConfig().identity()
     assert RunConfig(repeats=3).identity()["repeats"] == 3
     assert RunConfig(repeats=3).identity_hash() != RunConfig().identity_hash()
+
+
+@pytest.mark.parametrize("method", ["vanilla", "pld"])
+def test_caches_grow_before_the_clock_starts_not_inside_a_timed_call(method):
+    """The runner sizes the cache for the generation before timing it: a cache that grew
+    inside the first timed call charged that method for the allocation and copy."""
+    from methods.core.engine import Engine
+    from methods.core.kv_cache import KVCache
+    from methods.pld import PromptLookupDecoder
+    from methods.vanilla import VanillaDecoder
+    from tests.conftest import tiny_model
+
+    engine = Engine(tiny_model("llama"), capacity=4)
+    decoder = VanillaDecoder(engine) if method == "vanilla" else PromptLookupDecoder(engine)
+    grown: list[int] = []
+    real_generate, real_alloc = decoder.generate, KVCache._alloc
+
+    def watched(*args: Any, **kwargs: Any) -> Generation:
+        engine.cache._alloc = lambda capacity: (grown.append(capacity), real_alloc(engine.cache, capacity))[1]
+        try:
+            return real_generate(*args, **kwargs)
+        finally:
+            del engine.cache._alloc
+
+    decoder.generate = watched
+    settings = ShardSettings(24, [], None, 0.0, 1.0, 0)
+    record = runner.run_example(decoder, Example("e", "chat", ["hi", "more"], task="t"), Tok(), settings)
+    assert record["new_tokens"] == 48 and grown == []

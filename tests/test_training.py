@@ -58,6 +58,7 @@ def test_medusa_training_writes_heads_and_resumes(tmp_path, tiny_data, layout, t
     assert (out / "heads.safetensors").is_file() and (out / "checkpoint.pt").is_file()
     saved = json.loads((out / "config.json").read_text())
     assert saved["val_accuracy"]["head1"]["positions"] > 0 and saved["layout"] == layout
+    assert all("per_position_accepted_length" in t for t in saved["tree_search"])
     assert saved["train_steps"] == 6 == len(saved["train_loss"])
     assert _dropped(saved["train_loss"]), saved["train_loss"]
     # a finished checkpoint resumes straight to the end
@@ -124,6 +125,9 @@ def test_firp_training_writes_maps_and_loss_drops(tmp_path, tiny_data, toolkit):
     assert saved["layers"] == [1, 1] and saved["mode"] == "serialized"
     assert _dropped(saved["train_loss"]), saved["train_loss"]
     assert set(meta["val_accuracy"]) == {"step1", "step2"}
+    # the tree table walks every validation anchor as decoding does, not the 8 sampled per answer
+    assert all("per_position_accepted_length" in t for t in saved["tree_search"])
+    assert saved["val_accuracy"]["step1"]["positions"] > 8 * saved["val_sequences"]
     engine = Engine(model)
     got = FirpDecoder(engine, weights=str(out)).generate([1, 2, 3], 20).tokens
     assert got == VanillaDecoder(engine).generate([1, 2, 3], 20).tokens

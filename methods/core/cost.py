@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,21 +32,38 @@ from typing import Any
 import torch
 
 SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
-ENGINE_COST_VERSION = 3  # bump when the engine's pass changes cost (2: the few-rows LM head; 3: few-rows layer projections), so cached curves re-measure
+ENGINE_COST_VERSION = 4  # bump when the engine's pass or the measurement changes (2: the few-rows LM head; 3: few-rows layer projections; 4: more rounds, no caching under load), so cached curves re-measure
 CONTEXT = 256
+
+
+def monotone(values: Sequence[float]) -> list[float]:
+    """The closest non-decreasing sequence (least squares; pool adjacent violators).
+
+    A pass over more tokens never costs less, but a measured curve can dip (32 tokens
+    under 24 in one cached bf16 curve), and a dip makes the largest tree before it look
+    cheap. Pooling the violators averages the noise out instead of keeping its maxima."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in values:
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, c1), (m2, c2) = blocks[-2], blocks.pop()
+            blocks[-1] = [(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2]
+    return [m for m, c in blocks for _ in range(int(c))]
 
 
 @dataclass(frozen=True)
 class CostCurve:
-    """t(n)/t(1) at measured sizes, linearly interpolated (and extrapolated from the last two)."""
+    """t(n)/t(1) at measured sizes, made non-decreasing, linearly interpolated (and
+    extrapolated from the last two). ``ratios`` keeps the raw medians for the report."""
 
     sizes: tuple[int, ...]
     ratios: tuple[float, ...]
     one_token_ms: float = 0.0
     key: str = ""
+    load: float | None = None  # share of the cores other processes kept busy while it was measured
 
     def __call__(self, n: float) -> float:
-        xs, ys = self.sizes, self.ratios
+        xs, ys = self.sizes, self.smoothed()
         if n <= xs[0]:
             return ys[0]
         for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
@@ -53,9 +72,15 @@ class CostCurve:
         (x0, y0), (x1, y1) = (xs[-2], ys[-2]), (xs[-1], ys[-1])
         return y1 + (y1 - y0) * (n - x1) / (x1 - x0)
 
+    def smoothed(self) -> list[float]:
+        """Non-decreasing, and never under the one-token pass the ratios are relative to."""
+        return monotone([max(self.ratios[0], r) for r in self.ratios])
+
     def as_dict(self) -> dict[str, Any]:
         return {"sizes": list(self.sizes), "ratios": [round(r, 4) for r in self.ratios],
-                "one_token_ms": round(self.one_token_ms, 3), "key": self.key}
+                "monotone": [round(r, 4) for r in self.smoothed()],
+                "one_token_ms": round(self.one_token_ms, 3), "key": self.key,
+                **({"load": round(self.load, 2)} if self.load is not None else {})}
 
 
 def _sync(device: torch.device) -> None:
@@ -75,7 +100,7 @@ def hardware_key(engine: Any, model_name: str) -> str:
 
 
 @torch.no_grad()
-def measure(engine: Any, sizes: Sequence[int] = SIZES, context: int = CONTEXT, rounds: int = 5) -> CostCurve:
+def measure(engine: Any, sizes: Sequence[int] = SIZES, context: int = CONTEXT, rounds: int = 9) -> CostCurve:
     """Median time of an n-token tree pass after ``context`` cached tokens, rounds interleaved over sizes."""
     engine.reset(context + max(sizes) + 1)
     vocab = engine.config.vocab_size
@@ -83,6 +108,16 @@ def measure(engine: Any, sizes: Sequence[int] = SIZES, context: int = CONTEXT, r
     biases = {n: engine.tree_bias(torch.ones(n, n, dtype=torch.bool, device=engine.device).tril()) if n > 1 else None
               for n in sizes}
     times: dict[int, list[float]] = {n: [] for n in sizes}
+    with OtherLoad() as load:
+        _timed_rounds(engine, sizes, rounds, biases, times)
+    one = statistics.median(times[sizes[0]])
+    return CostCurve(tuple(sizes), tuple(statistics.median(times[n]) / one for n in sizes), one * 1000,
+                     load=load.share)
+
+
+def _timed_rounds(engine: Any, sizes: Sequence[int], rounds: int, biases: dict[int, Any],
+                  times: dict[int, list[float]]) -> None:
+    vocab = engine.config.vocab_size
     for r in range(rounds + 1):
         for n in sizes:
             _sync(engine.device)
@@ -91,8 +126,45 @@ def measure(engine: Any, sizes: Sequence[int] = SIZES, context: int = CONTEXT, r
             _sync(engine.device)
             if r:  # round 0 warms every shape up
                 times[n].append(time.perf_counter() - start)
-    one = statistics.median(times[sizes[0]])
-    return CostCurve(tuple(sizes), tuple(statistics.median(times[n]) / one for n in sizes), one * 1000)
+
+
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds every process on the machine has spent busy (Linux), or None where unknown."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]
+        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+class OtherLoad:
+    """The share of the machine's cores that *other* processes kept busy over a stretch of
+    time: all busy CPU time minus this process's own, over wall time x cores. Unlike the load
+    average it does not lag, and this process's own threads do not count."""
+
+    def __enter__(self) -> OtherLoad:
+        self.wall, self.own, self.busy = time.perf_counter(), time.process_time(), _busy_cpu_seconds()
+        self.share: float | None = None
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        busy = _busy_cpu_seconds()
+        if self.busy is None or busy is None:
+            return
+        wall = time.perf_counter() - self.wall
+        others = (busy - self.busy) - (time.process_time() - self.own)
+        self.share = max(0.0, others / max(1e-9, wall * (os.cpu_count() or 1)))
+
+
+LOADED_SHARE = 0.25
+
+
+def loaded(curve: CostCurve) -> bool:
+    """Measured while other work kept the cores busy: the curve of a busy machine, not of this
+    hardware. Caching it would fix every later tree choice to that moment's load (the first
+    cached bf16 curve here was measured beside a training job: 58 ms per token, not 34)."""
+    return curve.load is not None and curve.load >= LOADED_SHARE
 
 
 _MEMO: dict[str, CostCurve] = {}
@@ -108,15 +180,19 @@ def cost_curve(engine: Any, model_name: str, cache_dir: Path | None) -> CostCurv
         path = Path(cache_dir) / "cost" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
-            curve = CostCurve(tuple(saved["sizes"]), tuple(saved["ratios"]), saved.get("one_token_ms", 0.0), key)
+            curve = CostCurve(tuple(saved["sizes"]), tuple(saved["ratios"]), saved.get("one_token_ms", 0.0), key,
+                              saved.get("load"))
             _MEMO[key] = curve
             return curve
         except (OSError, ValueError, KeyError):
             pass
     curve = measure(engine)
-    curve = CostCurve(curve.sizes, curve.ratios, curve.one_token_ms, key)
+    curve = CostCurve(curve.sizes, curve.ratios, curve.one_token_ms, key, curve.load)
     _MEMO[key] = curve
-    if path is not None:
+    if loaded(curve):
+        print(f"warning: other processes kept {curve.load:.0%} of the cores busy while the verify-cost "
+              "curve was measured; using it for this run only, not caching it", file=sys.stderr)
+    elif path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")

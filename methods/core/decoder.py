@@ -174,6 +174,14 @@ class Decoder:
 
     # -- the loop -------------------------------------------------------------------------
     @torch.no_grad()
+    def reserve(self, prompt_len: int, limit: int) -> None:
+        """Start a sequence with every cache sized for ``limit`` tokens after ``prompt_len``.
+
+        ``generate`` calls it, and the runner calls it first, outside the clock: the caches
+        only grow, so no timed call then pays for growing one (after a short warm-up the
+        first timed call, always the same method's, paid 21 instead of 12 ms a step on an H200)."""
+        self.engine.reset(capacity=prompt_len + limit + self.step_capacity() + 1)
+
     def generate(self, prompt_ids: Sequence[int], config: GenConfig | int,
                  stop: Collection[int] = ()) -> Generation:
         """Decode after ``prompt_ids``; ``config`` may be just ``max_new_tokens`` (greedy, ``stop`` ids)."""
@@ -185,7 +193,7 @@ class Decoder:
         if not config.greedy:
             generator = torch.Generator(device=engine.device)
             generator.manual_seed(config.seed)
-        engine.reset(capacity=len(prompt_ids) + limit + self.step_capacity() + 1)
+        self.reserve(len(prompt_ids), limit)
         clock = StepClock(engine.device)
         clock.mark()
         out = self.prefill(prompt_ids)

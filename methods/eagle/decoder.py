@@ -153,9 +153,12 @@ class EagleDecoder(Decoder):
     def step_capacity(self) -> int:
         return self.total + 1
 
-    def begin(self, prompt_ids: Sequence[int], out: ForwardOutput) -> None:
+    def reserve(self, prompt_len: int, limit: int) -> None:
+        super().reserve(prompt_len, limit)
         o = self.options
-        self.draft_engine.reset(capacity=len(prompt_ids) + 2 * self.step_capacity() + o.depth * o.topk + 512)
+        self.draft_engine.reset(capacity=prompt_len + limit + 2 * self.step_capacity() + o.depth * o.topk + 512)
+
+    def begin(self, prompt_ids: Sequence[int], out: ForwardOutput) -> None:
         self.pending_feats = out.hidden[: len(prompt_ids)]
         self.pending_next = torch.as_tensor(list(prompt_ids[1:]), dtype=torch.long, device=self.engine.device)
 

@@ -133,14 +133,18 @@ def firp_loss(model: Any, lm_head: torch.nn.Module, maps: FirpMaps, feats: dict[
 
 
 @torch.no_grad()
-def evaluate(model, lm_head, maps, data, feats, anchors_per_seq: int | None) -> dict[str, Any]:
+def evaluate(model, lm_head, maps, data, feats,
+             anchors_per_seq: int | None) -> tuple[dict[str, Any], torch.Tensor, list[int]]:
+    """Per-step accuracy, per-anchor ranks of the true tokens, and anchors per sequence
+    (with ``anchors_per_seq=None`` every answer position, in order: what the decoding walk needs)."""
     agg = [{"n": 0, "top1": 0.0, "top3": 0.0} for _ in range(maps.K)]
     rng = random.Random(0)
-    ranks = []
+    ranks, lengths = [], []
     for item, feat in zip(data, feats):
         anchors = anchor_positions(item, maps.K, anchors_per_seq, rng)
         if not anchors:
             continue
+        lengths.append(len(anchors))
         with autocast(model.device):
             _, stats = firp_loss(model, lm_head, maps, feat, anchors, need_stats=True)
         for a, s in zip(agg, stats):
@@ -149,7 +153,7 @@ def evaluate(model, lm_head, maps, data, feats, anchors_per_seq: int | None) -> 
         ranks.append(torch.stack([s["ranks"] for s in stats], dim=1).cpu())
     accuracy = {f"step{k + 1}": {"top1": a["top1"] / max(1, a["n"]), "top3": a["top3"] / max(1, a["n"]),
                                  "positions": a["n"]} for k, a in enumerate(agg)}
-    return accuracy, (torch.cat(ranks) if ranks else torch.zeros((0, maps.K), dtype=torch.long))
+    return accuracy, (torch.cat(ranks) if ranks else torch.zeros((0, maps.K), dtype=torch.long)), lengths
 
 
 @torch.no_grad()
@@ -267,14 +271,14 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
     log = optimise(config, maps, train_idx, loss_of, out, "training FIRP maps", validate)
     if log.curve and log.curve[0]["step"] == 0:
         init_report["val_after_init"] = round(log.curve[0]["value"], 4)
-    val, ranks = evaluate(model, lm_head, maps, [data[i] for i in val_idx], [feats[i] for i in val_idx],
-                          anchors_per_seq)
+    # every anchor of the validation answers, so the tree table can walk them as decoding does
+    val, ranks, lengths = evaluate(model, lm_head, maps, val_data, val_feats, None)
     for name, acc in val.items():
         print(f"  {name}: top-1 {acc['top1']:.1%}  top-3 {acc['top3']:.1%}  ({acc['positions']} val positions)",
               file=sys.stderr)
     meta = {"method": "firp", "model": config.model, **maps.config(), "K": K,
             "step_weights": step_weights, **init_report, "default_tree": opts.get("tree") or tree_search_default(ranks, tree_size),
-            "tree_search": tree_search(ranks), "val_accuracy": val,
+            "tree_search": tree_search(ranks, lengths=lengths), "val_accuracy": val,
             **log.meta(), "val_metric": f"teacher-forced accepted length, best {tree_size}-node tree",
             "train_sequences": len(train_idx), "val_sequences": len(val_idx), "anchors_per_seq": anchors_per_seq}
     write_result(out, config, maps.state_dict(), meta, "firp.safetensors")

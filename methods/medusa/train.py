@@ -55,9 +55,12 @@ def head_losses(heads: MedusaHeads, lm_head: torch.nn.Module, hidden: torch.Tens
 
 
 @torch.no_grad()
-def evaluate(heads: MedusaHeads, lm_head: torch.nn.Module, data: list, feats: list) -> dict[str, Any]:
+def evaluate(heads: MedusaHeads, lm_head: torch.nn.Module, data: list,
+             feats: list) -> tuple[dict[str, Any], torch.Tensor, list[int]]:
+    """Per-head accuracy, the ranks of the true tokens at every answer position (in order)
+    and the positions per sequence, which the decoding walk of ``tree_search`` needs."""
     agg = [{"n": 0, "top1": 0.0, "top3": 0.0} for _ in range(heads.num_heads)]
-    ranks = []
+    ranks, lengths = [], []
     device = lm_head.weight.device
     for item, feat in zip(data, feats):
         start, _ = _positions(item)
@@ -69,9 +72,10 @@ def evaluate(heads: MedusaHeads, lm_head: torch.nn.Module, data: list, feats: li
         n = min(len(s["ranks"]) for s in stats)  # positions where every head has a target
         if n:
             ranks.append(torch.stack([s["ranks"][:n] for s in stats], dim=1).cpu())
+            lengths.append(n)
     accuracy = {f"head{k + 1}": {"top1": a["top1"] / max(1, a["n"]), "top3": a["top3"] / max(1, a["n"]),
                                  "positions": a["n"]} for k, a in enumerate(agg)}
-    return accuracy, (torch.cat(ranks) if ranks else torch.zeros((0, heads.num_heads), dtype=torch.long))
+    return accuracy, (torch.cat(ranks) if ranks else torch.zeros((0, heads.num_heads), dtype=torch.long)), lengths
 
 
 def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, Any]], data_key: str,
@@ -105,13 +109,13 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
 
     log = optimise(config, heads, train_idx, loss_of, out, "training medusa heads", validate,
                    load_saved=heads.load_upstream_state_dict)
-    val, ranks = evaluate(heads, lm_head, [data[i] for i in val_idx], [feats[i] for i in val_idx])
+    val, ranks, lengths = evaluate(heads, lm_head, val_data, val_feats)
     for name, acc in val.items():
         print(f"  {name}: top-1 {acc['top1']:.1%}  top-3 {acc['top3']:.1%}  ({acc['positions']} val positions)",
               file=sys.stderr)
     meta = {"method": "medusa", "model": config.model, "num_heads": num_heads, "layout": layout,
             "default_tree": config.options.get("tree") or tree_search_default(ranks, tree_size),
-            "tree_search": tree_search(ranks), "val_accuracy": val,
+            "tree_search": tree_search(ranks, lengths=lengths), "val_accuracy": val,
             **log.meta(), "val_metric": f"teacher-forced accepted length, best {tree_size}-node tree",
             "train_sequences": len(train_idx), "val_sequences": len(val_idx)}
     write_result(out, config, heads.upstream_state_dict(), meta, "heads.safetensors")
