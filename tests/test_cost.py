@@ -129,9 +129,22 @@ def test_draft_overhead_tilts_the_pick_to_bigger_trees():
     curve = CostCurve((1, 5, 13), (1.0, 1.3, 1.8))
     plain = pick_tree(TABLE, curve, lambda paths: 1 + len(paths))
     assert plain["draft_size"] == 4 and plain["draft_overhead"] == 0
-    dear = pick_tree(TABLE, curve, lambda paths: 1 + len(paths), draft_overhead=2.0)
+    dear = pick_tree(TABLE, curve, lambda paths: 1 + len(paths), draft_overhead=5.0)
     assert dear["draft_size"] == 12
-    assert dear["predicted_speedup"] == pytest.approx(2.06 / 3.8, abs=1e-3)
+    assert dear["predicted_speedup"] == pytest.approx(2.06 / 6.8, abs=1e-3)
+
+
+def test_near_ties_go_to_the_smallest_tree():
+    """Within the prediction's noise (TIE_TOLERANCE) the smaller tree wins; beyond it the faster one."""
+    from methods.core.cost import TIE_TOLERANCE
+
+    curve = CostCurve((1, 64), (1.0, 1.0))  # flat: the prediction is the accepted length
+    table = [{"size": 2, "expected_accepted_length": 2.0, "paths": [[0], [0, 0]]},
+             {"size": 8, "expected_accepted_length": 2.0 * (1 + TIE_TOLERANCE / 2), "paths": [[i] for i in range(8)]}]
+    near = pick_tree(table, curve, lambda paths: 1 + len(paths))
+    assert near["draft_size"] == 2 and near["best_predicted_speedup"] == pytest.approx(2.0 * (1 + TIE_TOLERANCE / 2))
+    table[1]["expected_accepted_length"] = 2.0 * (1 + 2 * TIE_TOLERANCE)
+    assert pick_tree(table, curve, lambda paths: 1 + len(paths))["draft_size"] == 8
 
 
 def test_auto_adds_the_timed_draft_probe(tmp_path, monkeypatch):
