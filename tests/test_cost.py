@@ -62,6 +62,10 @@ def test_other_load_sees_a_busy_neighbour_but_not_this_process():
 
     if not Path("/proc/stat").is_file():
         pytest.skip("needs /proc/stat")
+    with OtherLoad() as idle:
+        time.sleep(0.3)
+    if idle.share is None or idle.share > 0.1:
+        pytest.skip("other work is running on this machine")
     with OtherLoad() as alone:
         end = time.perf_counter() + 0.4
         while time.perf_counter() < end:  # this process busy: not "other" load
@@ -134,17 +138,19 @@ def test_draft_overhead_tilts_the_pick_to_bigger_trees():
     assert dear["predicted_speedup"] == pytest.approx(2.06 / 6.8, abs=1e-3)
 
 
-def test_near_ties_go_to_the_smallest_tree():
-    """Within the prediction's noise (TIE_TOLERANCE) the smaller tree wins; beyond it the faster one."""
+def test_near_ties_go_to_the_shallowest_tree():
+    """Within the prediction's noise (TIE_TOLERANCE) the shallower tree wins; beyond it the faster one."""
     from methods.core.cost import TIE_TOLERANCE
 
     curve = CostCurve((1, 64), (1.0, 1.0))  # flat: the prediction is the accepted length
-    table = [{"size": 2, "expected_accepted_length": 2.0, "paths": [[0], [0, 0]]},
-             {"size": 8, "expected_accepted_length": 2.0 * (1 + TIE_TOLERANCE / 2), "paths": [[i] for i in range(8)]}]
+    table = [{"size": 3, "expected_accepted_length": 2.0, "paths": [[0], [1], [0, 0]]},
+             {"size": 3, "expected_accepted_length": 2.0 * (1 + TIE_TOLERANCE / 2), "paths": [[0], [0, 0], [0, 0, 0]]},
+             {"size": 1, "expected_accepted_length": 1.5, "paths": [[0]]}]
     near = pick_tree(table, curve, lambda paths: 1 + len(paths))
-    assert near["draft_size"] == 2 and near["best_predicted_speedup"] == pytest.approx(2.0 * (1 + TIE_TOLERANCE / 2))
+    assert near["paths"] == [[0], [1], [0, 0]]
+    assert near["best_predicted_speedup"] == pytest.approx(2.0 * (1 + TIE_TOLERANCE / 2))
     table[1]["expected_accepted_length"] = 2.0 * (1 + 2 * TIE_TOLERANCE)
-    assert pick_tree(table, curve, lambda paths: 1 + len(paths))["draft_size"] == 8
+    assert pick_tree(table, curve, lambda paths: 1 + len(paths))["paths"] == [[0], [0, 0], [0, 0, 0]]
 
 
 def test_auto_adds_the_timed_draft_probe(tmp_path, monkeypatch):
@@ -163,7 +169,10 @@ def test_auto_adds_the_timed_draft_probe(tmp_path, monkeypatch):
 
 
 def test_auto_measures_once_caches_and_falls_back(tmp_path, monkeypatch):
+    import methods.core.cost as cost
+
     monkeypatch.setenv("SPECDEC_HARNESS_CACHE", str(tmp_path))
+    monkeypatch.setattr(cost, "LOADED_SHARE", 2.0)  # cached even if other work shares the machine now
     engine = Engine(tiny_model("llama"))
     spec, choice = resolve_tree("auto", {"tree_search": TABLE, "default_tree": "2x1"}, "3x1", engine,
                                 "tiny-cost", lambda p: 1 + len(p), max_depth=3)

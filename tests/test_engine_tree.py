@@ -112,6 +112,11 @@ def test_walk_accepted_length_follows_the_steps_decoding_takes():
     assert table["chain"]["expected_accepted_length"] == pytest.approx(8 / 3, abs=1e-4)
     assert abs(8 / 3 - mean) > 0.4
     assert "per_position_accepted_length" not in tree_search(ranks, sizes=(2,))[0]
+    # with three levels the best two-level tree of each size is a candidate too, once
+    deep = torch.tensor([[0, 0, 0]] * 3 + [[1, 5, 5]])
+    table = tree_search(deep, sizes=(3,))
+    assert table[0]["paths"] == [[0], [0, 0], [0, 0, 0]]
+    assert [t["paths"] for t in table if t.get("name") == "shallow"] == [[[0], [0, 0], [1]]]
 
 
 def test_best_tree_and_expected_length():

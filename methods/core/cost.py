@@ -220,18 +220,20 @@ def layered_cost(curve: CostCurve, num_layers: int, base: int, joins: Sequence[t
 
 
 TIE_TOLERANCE = 0.03
-"""Predicted speedups this close to the best count as ties, and the smallest tree among them
-wins. Three bf16 curves measured minutes apart on this project's CPU differed by up to 6% at
-the same size, and a larger tree's teacher-forced gain shrinks most out of domain (the deep
-nodes accept least there): session 9's stage-2 maps made ``auto`` pick 8 nodes over 2 for a
-predicted 1.3%, and measured 1.39x where 3 nodes had given 1.55x."""
+"""Predicted speedups this close to the best count as ties, and among them the shallowest
+tree wins (then the highest prediction). Three bf16 curves measured minutes apart on this
+project's CPU differed by up to 6% at one size, and the teacher-forced gain of a deep node
+shrinks most out of domain: with the shipped FIRP maps the third draft level added 0.13
+tokens a step in domain but 0.03 on the benchmarks (session 8), and session 9's stage-2 maps
+made ``auto`` pick an 8-node, three-level tree over 2 nodes for a predicted 1.3%, measuring
+1.39x where the 3-node two-level tree gave 1.55x."""
 
 
 def pick_tree(candidates: Sequence[dict[str, Any]], curve: CostCurve,
               processed: Callable[[list[list[int]]], int], draft_overhead: float = 0.0,
               pass_cost: PassCost | None = None) -> dict[str, Any]:
     """The candidate (``{"paths", "expected_accepted_length"}``, as trainers' ``tree_search``
-    records them) with the highest predicted speedup, the smallest of those within
+    records them) with the highest predicted speedup, or the shallowest of those within
     ``TIE_TOLERANCE`` of it; returns it with the whole table.
     ``draft_overhead`` is the per-step drafting cost outside the pass, in vanilla steps;
     ``pass_cost`` prices a pass whose tokens do not all run every layer (default: the
@@ -246,9 +248,10 @@ def pick_tree(candidates: Sequence[dict[str, Any]], curve: CostCurve,
                       "cost": round(cost, 4), "predicted_speedup": round(acc / cost, 4),
                       **({"name": c["name"]} if "name" in c else {}), "paths": paths})
     top = max(row["predicted_speedup"] for row in table)
-    # parsimony: the smallest tree within the prediction's noise of the best
+    # within the prediction's noise of the best: the shallowest tree, then the fastest predicted
     near = [row for row in table if row["predicted_speedup"] >= top * (1 - TIE_TOLERANCE)]
-    best = min(near, key=lambda row: (row["processed"], row["draft_size"], -row["predicted_speedup"]))
+    best = min(near, key=lambda row: (max(len(p) for p in row["paths"]), -row["predicted_speedup"],
+                                      row["processed"]))
     return {"paths": best["paths"], "draft_size": best["draft_size"], "predicted_speedup": best["predicted_speedup"],
             "expected_accepted_length": best["expected_accepted_length"], "processed": best["processed"],
             "candidates": [{k: v for k, v in row.items() if k != "paths"} for row in table],

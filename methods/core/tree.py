@@ -315,7 +315,9 @@ def tree_search(ranks: torch.Tensor, sizes=(1, 2, 3, 4, 6, 8, 12, 16, 20, 30),
 
     With ``lengths`` (``ranks`` then covers every answer position of each sequence, in order)
     ``expected_accepted_length`` is the decoding walk and the mean over positions is kept as
-    ``per_position_accepted_length``; without, it is the mean over positions."""
+    ``per_position_accepted_length``; without, it is the mean over positions. Besides the
+    best tree of each size, the best of each size with at most two draft levels (``shallow``)
+    and the top-1 chain are candidates."""
     def entry(paths: list[TreePath], **extra: Any) -> dict[str, Any]:
         per_position = round(expected_accepted_length(ranks, paths), 4)
         if lengths is None:
@@ -323,10 +325,17 @@ def tree_search(ranks: torch.Tensor, sizes=(1, 2, 3, 4, 6, 8, 12, 16, 20, 30),
         return {**extra, "expected_accepted_length": round(walk_accepted_length(ranks, lengths, paths), 4),
                 "per_position_accepted_length": per_position, "paths": [list(p) for p in paths]}
 
-    out = []
+    out, seen = [], set()
     for size in sizes:
         paths = best_tree_paths(ranks, size)
         out.append(entry(paths, size=len(paths)))
+        seen.add(frozenset(paths))
+    if ranks.shape[1] > 2:  # the best trees of at most two draft levels too: the deep nodes lose most out of domain
+        for size in sizes:
+            paths = best_tree_paths(ranks[:, :2], size)
+            if frozenset(paths) not in seen:
+                seen.add(frozenset(paths))
+                out.append(entry(paths, size=len(paths), name="shallow"))
     depth = ranks.shape[1]
     chain = [tuple([0] * d) for d in range(1, depth + 1)]
     out.append(entry(chain, size=len(chain), name="chain"))
