@@ -172,8 +172,6 @@ class Decoder:
 
         return {"name": self.name, **asdict(self.options)}
 
-    # -- the loop -------------------------------------------------------------------------
-    @torch.no_grad()
     def reserve(self, prompt_len: int, limit: int) -> None:
         """Start a sequence with every cache sized for ``limit`` tokens after ``prompt_len``.
 
@@ -182,6 +180,8 @@ class Decoder:
         first timed call, always the same method's, paid 21 instead of 12 ms a step on an H200)."""
         self.engine.reset(capacity=prompt_len + limit + self.step_capacity() + 1)
 
+    # -- the loop -------------------------------------------------------------------------
+    @torch.no_grad()
     def generate(self, prompt_ids: Sequence[int], config: GenConfig | int,
                  stop: Collection[int] = ()) -> Generation:
         """Decode after ``prompt_ids``; ``config`` may be just ``max_new_tokens`` (greedy, ``stop`` ids)."""
