@@ -20,6 +20,7 @@ import torch
 from methods.core.errors import UserError
 from methods.core.files import cache_root, read_json  # noqa: F401 - cache_root is part of this module's API
 from methods.core.engine import SUPPORTED_MODEL_TYPES  # one list: what the engine can drive
+from methods.core.hardware import cpu_has_native_bf16  # noqa: F401 - one rule, importable from here too
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -104,12 +105,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "cpu":
         return torch.device("cpu")
     raise UserError(f"unknown device {device!r}; valid devices: cpu, cuda, cuda:N, auto")
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matrix units, where bf16 beats float32 (benchmarks/dtype_speed.py)."""
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
