@@ -67,7 +67,7 @@ def main() -> None:
     prompts = prompt_ids(tok, args.prompts, model.config.vocab_size)
     for d in decoders.values():  # warm-up: kernels, allocator, caches
         d.generate(prompts[0], args.new)  # the measured length: a shorter one leaves the shared
-        # engine's cache to grow inside the first timed call (it was vanilla's, 21 vs 12 ms a step on an H200)
+        # engine's cache to grow inside the first timed call, slowing whichever method runs first
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     stats = {name: {"time": 0.0, "tokens": 0, "forwards": 0, "processed": 0} for name in decoders}

@@ -1,4 +1,4 @@
-"""Why a 2-token pass can cost 1.7x a 1-token pass in float32 on a CPU: a probe of the kernels.
+"""Why a 2-token pass can cost far more than a 1-token pass in float32 on a CPU: a probe of the kernels.
 
 A verification pass multiplies a few rows (the tree's tokens) by every weight matrix. With
 one row PyTorch takes a matrix-vector kernel that streams the weight once; with a few rows

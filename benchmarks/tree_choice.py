@@ -3,8 +3,8 @@
     python benchmarks/tree_choice.py [--device cuda] [--dtype bfloat16] [--model random:smollm2-135m]
 
 The pick combines the trainer's teacher-forced accepted length of each tree with the verify
-cost measured here, so it moves with the hardware: a flat GPU curve should favour larger
-trees than this project's 2-core CPU. The cost does not depend on the weights, so a randomly
+cost measured here, so it moves with the hardware: a flat GPU curve favours larger trees
+than a CPU's steep one. The cost does not depend on the weights, so a randomly
 initialised model of the default model's shape gives the same choice where the model file
 cannot travel. Prints the measured curve and each method's candidate table.
 """

@@ -3,8 +3,9 @@
     python benchmarks/verify_cost.py [--sizes 1,2,4,8,16,32,64] [--context 300]
 
 Speculative decoding wins only if a pass over the draft costs little more than a pass
-over one token. On a GPU that holds to large n; on a CPU it depends on the dtype (bf16
-matmuls on AMX are nearly flat up to 16 tokens, fp32 doubles). Read speedups with this.
+over one token. On a GPU that holds to large n; on a CPU it depends on the dtype and the
+matrix units (bf16 on AMX or AVX512-BF16 stays nearly flat for a few tokens, float32 does
+not). Read speedups with this.
 """
 
 from __future__ import annotations

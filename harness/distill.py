@@ -123,7 +123,7 @@ def generate_continuations(model: Any, tokenizer: Any, prompts: Sequence[str], *
     return reused + data
 
 
-# Self-written prompts (#13): the benchmarks are chat, summaries, translation, QA and maths,
+# Self-written prompts: the benchmarks are chat, summaries, translation, QA and maths,
 # while the training files are maths and yes/no questions. The model is asked for requests
 # across these task kinds and topics (written here, not taken from any dataset).
 TASK_KINDS = (
@@ -144,7 +144,7 @@ REQUEST_TEMPLATE = ("Write one realistic message that a user might send to an AI
                     "Topic: {topic}. Include any text the task needs. Reply with the message only.")
 
 
-# Summary requests (#13): XSum asks for a summary of a long article, and the drafts accept
+# Summary requests: XSum asks for a summary of a long article, and the drafts accept
 # least there. Passages of the training files (BoolQ's, never an evaluation file) become
 # summary requests through these instructions, written here and varied so the heads learn
 # to summarise, not one wording.

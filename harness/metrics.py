@@ -12,7 +12,7 @@ Definitions follow Spec-Bench where one exists:
   tokens over wall time: equal work even when the two outputs differ in length, as they do
   after a low-precision near-tie or under sampling), aggregated as a geometric mean of
   per-example ratios with a bootstrap 95% interval; ``speedup_total`` is the ratio of
-  total tokens/s, and ``speedup_wall_time`` the old wall-time ratio, kept for comparison;
+  total tokens/s, and ``speedup_wall_time`` the ratio of wall times, kept for comparison;
 * speedup over the common prefix = vanilla's time / the method's time to produce the
   tokens both emitted before their first divergence (from per-step times), which isolates
   the method from what it went on to generate;

@@ -176,8 +176,8 @@ class Decoder:
         """Start a sequence with every cache sized for ``limit`` tokens after ``prompt_len``.
 
         ``generate`` calls it, and the runner calls it first, outside the clock: the caches
-        only grow, so no timed call then pays for growing one (after a short warm-up the
-        first timed call, always the same method's, paid 21 instead of 12 ms a step on an H200)."""
+        only grow, so no timed call pays for growing one (otherwise, after a warm-up shorter
+        than the measured length, the first timed call, always the same method's, would)."""
         self.engine.reset(capacity=prompt_len + limit + self.step_capacity() + 1)
 
     # -- the loop -------------------------------------------------------------------------

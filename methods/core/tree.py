@@ -295,9 +295,8 @@ def walk_accepted_length(ranks: torch.Tensor, lengths: Sequence[int], paths: Seq
     position of each sequence, in order, ``lengths[i]`` of them for sequence i.
 
     Tokens over steps weights the positions a decoder really visits; the plain mean over
-    positions also counts the well-predicted stretches it skips over. On the shipped weights'
-    held-out answers the walk is 5-7% lower at every size, and it ranks some trees
-    differently (FIRP's two-level 3-node tree above the 3-node chain)."""
+    positions also counts the well-predicted stretches it skips over, so it is higher and can
+    rank trees differently (docs/tree-choice.md)."""
     accepted = accepted_per_position(ranks, paths, max_rank)
     tokens = steps = start = 0
     for n in lengths:

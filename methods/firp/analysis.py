@@ -93,7 +93,7 @@ def sweep_layers(model: Any, tokenizer: Any, data: list[dict[str, Any]], base: T
 
     _, val = split_train_val(list(range(len(data))), base.val_fraction, base.seed)
     held_out = [data[i]["ids"][:data[i]["prompt_len"]] for i in val[:prompts]]
-    # one frozen-model pass caches every swept layer's features (a pass each took 6 min here)
+    # one frozen-model pass caches every swept layer's features, instead of a pass per layer
     cached_features(model, data, sorted(set(layers)) + [-1], data_key(base), toolkit.cache_dir)
     rows = []
     for layer in layers:

@@ -52,7 +52,7 @@ def pseudo_forward(model: Any, maps: FirpMaps, h_start: torch.Tensor, anchors: t
     The real tokens never see a pseudo token and do not depend on the maps, so each layer runs
     them first without gradients, and then the pseudo tokens alone, with gradients, attending
     to the real tokens' keys and values and to each other: the backward pass only covers the
-    pseudo rows (point 2 of #13), and the result equals one pass over both.
+    pseudo rows, and the result equals one pass over both.
     """
     backbone = model.model
     T, device = h_start.shape[0], h_start.device

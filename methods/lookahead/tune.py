@@ -1,10 +1,10 @@
 """``python -m harness tune lookahead``: fit the window, n-gram size and guesses to the hardware.
 
 Lookahead's pass carries W x (N-1) window tokens and up to G x (N-1) guess tokens beside
-the root, so what pays depends on the verify-cost curve t(n)/t(1): on this project's CPU
-a 31-token pass costs little more than one in bf16 but several times one in float32,
-where the default shape ran at 0.58x vanilla. The objective is the speedup the cost
-model predicts from what decoding really did:
+the root, so what pays depends on the verify-cost curve t(n)/t(1): where a pass over the
+default shape's 31 tokens costs several one-token passes (float32 on a CPU), a smaller
+shape wins; where it costs little more than one (bf16 with matrix units, a GPU), a larger
+one. The objective is the speedup the cost model predicts from what decoding really did:
 
     predicted speedup = tokens / sum over steps of t(1 + processed tokens of the step)
 

@@ -5,8 +5,9 @@ editing), where the answer copies spans of the prompt. Drafts come from the prom
 the text generated so far (largest n-gram first, earliest match), verified as a chain in
 one target pass per step.
 
-How many of the match's tokens to verify depends on the hardware: in bf16 on this CPU a
-pass over 11 tokens costs about what one does, in float32 about twice. With ``policy=cost``
+How many of the match's tokens to verify depends on the hardware: a pass over 11 tokens
+can cost about what one does (bf16 on a CPU with matrix units, a GPU) or several times as
+much (float32 on a CPU). With ``policy=cost``
 (the default) the decoder keeps, for each draft position k, how often its token was
 accepted given that the ones before it were, and takes the length L <= ``num_tokens`` that
 maximises (1 + expected accepted drafts) / t(L + 1), t being the measured verify-cost curve

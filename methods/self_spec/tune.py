@@ -97,9 +97,9 @@ def tune_self_spec(config: TuneConfig, toolkit: Toolkit) -> dict[str, Any]:
 
     def drafter(skip: Any) -> SelfSpeculativeDecoder:
         # every step drafts exactly ``config.draft`` tokens: with the adaptive exit a draft that is
-        # cheap but wrong exits at once and scores near vanilla's speed (the session-5 search found
-        # such a set: 0.93x while drafting, no draft token accepted), so a fixed length makes a
-        # useless draft pay for itself and leaves accuracy per cost as what the search climbs
+        # cheap but wrong exits at once and scores near vanilla's speed while accepting nothing, so
+        # a fixed length makes a useless draft pay for itself and leaves accuracy per cost as what
+        # the search climbs
         return SelfSpeculativeDecoder(engine, skip=skip, policy="always", threshold=0.0, adaptive=False,
                                       max_draft=config.draft)
 
