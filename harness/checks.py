@@ -16,6 +16,7 @@ from typing import Any
 
 from methods.core.errors import UserError
 from methods.core.files import check_writable, read_json, require_shape, write_text
+from methods.core.hardware import machine_label
 from harness.metrics import records_frame, summarize
 from harness.results import read_manifest, read_run_records
 
@@ -50,6 +51,56 @@ def _identity(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def machine_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A run's machine fingerprint: kind, CPU model and vector units or GPU
+    name, threads, torch version. Older manifests without ``environment.machine`` give what
+    they recorded (``cpu``, ``gpu``, ``device``, ``torch_threads``); what is unknown is None."""
+    env = manifest.get("environment") or {}
+    if env.get("machine"):
+        return env["machine"]
+    gpu = env.get("gpu") or {}
+    return {"kind": str(env.get("device") or "").split(":")[0] or None,
+            "name": gpu.get("name") or env.get("cpu"), "vector_units": None,
+            "threads": env.get("torch_threads"), "torch": (env.get("versions") or {}).get("torch")}
+
+
+def baseline_machine(baseline: dict[str, Any]) -> dict[str, Any]:
+    """The machine a baseline file was written from; older files know only the device."""
+    return baseline.get("machine") or {"kind": str(baseline.get("device") or "").split(":")[0] or None}
+
+
+def machine_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """What differs between two machine fingerprints, in words; entries either side lacks are
+    not compared (an older manifest does not know its vector units)."""
+
+    def known(key: str) -> bool:
+        return a.get(key) is not None and b.get(key) is not None and a[key] != b[key]
+
+    def bare(m: dict[str, Any]) -> str:  # threads get their own entry
+        return machine_label({k: v for k, v in m.items() if k != "threads"})
+
+    if known("kind"):
+        return [f"device {a['kind']} vs {b['kind']}"]
+    out = []
+    if known("name") or known("vector_units"):
+        left, right = bare(a), bare(b)
+        if left == right:  # the strongest unit is the same: name every unit
+            left, right = (f"{m.get('name')} ({', '.join(m['vector_units']) or 'none'})" for m in (a, b))
+        out.append(f"{'gpu' if a.get('kind') == 'cuda' else 'cpu'} {left} vs {right}")
+    if known("threads"):
+        out.append(f"threads {a['threads']} vs {b['threads']}")
+    if known("torch"):
+        out.append(f"torch {a['torch']} vs {b['torch']}")
+    return out
+
+
+def machine_note(a: dict[str, Any], b: dict[str, Any], what: str = "the runs") -> str | None:
+    """One line naming the difference when two machine fingerprints (``machine_of``,
+    ``baseline_machine``) differ: speeds then differ for reasons that are not the method's."""
+    differ = machine_differences(a, b)
+    return f"note: {what} come from different machines: {'; '.join(differ)}" if differ else None
+
+
 def settings_differ(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """What makes two runs' numbers incomparable beyond model and examples: generation settings, method options."""
     out = [f"{k} {a['generation'].get(k)} vs {b['generation'].get(k)}" for k in GENERATION_KEYS
@@ -68,6 +119,7 @@ def write_baseline(run_dir: Path, out: Path) -> dict[str, Any]:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "source_run": str(run_dir),
         **_identity(manifest),
+        "machine": machine_of(manifest),
         "entries": [
             {"method": r["method"], "task": r["task"], **{m: _clean(r[m]) for m in METRICS}} for r in rows
         ],

@@ -296,9 +296,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from harness.checks import machine_note, machine_of
     from harness.report import build_comparison
+    from harness.results import read_manifest
 
     out = build_comparison(Path(args.run_a), Path(args.run_b), Path(args.output), force=args.force)
+    note = machine_note(machine_of(read_manifest(Path(args.run_a))), machine_of(read_manifest(Path(args.run_b))))
+    if note:
+        print(note)
     print(f"Comparison: {out}")
     return 0
 
@@ -346,12 +351,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from harness.checks import Tolerances, compare, read_baseline
+    from harness.checks import Tolerances, baseline_machine, compare, machine_note, machine_of, read_baseline
+    from harness.results import read_manifest
 
     baseline = read_baseline(Path(args.baseline))
     run_dir = Path(args.run_dir)
     findings = compare(baseline, run_dir, Tolerances(
         args.tol_accepted_length, args.tol_exact_match, args.tol_rouge2, args.speedup_floor), force=args.force)
+    note = machine_note(baseline_machine(baseline), machine_of(read_manifest(run_dir)), "the baseline and the run")
+    if note:
+        print(note)
     table = Table(title=f"check {run_dir} against {args.baseline}", title_justify="left")
     for col in ("method", "task", "metric", "baseline", "current", "limit", "status"):
         table.add_column(col)

@@ -10,17 +10,15 @@ from typing import Any
 
 import torch
 
+from methods.core.files import cache_root
+from methods.core.hardware import cpu_name, machine, read_bandwidth_gbs
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name (one reading of /proc/cpuinfo, shared with ``machine``)."""
+    return cpu_name()
 
 
 def git_revision() -> dict[str, Any]:
@@ -47,7 +45,11 @@ def package_version(name: str) -> str | None:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
+    """The machine (``machine``: CPU model and vector units or GPU name, threads, torch), its
+    memory read bandwidth (measured once per machine and cached), versions and the commit."""
     env: dict[str, Any] = {
+        "machine": machine(device),
+        "read_bandwidth_gbs": round(read_bandwidth_gbs(device, cache_dir=cache_root()), 2),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

@@ -7,13 +7,15 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from harness.checks import _identity, run_metrics, settings_differ
+from harness.checks import _identity, machine_of, run_metrics, settings_differ
 from harness.metrics import BASELINE, first_divergence, in_run_order, records_frame, summarize
 from harness.results import read_manifest, read_run_divergences, read_run_records
 from methods.core.errors import UserError
 from methods.core.files import check_writable, write_text
+from methods.core.hardware import machine_label
 from methods.registry import UnknownMethodError, get_spec
 from reports import plots
 from reports.html import fmt, first_char_divergence, highlight, render_comparison, render_report
@@ -203,6 +205,31 @@ def headline(summary: pd.DataFrame, verdicts: list[dict[str, Any]]) -> str:
     return f"fastest: {best.method} {figures}; {tail}"
 
 
+def baseline_step_ms(records: list[dict[str, Any]]) -> float | None:
+    """Vanilla's median decode step in ms: every turn's per-step times but its first (the
+    prefill, which processes the whole prompt); None where no record has step times."""
+    steps = [x for r in records if r.get("method") == BASELINE and not r.get("skipped")
+             for t in r.get("turns") or [] for x in (t.get("step_times") or [])[1:]]
+    return 1000 * float(np.median(steps)) if steps else None
+
+
+def hardware_summary(manifest: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The machine's label and the baseline's decode step held against the bandwidth limit
+    (``manifest.decode_limit``): how much faster vanilla could go on this machine, which bounds
+    how much of a method's speedup is a slow baseline."""
+    env = manifest.get("environment") or {}
+    limit = manifest.get("decode_limit") or {}
+    summary: dict[str, Any] = {"label": machine_label(machine_of(manifest)),
+                               "bandwidth_gbs": env.get("read_bandwidth_gbs"), "roofline": None,
+                               "context": limit.get("context"), "context_rule": limit.get("context_rule")}
+    step = baseline_step_ms(records)
+    if step and limit.get("step_limit_ms") and limit.get("read_bandwidth_gbs") and limit.get("step_bytes"):
+        summary["roofline"] = (f"{BASELINE}: {step:.1f} ms a step, limit {limit['step_limit_ms']:.1f} ms (bandwidth "
+                               f"{limit['read_bandwidth_gbs']:.1f} GB/s × {limit['step_bytes'] / 1e6:.0f} MB): "
+                               f"{limit['step_limit_ms'] / step:.0%} of the limit")
+    return summary
+
+
 def build_report(run_dir: Path, out: Path | None = None) -> Path:
     if out is not None:
         check_writable(out, "-o")
@@ -247,6 +274,7 @@ def build_report(run_dir: Path, out: Path | None = None) -> Path:
                          headline=headline(summary, verdicts), examples=drilldown(frame, records),
                          method_sections=method_sections(run_dir, manifest),
                          training=training_rows(manifest, summary),
+                         hardware=hardware_summary(manifest, records),
                          skipped=sum(1 for r in records if r.get("skipped")))
     return write_text(out or run_dir / "report.html", page, "-o")
 

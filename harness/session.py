@@ -374,16 +374,44 @@ class Workbench:
     def describe(self) -> dict[str, Any]:
         """The manifest's model, dtype, methods and environment entries, as measured where decoding runs."""
         from harness.environment import environment
+        from methods.core.hardware import kv_bytes_per_token, step_weight_bytes
 
         model = self.model
         return {
             "model": {"type": model.config.model_type, "layers": model.config.num_hidden_layers,
                       "parameters": sum(p.numel() for p in model.parameters()),
-                      "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())},
+                      "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+                      "step_weight_bytes": step_weight_bytes(model), "kv_bytes_per_token": kv_bytes_per_token(model)},
             "dtype": str(self.engine.dtype).removeprefix("torch."),
             "methods": {d.label: d.describe() for d in self.decoders},
             "environment": environment(self.engine.device),
         }
+
+
+CONTEXT_RULE = "median prompt tokens (first turn, up to 64 examples) + half of max_new_tokens"
+
+
+def decode_limit(config: RunConfig, examples: list[Example], model: dict[str, Any], env: dict[str, Any],
+                 tokenizer: Any = None) -> dict[str, Any] | None:
+    """The bytes a vanilla step reads at a representative context and the fastest such a step
+    can be at the machine's read bandwidth (``methods/core/hardware.py``): the report holds
+    the baseline's measured step against it. None where the description lacks either figure."""
+    from statistics import median
+
+    from harness.models import load_tokenizer
+    from methods.core.hardware import step_limit_ms
+    from methods.core.prompts import encode_conversation
+
+    gbs = env.get("read_bandwidth_gbs")
+    if not gbs or model.get("step_weight_bytes") is None or not examples:
+        return None
+    tokenizer = tokenizer or load_tokenizer(config.model)
+    prompt = int(median(len(encode_conversation(tokenizer, [{"role": "user", "content": e.turns[0]}]))
+                        for e in examples[:64]))
+    context = prompt + config.max_new_tokens // 2
+    step = model["step_weight_bytes"] + model["kv_bytes_per_token"] * context
+    return {"context": context, "context_rule": CONTEXT_RULE, "step_bytes": step, "read_bandwidth_gbs": gbs,
+            "step_limit_ms": round(step_limit_ms(step, gbs), 3)}
 
 
 def build_workbench(config: RunConfig, runs: list[MethodRun]) -> Workbench:
@@ -454,6 +482,8 @@ def _execute_locked(config: RunConfig, runs: list[MethodRun], examples: list[Exa
             "method_options": {**old_manifest.get("method_options", {}),
                                **{r.label: _jsonable(r.options_dict()) for r in runs}},
             "environment": described["environment"],
+            "decode_limit": decode_limit(config, examples, described["model"], described["environment"],
+                                         bench.tokenizer if bench else None),
             **({"executor": ray_pool.summary()} if ray_pool else {}),
             "started": old_manifest.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "status": "running",

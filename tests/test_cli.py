@@ -198,3 +198,58 @@ def test_dtype_auto_follows_the_cpu_bf16_units(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert resolve_dtype("auto", cpu) == torch.bfloat16
     assert resolve_dtype("float32", cpu) == torch.float32
+
+
+def _on_machine(run, **machine):
+    """Give a hand-made run a machine record (``old=(cpu, threads)``: an older manifest with only
+    ``cpu`` and ``torch_threads``)."""
+    manifest = json.loads((run / "manifest.json").read_text())
+    old = machine.pop("old", None)
+    if old:
+        manifest["environment"].update(cpu=old[0], torch_threads=old[1])
+    else:
+        manifest["environment"]["machine"] = {"kind": "cpu", "name": "AMD EPYC", "vector_units": ["AVX2"],
+                                              "threads": 2, "torch": "2.13.0", **machine}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    return run
+
+
+def test_compare_names_a_machine_difference(capsys, tmp_path):
+    a = _on_machine(_fake_run(tmp_path / "a"), vector_units=["AVX2", "AVX512", "AVX512-BF16"])
+    b = _on_machine(_fake_run(tmp_path / "b"))
+    same = _on_machine(_fake_run(tmp_path / "same"))
+    out = str(tmp_path / "c.html")
+    assert main(["compare", str(a), str(b), "-o", out]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("note:")]
+    assert lines == ["note: the runs come from different machines: cpu AMD EPYC (AVX512-BF16) vs AMD EPYC (AVX2)"]
+    assert main(["compare", str(b), str(same), "-o", out]) == 0
+    assert "note:" not in capsys.readouterr().out
+    _on_machine(same, threads=4, torch="2.12.0")
+    assert main(["compare", str(b), str(same), "-o", out]) == 0
+    assert "different machines: threads 2 vs 4; torch 2.13.0 vs 2.12.0" in capsys.readouterr().out
+    # older manifests: the cpu model and thread count they recorded
+    old_a = _on_machine(_fake_run(tmp_path / "old_a"), old=("Intel Xeon", 8))
+    old_b = _on_machine(_fake_run(tmp_path / "old_b"), old=("Intel Xeon", 2))
+    assert main(["compare", str(old_a), str(old_b), "-o", out]) == 0
+    assert "note: the runs come from different machines: threads 8 vs 2" in capsys.readouterr().out
+    assert main(["compare", str(old_a), str(b), "-o", out]) == 0
+    assert "cpu Intel Xeon vs AMD EPYC (AVX2); threads 8 vs 2" in capsys.readouterr().out
+
+
+def test_check_names_a_machine_difference_from_the_baseline(capsys, tmp_path):
+    base = _on_machine(_fake_run(tmp_path / "a"), name="Intel Xeon", vector_units=["AVX2", "AVX512", "AMX"])
+    assert main(["baseline", str(base), "-o", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["machine"]["name"] == "Intel Xeon"
+    capsys.readouterr()
+    run = _on_machine(_fake_run(tmp_path / "run"))
+    assert main(["check", str(run), "--baseline", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "note: the baseline and the run come from different machines: cpu Intel Xeon (AMX) vs AMD EPYC (AVX2)" \
+        in out
+    assert main(["check", str(base), "--baseline", str(tmp_path / "b.json")]) == 0
+    assert "note:" not in capsys.readouterr().out
+    older = json.loads((tmp_path / "b.json").read_text())
+    del older["machine"]  # a baseline written before machines were recorded knows only the device
+    (tmp_path / "old.json").write_text(json.dumps(older))
+    assert main(["check", str(run), "--baseline", str(tmp_path / "old.json")]) == 0
+    assert "note:" not in capsys.readouterr().out

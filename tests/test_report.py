@@ -331,3 +331,27 @@ def test_report_says_how_each_method_was_trained_and_what_its_tree_predicted(tmp
     page = build_report(run).read_text()
     assert "+ 1000 self-written; + 1000 summary requests; continued from runs/medusa-heads-broad" in page
     assert training_summary({"fc.weight": 1}) is None  # a foreign checkpoint's config says nothing
+
+
+def test_environment_holds_the_baseline_step_against_the_bandwidth_limit(tmp_path):
+    """The machine's label, and vanilla's median decode step (prefill steps left out, per turn)
+    as a fraction of the limit the manifest's read bandwidth and step bytes set."""
+    run = make_run(tmp_path / "run")
+    recs = [json.loads(l) for l in (run / "results.jsonl").read_text().splitlines()]
+    # prefills of 0.5 s and 0.6 s: counted, they would move the median to 40.0 ms
+    recs[0]["turns"][0]["step_times"] = [0.5, 0.036, 0.038, 0.040]
+    recs[2]["turns"][0]["step_times"] = [0.6, 0.040, 0.037]
+    recs[1]["turns"][0]["step_times"] = [0.5, 0.001]  # medusa's steps are not the baseline's (37.5 ms)
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    manifest = json.loads((run / "manifest.json").read_text())
+    page = build_report(run).read_text()
+    assert "Machine: <strong>test cpu, 2 threads</strong>" in page  # an older manifest: what it has
+    assert 'id="roofline"' not in page  # no decode limit recorded: no fraction to show
+    manifest["environment"].update(machine={"kind": "cpu", "name": "AMD EPYC", "vector_units": ["AVX2"],
+                                            "threads": 2, "torch": "2.13.0"}, read_bandwidth_gbs=24.4)
+    manifest["decode_limit"] = {"context": 180, "context_rule": "median prompt tokens + half of max_new_tokens",
+                                "step_bytes": 269_000_000, "read_bandwidth_gbs": 24.4, "step_limit_ms": 11.025}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    page = build_report(run).read_text()
+    assert "Machine: <strong>AMD EPYC (AVX2), 2 threads</strong>" in page and "24.4 GB/s" in page
+    assert "vanilla: 38.0 ms a step, limit 11.0 ms (bandwidth 24.4 GB/s × 269 MB): 29% of the limit" in page

@@ -31,6 +31,16 @@ def test_run_writes_results_manifest_and_summary(tmp_path, capsys):
     for key in ("cpu", "torch_threads", "versions", "git", "device"):
         assert key in env
     assert env["versions"]["torch"] and env["versions"]["transformers"]
+    assert env["machine"]["kind"] == "cpu" and env["machine"]["threads"] == env["torch_threads"]
+    assert env["read_bandwidth_gbs"] > 0
+    # the tied embedding table is read once, as the head: a step reads every weight
+    assert manifest["model"]["step_weight_bytes"] == manifest["model"]["weight_bytes"]
+    limit = manifest["decode_limit"]
+    prompts = sorted(r["turns"][0]["prompt_tokens"] for r in records)
+    assert limit["context"] == (prompts[0] + prompts[1]) // 2 + 8 // 2
+    assert limit["step_bytes"] == manifest["model"]["step_weight_bytes"] + \
+        manifest["model"]["kv_bytes_per_token"] * limit["context"]
+    assert limit["step_limit_ms"] == pytest.approx(limit["step_bytes"] / env["read_bandwidth_gbs"] / 1e6, rel=1e-3)
     assert manifest["dtype"] == "float32"
     assert len(manifest["tasks"]["builtin"]["hash"]) == 16
 
