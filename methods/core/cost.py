@@ -261,7 +261,8 @@ def pick_tree(candidates: Sequence[dict[str, Any]], curve: CostCurve,
 
 TREE_AUTO, TREE_TRAINED = "auto", "trained"
 TREE_HELP = ("auto (default: the trained tree of the highest predicted speedup on this hardware's measured "
-             "verify cost), trained (the trainer's default), top-k per depth (4x2x1), JSON paths, or a JSON file")
+             "verify cost, or plain steps where none beats vanilla), trained (the trainer's default, always "
+             "drafting), top-k per depth (4x2x1), JSON paths, or a JSON file")
 
 
 def resolve_tree(option_value: str | None, weights_config: dict[str, Any], fallback: str, engine: Any,
@@ -272,8 +273,11 @@ def resolve_tree(option_value: str | None, weights_config: dict[str, Any], fallb
 
     ``auto`` needs the trainer's ``tree_search`` table in the weights' config.json; without one
     (upstream heads, older files) it falls back to the trained default tree. ``draft_probe``
-    runs one step's drafting work outside the pass; its measured cost joins the prediction."""
+    runs one step's drafting work outside the pass; its measured cost joins the prediction.
+    The choice's ``fitted`` record says whether any tree is predicted to beat a plain step:
+    where none is, the method takes plain steps (``methods.core.fitting``)."""
     from methods.core.files import cache_root
+    from methods.core.fitting import fitted
 
     value = option_value or TREE_AUTO
     trained = weights_config.get("default_tree") or fallback
@@ -288,6 +292,8 @@ def resolve_tree(option_value: str | None, weights_config: dict[str, Any], fallb
     curve = cost_curve(engine, model_name, cache_root())
     overhead = relative_call_cost(engine, draft_probe) if draft_probe is not None else 0.0
     choice = pick_tree(table, curve, processed, overhead, pass_cost)
+    choice["fitted"] = fitted(choice["best_predicted_speedup"], f"the {choice['draft_size']}-node tree",
+                              basis="the trainer's accepted length per tree and this machine's measured costs")
     return choice["paths"], choice
 
 

@@ -12,6 +12,19 @@ by its cumulative draft log-probability; then keep the best ``total`` nodes of a
 (ancestor-closed, since a child never scores above its parent) as this step's tree, one
 target pass verifies it, and the accepted path's features feed the head next step.
 
+With ``total=auto`` (the default) the tree fits the machine, step by step. A node's value,
+the product of draft probabilities along its path, estimates how often it is accepted, so
+the best k nodes accept about 1 + s x their summed values (s: the running ratio of accepted
+drafts to predicted ones). A step costs its head passes (one per level, each with the LM
+head, measured once against a target step) plus the target pass over k + 1 tokens (the
+measured curve). Another level is drafted only while its expected nodes (each frontier
+node's best child, at the running ratio of a child's probability to its parent's) are
+predicted to raise the step's tokens per unit of cost; then the k of the highest rate is
+verified, none where nothing beats a plain step. While the running efficiency of drafted
+steps stays under a plain step's, the head does not run at all (plain steps, a probe after
+4, 8, ... of them) and its inputs wait for the next drafted step. ``total=N`` drafts N
+nodes of ``depth`` levels every step, as published (``eagle@total=16``).
+
 Upstream checkpoints (the ``EAGLE-*`` draft repositories: ``config.json`` plus
 ``pytorch_model.bin`` or ``model.safetensors`` with ``fc.*`` and ``layers.0.*`` keys) load
 as they are; ``embed_tokens`` / ``lm_head`` keys in them are ignored: the target's own are used.
@@ -20,7 +33,7 @@ as they are; ``embed_tokens`` / ``lm_head`` keys in them are ignored: the target
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +44,9 @@ from torch import nn
 from methods.core.decoder import Decoder, Draft
 from methods.core.engine import Engine, ForwardOutput
 from methods.core.errors import UserError, first_line
+from methods.core.fitting import PLAIN_RATE, Backoff, alpha_from_chain, best_prefix, chain_tokens, fitted
 from methods.core.options import option
-from methods.core.tree import TreeLayout
+from methods.core.tree import TreeLayout, chain_layout
 from methods.core.verify import Acceptance
 from methods.core.training import training_summary
 
@@ -110,14 +124,33 @@ def shipped_head(model_name: str) -> Path | None:
     return path if any((path / f).is_file() for f in WEIGHT_FILES) else None
 
 
+AUTO = "auto"
+PRIOR_ACCEPTANCE = 0.5  # per level, for a head whose config.json carries no validated chain
+CONTEXT = 128  # cached tokens behind the timed head pass
+
+
+def prior_acceptance(config: dict[str, Any]) -> tuple[float, str]:
+    """Per-level acceptance implied by the trainer's validated chain, and where it came from."""
+    chain = (config.get("val_accuracy") or {}).get("chain") or {}
+    if chain.get("accepted_length") and chain.get("steps"):
+        length, steps = float(chain["accepted_length"]), int(chain["steps"])
+        return alpha_from_chain(length, steps), f"the trainer's validated {steps}-level chain ({length:.2f} accepted)"
+    return PRIOR_ACCEPTANCE, f"a prior per-level acceptance of {PRIOR_ACCEPTANCE} (no validated chain in config.json)"
+
+
 @dataclass(frozen=True)
 class EagleOptions:
     head: str | None = option(None, help="EAGLE head folder, ours or upstream (default: shipped)")
-    depth: int = option(5, min=1, max=12, help="draft levels per step")
+    depth: int = option(5, min=1, max=12, help="draft levels per step (with total=auto: the most)")
     topk: int = option(4, min=1, max=16, help="nodes expanded per level, and children per node")
-    total: int = option(16, min=1, max=128, help="draft tokens verified per step (best by draft confidence)")
+    total: int | str = option(AUTO, help="draft tokens verified per step: auto (default: levels and nodes fitted "
+                                         "each step to this machine's measured costs, plain steps where drafting "
+                                         "does not pay) or a number (best by draft confidence, every step; "
+                                         "16 is EAGLE-2's published setting)")
 
     def validate(self) -> None:
+        if self.total != AUTO and not (isinstance(self.total, int) and 1 <= self.total <= 128):
+            raise ValueError(f"total must be auto or an integer in 1..128, got {self.total!r}")
         if self.head is not None and not Path(self.head).is_dir():
             raise UserError(f"EAGLE head folder {self.head} does not exist")
 
@@ -137,7 +170,45 @@ class EagleDecoder(Decoder):
         self.head, self.head_config = load_head(path, engine)
         self.head.to(device=engine.device, dtype=engine.dtype).eval().requires_grad_(False)
         self.draft_engine = Engine(_DraftModel(self.head, engine))
-        self.total = min(opts.total, opts.topk + (opts.depth - 1) * opts.topk * opts.topk)
+        most = opts.topk + (opts.depth - 1) * opts.topk * opts.topk  # every node the levels draft
+        self.auto = opts.total == AUTO
+        self.total = most if self.auto else min(opts.total, most)
+        self.fitted: dict[str, Any] | None = None
+        if self.auto:
+            self._fit()
+
+    def _fit(self) -> None:
+        """Measure what drafting costs here and predict, from the trainer's validated chain, whether it pays."""
+        from methods.core.cost import cost_curve, relative_call_cost
+        from methods.core.files import cache_root
+
+        o = self.options
+        self.curve = cost_curve(self.engine, self.model_name, cache_root())
+        self.head_cost = relative_call_cost(self.engine, self._head_probe())
+        alpha, source = prior_acceptance(self.head_config)
+        # the prior: a greedy chain of d levels, each accepted at the validated per-level rate
+        depth, rate = max(((d, chain_tokens(alpha, d) / (d * self.head_cost + self.curve(d + 1)))
+                           for d in range(1, o.depth + 1)), key=lambda dr: dr[1])
+        self.fitted = fitted(rate, f"a {depth}-level chain", basis=f"{source} and this machine's measured costs",
+                             head_pass_cost=round(self.head_cost, 4))
+        # running state, across prompts: it is the head's and the machine's, not one prompt's
+        self.child_ratio = alpha      # a node's best child's probability over its own
+        self.efficiency = rate        # tokens per unit of cost of recent drafted steps
+        self.predicted = self.accepted = 0.0  # summed node values verified, and drafts accepted
+        self.backoff = Backoff()
+
+    def _head_probe(self) -> Callable[[], Any]:
+        """One level's drafting work (a head pass over ``topk`` rows, its LM head, the top-k), for timing."""
+        de, k, device = self.draft_engine, self.options.topk, self.engine.device
+        de.reset(capacity=CONTEXT + k + 2)
+        tokens = torch.arange(CONTEXT, device=device) % self.engine.config.vocab_size
+        feats = torch.zeros(CONTEXT, self.engine.config.hidden_size, device=device, dtype=self.engine.dtype)
+        self._head_pass(tokens, feats, commit=True, want_logits=False)
+        return lambda: torch.log_softmax(self._head_pass(tokens[:k], feats[:k]).logits, dim=-1).topk(k)
+
+    def scale(self) -> float:
+        """Accepted drafts per unit of predicted node value so far (1 before any evidence)."""
+        return (self.accepted + 2.0) / (self.predicted + 2.0)
 
     @classmethod
     def check_ready(cls, model_name: str, options: EagleOptions) -> None:
@@ -146,7 +217,9 @@ class EagleDecoder(Decoder):
                             + TRAIN_HINT.format(model=model_name) + " and pass --method-option eagle.head=DIR")
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "head": str(self.head_path), "draft_size": self.total,
+        return {**super().describe(), "head": str(self.head_path),
+                "draft_size": "fitted per step" if self.auto else self.total,
+                **({"fitted": self.fitted} if self.fitted else {}),
                 **{k: self.head_config[k] for k in ("val_accuracy", "train_steps") if k in self.head_config},
                 "training": training_summary(self.head_config)}
 
@@ -161,6 +234,7 @@ class EagleDecoder(Decoder):
     def begin(self, prompt_ids: Sequence[int], out: ForwardOutput) -> None:
         self.pending_feats = out.hidden[: len(prompt_ids)]
         self.pending_next = torch.as_tensor(list(prompt_ids[1:]), dtype=torch.long, device=self.engine.device)
+        self.head_ran = False
 
     def _head_pass(self, tokens: torch.Tensor, feats: torch.Tensor, **kw: Any) -> ForwardOutput:
         de = self.draft_engine
@@ -169,6 +243,9 @@ class EagleDecoder(Decoder):
 
     def draft(self, root: int, root_t: torch.Tensor, room: int) -> Draft:
         o, de, device = self.options, self.draft_engine, self.engine.device
+        self.head_ran = not (self.auto and self.backoff.plain(self.efficiency >= PLAIN_RATE))
+        if not self.head_ran:  # drafting has not been paying: a plain step, the head's inputs wait
+            return Draft(root_t, chain_layout(0, self.engine))
         # 1. the head catches up on the committed pairs (feature t, token t+1), the root being the last token
         out = self._head_pass(torch.cat([self.pending_next, root_t]), self.pending_feats, commit=True,
                               logits_rows=slice(-1, None))
@@ -182,7 +259,12 @@ class EagleDecoder(Decoder):
         frontier_vis = torch.zeros((o.topk, 0), dtype=torch.bool, device=device)  # sees which scratch rows
         count = o.topk
         all_tokens, all_scores = tokens[0], scores[0]
+        if self.auto:  # node values on the host: one small transfer per level
+            self.spent = self.head_cost
+            values = frontier_values = sorted(all_scores.exp().tolist(), reverse=True)
         for level in range(1, o.depth):
+            if self.auto and not self._worth_a_level(values, frontier_values):
+                break
             # 2. feed the frontier (one scratch row each, seeing only its own ancestors' rows)
             k = frontier.shape[0]
             vis = torch.cat([frontier_vis, torch.eye(k, dtype=torch.bool, device=device)], dim=1)
@@ -204,18 +286,51 @@ class EagleDecoder(Decoder):
             frontier_feat = step.hidden[best // o.topk]
             frontier_vis = vis[best // o.topk]
             count += child_scores.shape[0]
+            if self.auto:
+                self.spent += self.head_cost
+                ratio = float(child.values[:, 0].exp().mean())
+                self.child_ratio = 0.9 * self.child_ratio + 0.1 * ratio
+                values = sorted(values + child_scores.exp().tolist(), reverse=True)
+                frontier_values = all_scores[frontier].exp().tolist()
         de.cache.rollback(de.cache.length - base)  # scratch rows go; the committed pairs stay
+        total = self.total
+        if self.auto:  # the number of nodes with the most expected tokens per unit of cost, maybe none
+            total, _ = best_prefix(values, self.spent, self.curve, self.scale())
+            self.step_value = sum(values[:total])
+            self.last_step = {"levels": len(parents), "drafted": count, "verified": total}
+            if total == 0:
+                return Draft(root_t, chain_layout(0, self.engine))
         # 5. rerank every drafted node; a child never outscores its parent, so the best set is a tree
         all_parents = torch.cat(parents)
         depth_of = torch.cat([torch.full((o.topk,), 1, device=device)]
                              + [torch.full((p.shape[0],), i + 2, device=device) for i, p in enumerate(parents[1:])])
-        keep = torch.topk(all_scores - 1e-6 * depth_of, self.total).indices.sort().values
+        keep = torch.topk(all_scores - 1e-6 * depth_of, total).indices.sort().values
         parent_local = torch.searchsorted(keep, all_parents[keep]) + 1
         parent_local = torch.where(all_parents[keep] < 0, torch.zeros_like(parent_local), parent_local)
         layout = TreeLayout(torch.cat([torch.full((1,), -1, device=device, dtype=torch.long), parent_local]),
                             self.engine, max_depth=o.depth)
         return Draft(torch.cat([root_t, all_tokens[keep]]), layout)
 
+    def _worth_a_level(self, values: list[float], frontier: list[float]) -> bool:
+        """Whether one more level is predicted to raise the step's tokens per unit of cost: its
+        likely nodes (each frontier node's best child, at the running child-to-parent ratio)
+        against one more head pass."""
+        scale = self.scale()
+        _, now = best_prefix(values, self.spent, self.curve, scale)
+        guess = sorted(values + [self.child_ratio * v for v in frontier], reverse=True)
+        _, deeper = best_prefix(guess, self.spent + self.head_cost, self.curve, scale)
+        return deeper > now
+
     def update(self, draft: Draft, out: ForwardOutput, acc: Acceptance) -> None:
-        self.pending_feats = out.hidden.index_select(0, acc.nodes_t)
+        kept = out.hidden.index_select(0, acc.nodes_t)
+        if not self.head_ran:  # the head saw nothing this step: its committed pairs wait for the next draft
+            self.pending_feats = torch.cat([self.pending_feats, kept])
+            self.pending_next = torch.cat([self.pending_next, draft.tokens[:1]])
+            return
+        self.pending_feats = kept
         self.pending_next = draft.tokens.index_select(0, acc.nodes_t[1:])
+        if self.auto:
+            gained = acc.accepted_drafts + 1
+            self.efficiency = 0.8 * self.efficiency + 0.2 * gained / (self.spent + self.curve(draft.layout.n))
+            self.predicted += self.step_value
+            self.accepted += acc.accepted_drafts

@@ -267,6 +267,9 @@ class FirpDecoder(Decoder):
         self.root_plan = build_plan(self.maps, torch.ones((1, 1), dtype=torch.bool), [0])
         self.root_rows = torch.tensor(self.root_plan.rows_of(0, K), device=device)
         self.root_layout = chain_layout(0, engine)
+        # ``auto`` where no tree is predicted to beat vanilla: plain steps, no pseudo tokens
+        self.fitted = self.tree_choice["fitted"] if self.tree_choice else None
+        self.drafting = self.fitted is None or self.fitted["drafting"]
 
     @staticmethod
     def chain_carriers(tree: Any, chains: str) -> int:
@@ -294,16 +297,18 @@ class FirpDecoder(Decoder):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "weights": str(self.weights_path), "tree": self.tree_spec,
                 **self.maps.config(), "K": self.trained_K, "steps_used": self.maps.K,
-                "draft_size": self.tree.draft_size,
-                "pseudo_tokens_per_step": len(self.plan.anchors) * self.maps.K,
+                "draft_size": self.tree.draft_size if self.drafting else 0,
+                "pseudo_tokens_per_step": len(self.plan.anchors) * self.maps.K if self.drafting else 0,
                 "tree_paths": [list(p) for p in self.tree.paths],
-                **({"tree_choice": self.tree_choice} if self.tree_choice else {}),
+                **({"tree_choice": self.tree_choice, "fitted": self.fitted} if self.tree_choice else {}),
                 "training": training_summary(self.weights_config)}
 
     def step_capacity(self) -> int:
         return self.tree.size + len(self.plan.anchors) * self.maps.K
 
     def prefill(self, prompt_ids: Sequence[int]) -> ForwardOutput:
+        if not self.drafting:
+            return super().prefill(prompt_ids)
         engine, n = self.engine, len(prompt_ids)
         plan = build_plan(self.maps, torch.ones((1, n), dtype=torch.bool), [n - 1])
         inj = injections(self.maps, plan, torch.tensor([n - 1], device=engine.device), engine.device)
@@ -311,10 +316,13 @@ class FirpDecoder(Decoder):
         return engine.forward(prompt_ids, logits_rows=slice(n - 1, n), injections=inj, commit=True)
 
     def begin(self, prompt_ids: Sequence[int], out: ForwardOutput) -> None:
-        self.hidden, self.chain_rows, self.logits = out.hidden, self._prefill_rows, None
+        if self.drafting:
+            self.hidden, self.chain_rows, self.logits = out.hidden, self._prefill_rows, None
 
     def draft(self, root: int, root_t: torch.Tensor, room: int) -> Draft:
         engine = self.engine
+        if not self.drafting:
+            return Draft(root_t, self.root_layout)
         past = engine.cache.length
         if self.chain_rows is None:  # the last accepted node carried no chain: a root-only step rebuilds it
             inj = injections(self.maps, self.root_plan, torch.full((1,), past, device=engine.device), engine.device)
@@ -329,6 +337,8 @@ class FirpDecoder(Decoder):
         return Draft(tokens, self.layout, inj, ephemeral=len(self.plan.anchors) * self.maps.K, all_logits=True)
 
     def update(self, draft: Draft, out: ForwardOutput, acc: Acceptance) -> None:
+        if not self.drafting:
+            return
         self.hidden, self.logits = out.hidden, out.logits
         if draft.layout is self.root_layout:
             self.chain_rows = self.root_rows

@@ -29,7 +29,7 @@ from methods.core.engine import ForwardOutput
 from methods.core.errors import UserError, first_line
 from methods.core.options import option
 from methods.core.cost import TREE_AUTO, TREE_HELP, TREE_TRAINED, resolve_tree
-from methods.core.tree import TreeLayout, parse_tree
+from methods.core.tree import TreeLayout, chain_layout, parse_tree
 from methods.core.verify import Acceptance
 from methods.core.training import training_summary
 
@@ -162,6 +162,9 @@ class MedusaDecoder(Decoder):
             raise UserError(f"tree depth {self.tree.max_depth} exceeds the {self.heads.num_heads} Medusa heads")
         self.layout = TreeLayout.from_tree(self.tree, engine)
         self.candidate_index = self.tree.candidate_index.to(engine.device)
+        # ``auto`` where no tree is predicted to beat vanilla: plain steps, the heads never run
+        self.fitted = self.tree_choice["fitted"] if self.tree_choice else None
+        self.drafting = self.fitted is None or self.fitted["drafting"]
 
     @classmethod
     def check_ready(cls, model_name: str, options: MedusaOptions) -> None:
@@ -172,8 +175,9 @@ class MedusaDecoder(Decoder):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "heads": str(self.heads_path), "tree": self.tree_spec,
                 "num_heads": self.heads.num_heads, "layout": self.heads.layout,
-                "draft_size": self.tree.draft_size, "tree_paths": [list(p) for p in self.tree.paths],
-                **({"tree_choice": self.tree_choice} if self.tree_choice else {}),
+                "draft_size": self.tree.draft_size if self.drafting else 0,
+                "tree_paths": [list(p) for p in self.tree.paths],
+                **({"tree_choice": self.tree_choice, "fitted": self.fitted} if self.tree_choice else {}),
                 "training": training_summary(self.head_config)}
 
     def _draft_probe(self) -> None:
@@ -188,6 +192,8 @@ class MedusaDecoder(Decoder):
         self.hidden = out.hidden[-1]
 
     def draft(self, root: int, root_t: torch.Tensor, room: int) -> Draft:
+        if not self.drafting:
+            return Draft(root_t, chain_layout(0, self.engine))
         logits = self.heads(self.hidden, self.engine.lm_head)  # [K, V]
         top = torch.topk(logits, self.tree.topk, dim=-1).indices.view(-1)
         return Draft(torch.cat([root_t, top])[self.candidate_index], self.layout)

@@ -1,0 +1,122 @@
+"""Draft sizes fitted to the machine, and plain steps where no draft can pay.
+
+Every fitted choice in this project is the same trade: a step that verifies a draft is worth
+its expected tokens over its cost, both counted in one-token target passes on this machine
+(``methods.core.cost`` measures the pass curve t(n)/t(1) and a method's drafting work). A
+plain step, a draft of just the root as vanilla takes, gets one token for one unit. A
+draft predicted to deliver fewer tokens per unit than that costs more than it saves, so a
+method then takes plain steps and says so in ``describe()`` (the manifest and the report),
+with the reason; its always-drafting configuration stays an option, for comparison.
+
+Methods whose estimates come from the decoding itself (PLD's acceptance counts, SpS's
+acceptance rate, EAGLE's running efficiency) would stop learning once they stop drafting,
+so ``Backoff`` lets them probe a draft now and then while their estimate says no.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+PLAIN_RATE = 1.0
+"""Tokens per unit of cost of a plain step: one token for one one-token pass."""
+
+Choice = TypeVar("Choice")
+
+
+def best_option(options: Iterable[tuple[Choice, float, float]]) -> tuple[Choice, float]:
+    """The ``(choice, expected tokens, cost)`` with the most tokens per unit of cost, and that rate.
+
+    Ties go to the earlier option: list the cheaper ones first (a plain step, γ = 0, first)."""
+    best: tuple[Any, float] | None = None
+    for choice, tokens, cost in options:
+        rate = tokens / cost
+        if best is None or rate > best[1]:
+            best = (choice, rate)
+    if best is None:
+        raise ValueError("no options to choose from")
+    return best
+
+
+def chain_tokens(alpha: float, gamma: int) -> float:
+    """Expected tokens of a step verifying a chain of ``gamma`` drafts, each accepted with
+    probability ``alpha`` once the ones before it were (the bonus token included):
+    (1 - α^(γ+1)) / (1 - α), Leviathan et al.'s expected length."""
+    if alpha >= 1.0:
+        return gamma + 1.0
+    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+def alpha_from_chain(accepted_length: float, gamma: int) -> float:
+    """The per-token acceptance α at which a ``gamma``-chain accepts ``accepted_length`` tokens a
+    step (the inverse of ``chain_tokens``, by bisection): what a trainer's validated chain
+    length says about each token."""
+    target = min(max(accepted_length, 1.0), gamma + 1.0)
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if chain_tokens(mid, gamma) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+def best_prefix(values: Sequence[float], spent: float, curve: Callable[[float], float],
+                scale: float = 1.0, most: int | None = None) -> tuple[int, float]:
+    """How many draft nodes to verify, and the step's predicted tokens per unit of cost.
+
+    ``values`` estimate each node's acceptance probability (EAGLE-2's product of draft
+    probabilities along its path), sorted from high to low; a tree of the best k nodes then
+    accepts about 1 + ``scale`` x their sum. ``spent`` is the drafting work already done this
+    step. k = 0, verifying the root alone, is a candidate: it is what a step whose drafts
+    are all too unlikely should take."""
+    most = len(values) if most is None else min(most, len(values))
+    best_k, best_rate, gain = 0, 1.0 / (spent + curve(1)), 1.0
+    for k in range(1, most + 1):
+        gain += scale * values[k - 1]
+        rate = gain / (spent + curve(k + 1))
+        if rate > best_rate:
+            best_k, best_rate = k, rate
+    return best_k, best_rate
+
+
+def fitted(best_predicted_speedup: float, best: str, *, basis: str = "this machine's measured costs",
+           **extra: Any) -> dict[str, Any]:
+    """The record a fitted method puts in ``describe()``: whether it drafts, the best
+    predicted speedup over vanilla and why, for the manifest and the report."""
+    drafting = best_predicted_speedup >= PLAIN_RATE
+    if drafting:
+        reason = f"{best} is predicted at {best_predicted_speedup:.2f}x vanilla from {basis}"
+    else:
+        reason = (f"no draft is predicted to beat a plain step from {basis} (best: {best}, "
+                  f"{best_predicted_speedup:.2f}x vanilla), so it takes plain steps as vanilla does")
+    return {"drafting": drafting, "best_predicted_speedup": round(best_predicted_speedup, 4), "reason": reason,
+            **extra}
+
+
+class Backoff:
+    """Plain steps while an online estimate says drafting does not pay, with a probe now and then.
+
+    ``plain(pays)`` is asked once a step. While ``pays`` holds it answers False (draft). While
+    it does not, it answers True (a plain step) except after ``first``, then twice as many,
+    up to ``most``, plain steps in a row, when it answers False once: that probe's outcome
+    updates the estimate, which a method that never drafted again could never revise. A
+    step that pays resets the wait. Probes then cost little (one step in 4, 8, ... 256 at a
+    rate somewhat under a plain step's) and a run whose drafts start to be accepted (a
+    summary that copies its source) is drafting again within a few probes."""
+
+    def __init__(self, first: int = 4, most: int = 256) -> None:
+        self.first, self.most = first, most
+        self.wait, self.left = first, first
+        self.plain_steps = self.probes = 0
+
+    def plain(self, pays: bool) -> bool:
+        if pays:
+            self.wait = self.left = self.first
+            return False
+        if self.left > 0:
+            self.left -= 1
+            self.plain_steps += 1
+            return True
+        self.probes += 1
+        self.wait = min(2 * self.wait, self.most)
+        self.left = self.wait
+        return False

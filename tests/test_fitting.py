@@ -1,0 +1,192 @@
+"""Every method fits its draft to the machine's measured costs, and takes plain steps where no
+draft is predicted to pay: a steep curve (a CPU without bf16 units, in bf16: an 8-token pass
+costs 3.7 one-token passes) drafts less or not at all, a flat one (a GPU: 1.1 at 48 tokens)
+drafts more, the fixed, published settings still draft as told, and every fitted variant
+stays lossless."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import methods.core.cost as cost
+from methods.core.cost import CostCurve
+from methods.core.engine import Engine
+from methods.core.fitting import Backoff, alpha_from_chain, best_option, best_prefix, chain_tokens, fitted
+from methods.vanilla import VanillaDecoder
+from tests.conftest import tiny_model
+
+STEEP = CostCurve((1, 2, 4, 8), (1.0, 1.5, 2.2, 3.7))
+FLAT = CostCurve((1, 48), (1.0, 1.1))
+TABLE = [  # teacher-forced accepted lengths of the best tree of each size, as trainers write them
+    {"size": 1, "expected_accepted_length": 1.40, "paths": [[0]]},
+    {"size": 4, "expected_accepted_length": 1.77, "paths": [[0], [1], [0, 0], [2]]},
+    {"size": 12, "expected_accepted_length": 2.06, "paths": [[i] for i in range(6)] + [[0, i] for i in range(6)]},
+]
+PROMPTS = [[1, 2, 3, 4], [5, 9, 5, 9, 5], [7, 7, 8]]
+
+
+@pytest.fixture
+def machine(monkeypatch, tmp_path):
+    """Pretend to run on a machine with the given pass curve and drafting costs (nothing is timed)."""
+    monkeypatch.setenv("SPECDEC_HARNESS_CACHE", str(tmp_path / "cache"))
+
+    def use(curve: CostCurve, call_cost: float = 0.0) -> None:
+        monkeypatch.setattr(cost, "cost_curve", lambda engine, name, cache: curve)
+        monkeypatch.setattr(cost, "relative_call_cost", lambda engine, fn: call_cost)
+    return use
+
+
+def lossless(decoder, engine, tokens: int = 20) -> list[list[int]]:
+    """Each prompt's per-step draft sizes, after checking the tokens equal vanilla's."""
+    sizes = []
+    for prompt in PROMPTS:
+        got = decoder.generate(prompt, tokens)
+        assert got.tokens == VanillaDecoder(engine).generate(prompt, tokens).tokens
+        sizes.append(got.draft_sizes[1:])
+    return sizes
+
+
+# -- the shared pieces ---------------------------------------------------------------------------
+def test_chain_length_and_its_inverse():
+    assert chain_tokens(0.5, 2) == pytest.approx(1.75) and chain_tokens(1.0, 3) == 4.0
+    assert alpha_from_chain(chain_tokens(0.43, 4), 4) == pytest.approx(0.43, abs=1e-6)
+    assert alpha_from_chain(0.5, 3) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_best_option_prefers_the_earlier_of_equal_rates():
+    assert best_option([(0, 1.0, 1.0), (1, 2.0, 2.0), (2, 3.0, 2.0)]) == (2, 1.5)
+    assert best_option([(0, 1.0, 1.0), (1, 2.0, 2.0)]) == (0, 1.0)
+
+
+def test_best_prefix_verifies_nothing_when_no_node_pays():
+    values = [0.9, 0.6, 0.3, 0.1]
+    assert best_prefix(values, 0.0, FLAT)[0] == 4
+    k, rate = best_prefix(values, 0.2, STEEP)
+    assert 0 < k < 4 and rate == pytest.approx((1 + sum(values[:k])) / (0.2 + STEEP(k + 1)))
+    assert best_prefix([0.2, 0.1], 0.3, STEEP) == (0, pytest.approx(1 / 1.3))
+    assert best_prefix(values, 0.0, FLAT, scale=0.0)[0] == 0  # drafts never accepted: nothing pays
+
+
+def test_fitted_record_says_whether_and_why():
+    plain = fitted(0.88, "the 1-node tree")
+    assert plain["drafting"] is False and plain["best_predicted_speedup"] == 0.88
+    assert "plain steps" in plain["reason"] and "0.88x" in plain["reason"]
+    assert fitted(1.2, "γ = 2")["drafting"] is True
+
+
+def test_backoff_probes_after_doubling_waits_and_resets_when_drafting_pays():
+    b = Backoff(first=2, most=8)
+    answers = [b.plain(False) for _ in range(20)]
+    probes = [i for i, plain in enumerate(answers) if not plain]
+    assert probes == [2, 7, 16]  # after 2, then 4, then 8 plain steps
+    assert b.plain(True) is False and [b.plain(False) for _ in range(3)] == [True, True, False]
+
+
+# -- Medusa and FIRP: ``auto`` trees ------------------------------------------------------------
+def _medusa(engine, tmp_path, **options):
+    from methods.medusa import MedusaDecoder, MedusaHeads
+
+    torch.manual_seed(0)
+    heads = MedusaHeads(engine.config.hidden_size, engine.config.vocab_size, 2, "shared")
+    folder = tmp_path / "heads"
+    folder.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in heads.upstream_state_dict().items()}, str(folder / "heads.safetensors"))
+    table = [{**t, "paths": [p[:2] for p in t["paths"]]} for t in TABLE]
+    (folder / "config.json").write_text(json.dumps({"default_tree": "2x1", "tree_search": table}))
+    return MedusaDecoder(engine, heads=str(folder), **options)
+
+
+def _firp(engine, tmp_path, **options):
+    from methods.firp import FirpDecoder, FirpMaps
+
+    maps = FirpMaps(engine.config.hidden_size, [1, 1])
+    folder = tmp_path / "firp"
+    folder.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in maps.state_dict().items()}, str(folder / "firp.safetensors"))
+    table = [{**t, "paths": [p[:2] for p in t["paths"]]} for t in TABLE]
+    (folder / "config.json").write_text(json.dumps({**maps.config(), "default_tree": "2x1", "tree_search": table}))
+    return FirpDecoder(engine, weights=str(folder), **options)
+
+
+@pytest.mark.parametrize("make", [_medusa, _firp], ids=["medusa", "firp"])
+def test_auto_trees_take_plain_steps_where_no_tree_pays(make, machine, tmp_path):
+    engine = Engine(tiny_model("llama"))
+    machine(STEEP, 0.1)  # the 1-node tree: 1.40 / (1.5 + 0.1) < 1
+    plain = make(engine, tmp_path)
+    info = plain.describe()
+    assert info["fitted"]["drafting"] is False and info["fitted"]["best_predicted_speedup"] < 1
+    assert info["draft_size"] == 0
+    sizes = lossless(plain, engine)
+    assert all(s == 0 for steps in sizes for s in steps), sizes
+    # the published, always-drafting tree still drafts on the same machine
+    trained = make(engine, tmp_path, tree="trained")
+    assert "fitted" not in trained.describe()
+    assert all(s == trained.tree.draft_size == 4 for steps in lossless(trained, engine) for s in steps)
+
+    machine(FLAT, 0.1)  # a GPU: the 12-node table entry (trimmed to the heads' two levels) pays
+    big = make(engine, tmp_path)
+    assert big.describe()["fitted"]["drafting"] is True
+    assert all(s == big.tree.draft_size > 4 for steps in lossless(big, engine) for s in steps)
+
+
+# -- EAGLE ---------------------------------------------------------------------------------------
+def _eagle(engine, tmp_path, sharpness: float = 400.0, **options):
+    """A random head made confident (its features scaled up: peaked draft distributions)."""
+    from methods.eagle import EagleDecoder
+    from tests.test_eagle import random_head, save_head
+
+    head = random_head(engine, seed=3)
+    with torch.no_grad():
+        head.layers[0].mlp.down_proj.weight.mul_(sharpness)
+    config = {"val_accuracy": {"chain": {"steps": 3, "accepted_length": 2.4}}}
+    return EagleDecoder(engine, head=save_head(head, tmp_path / "eagle", extra=config), **options)
+
+
+def test_eagle_fits_levels_and_nodes_to_the_machine(machine, tmp_path):
+    engine = Engine(tiny_model("llama"))
+    machine(FLAT, 0.05)  # a GPU: head passes and verified tokens both cheap
+    flat = _eagle(engine, tmp_path)
+    assert flat.describe()["fitted"]["drafting"] is True and flat.describe()["draft_size"] == "fitted per step"
+    first_flat = flat.generate(PROMPTS[0], 2).draft_sizes[1]
+    machine(STEEP, 0.1)  # a CPU: every verified token dear
+    steep = _eagle(engine, tmp_path)
+    first_steep = steep.generate(PROMPTS[0], 2).draft_sizes[1]
+    assert 0 < first_steep < first_flat, (first_flat, first_steep)
+    assert first_flat > 4  # deeper than a chain of one level's top-k
+    # the steep machine stops at fewer levels and verifies only the likeliest of the nodes it drafted
+    assert steep.last_step["levels"] < flat.last_step["levels"], (steep.last_step, flat.last_step)
+    assert steep.last_step["verified"] < steep.last_step["drafted"], steep.last_step
+
+    machine(STEEP, 1.0)  # a head pass as dear as a target step: nothing pays, not even the prior's chain
+    dear = _eagle(engine, tmp_path)
+    assert dear.describe()["fitted"]["drafting"] is False
+    sizes = lossless(dear, engine)
+    drafted = sum(s > 0 for steps in sizes for s in steps)
+    assert drafted <= 3 and sum(len(steps) for steps in sizes) > 30, sizes  # plain steps, the odd probe
+    assert dear.backoff.plain_steps >= 30  # steps on which the head did not run at all
+    # the published setting drafts its 16 nodes every step on the same machine
+    fixed = _eagle(engine, tmp_path, total=16)
+    assert "fitted" not in fixed.describe()
+    assert all(s == 16 for steps in lossless(fixed, engine) for s in steps)
+
+
+@pytest.mark.parametrize("curve,head_cost", [(FLAT, 0.05), (STEEP, 0.3), (STEEP, 1.0)])
+def test_eagle_auto_is_lossless(machine, tmp_path, curve, head_cost):
+    for kind in ("llama", "qwen2"):
+        engine = Engine(tiny_model(kind))
+        machine(curve, head_cost)
+        decoder = _eagle(engine, tmp_path / kind)
+        lossless(decoder, engine, 24)
+        lossless(_eagle(engine, tmp_path / kind, sharpness=1.0), engine, 24)  # unconfident: mostly plain
+
+
+def test_eagle_options_refuse_a_bad_total(tmp_path):
+    from methods.core.errors import UserError
+    from methods.eagle import EagleDecoder
+
+    with pytest.raises(UserError, match="total must be auto or an integer"):
+        EagleDecoder(Engine(tiny_model("llama")), head=str(tmp_path), total="big")
