@@ -190,3 +190,58 @@ def test_eagle_options_refuse_a_bad_total(tmp_path):
 
     with pytest.raises(UserError, match="total must be auto or an integer"):
         EagleDecoder(Engine(tiny_model("llama")), head=str(tmp_path), total="big")
+
+
+# -- SpS -----------------------------------------------------------------------------------------
+def test_best_gamma_follows_the_curve_and_the_acceptance():
+    from methods.sps.decoder import best_gamma
+
+    assert best_gamma(0.6, 0.1, FLAT, 12)[0] == 3
+    assert best_gamma(0.6, 0.05, STEEP, 12)[0] == 1
+    gamma, rate = best_gamma(0.3, 0.3, STEEP, 12)
+    assert gamma == 0 and rate == 1.0  # no draft pays: a plain step
+    assert best_gamma(0.3, 0.3, STEEP, 12, least=1)[1] < 1.0
+
+
+def _sps(engine, folder, **options):
+    from methods.sps import SpsDecoder
+
+    return SpsDecoder(engine, draft=str(folder), **options)
+
+
+def test_sps_fits_gamma_to_the_machine(machine, tmp_path):
+    model = tiny_model("llama")
+    engine = Engine(model)
+    model.save_pretrained(tmp_path / "self")  # the target as its own draft: every draft accepted
+    machine(FLAT, 0.05)
+    flat = _sps(engine, tmp_path / "self")
+    assert flat.describe()["fitted"]["drafting"] is True and flat.describe()["gamma"] == "auto"
+    flat_sizes = lossless(flat, engine, 40)
+    machine(STEEP, 0.05)
+    steep = _sps(engine, tmp_path / "self")
+    steep_sizes = lossless(steep, engine, 40)
+    assert steep_sizes[0][0] < flat_sizes[0][0], (steep_sizes, flat_sizes)  # at the prior α
+    assert max(max(s) for s in flat_sizes) == 12  # α learnt near 1: the longest γ auto allows
+    assert flat.acceptance() > 0.9
+
+    other = tiny_model("llama", seed=5)  # a draft that is rarely right
+    other.save_pretrained(tmp_path / "other")
+    machine(STEEP, 0.3)
+    plain = _sps(engine, tmp_path / "other")
+    assert plain.describe()["fitted"]["drafting"] is False
+    sizes = lossless(plain, engine, 40)
+    assert sum(s > 0 for steps in sizes for s in steps) <= 6, sizes  # plain steps, a probe now and then
+    assert plain.backoff.plain_steps > 60
+    # a fixed gamma drafts as told on the same machine
+    fixed = _sps(engine, tmp_path / "other", gamma=4)
+    assert "fitted" not in fixed.describe()
+    assert all(s == 4 for steps in lossless(fixed, engine, 40) for s in steps[:-4])  # then the room left
+
+
+def test_sps_options_refuse_adaptive_without_a_gamma(tmp_path):
+    from methods.core.errors import UserError
+
+    with pytest.raises(UserError, match="adaptive starts from a fixed gamma"):
+        _sps(Engine(tiny_model("llama")), tmp_path, adaptive=True)
+    with pytest.raises(UserError, match="gamma must be auto or an integer"):
+        _sps(Engine(tiny_model("llama")), tmp_path, gamma="many")

@@ -4,8 +4,15 @@ The draft model proposes γ tokens autoregressively on its own engine and KV cac
 target verifies them as a chain in one pass. Drafts are the draft model's greedy tokens,
 kept on the device (no host round trip while drafting); acceptance is the shared loop's,
 so greedy output is exactly the target's and sampled output keeps its distribution.
-``sps.gamma`` is fixed, or ``adaptive`` (transformers' heuristic: +2 after a step that
-accepted every draft, -1 otherwise).
+
+``sps.gamma=auto`` (the default) fits γ to the machine every step: with the draft's step
+cost c (timed once against a target step) and the target's pass curve, it takes the γ of
+the most expected tokens per unit of cost, (1 - α^(γ+1)) / (1 - α) / (γ·c + t(γ+1)/t(1)),
+α being the acceptance rate per draft token, estimated online from the accepted counts and
+starting from the trainer's validated chain length in the draft's config.json. Where no γ
+beats a plain target step (γ = 0) it takes plain steps, probing a draft now and then so α
+can recover. A fixed ``gamma`` drafts that many every step, or starts ``adaptive`` there
+(transformers' heuristic: +2 after a step that accepted every draft, -1 otherwise).
 
 The draft is a local Hugging Face folder sharing the target's tokenizer (refused with a
 clear error otherwise), or the shipped draft for the target: a few layers initialised from
@@ -16,7 +23,7 @@ file holds only those layers: it uses the target's own embedding and LM head at 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +34,7 @@ from torch import nn
 from methods.core.decoder import Decoder, Draft
 from methods.core.engine import Engine, ForwardOutput
 from methods.core.errors import UserError, first_line
+from methods.core.fitting import PLAIN_RATE, Backoff, alpha_from_chain, best_option, chain_tokens, fitted
 from methods.core.options import option
 from methods.core.tree import chain_layout
 from methods.core.verify import Acceptance
@@ -110,14 +118,48 @@ def shipped_draft(model_name: str) -> Path | None:
     return path if (path / LAYERS_FILE).is_file() else None
 
 
+AUTO = "auto"
+AUTO_MAX_GAMMA = 12
+PRIOR_ACCEPTANCE = 0.6  # per draft token, for a draft whose config.json carries no validation
+PRIOR_WEIGHT = 10.0     # the prior counts as this many draft tokens seen
+CONTEXT = 128           # cached tokens behind the timed draft step
+
+
+def prior_acceptance(config: dict[str, Any]) -> tuple[float, str]:
+    """The acceptance rate per draft token the trainer's validation implies, and where it came from."""
+    val = config.get("val_accuracy") or {}
+    for key, value in val.items():
+        if key.startswith("chain_accepted_length_gamma") and key.rsplit("gamma", 1)[1].isdigit():
+            gamma = int(key.rsplit("gamma", 1)[1])
+            return alpha_from_chain(float(value), gamma), f"the trainer's validated chain ({value:.2f} at γ={gamma})"
+    if "top1_agreement" in val:
+        return float(val["top1_agreement"]), "the trainer's validated top-1 agreement"
+    return PRIOR_ACCEPTANCE, f"a prior acceptance of {PRIOR_ACCEPTANCE} (no validation in the draft's config.json)"
+
+
+def best_gamma(alpha: float, draft_cost: float, curve: Callable[[float], float], most: int,
+               least: int = 0) -> tuple[int, float]:
+    """The γ in ``least``..``most`` with the most expected tokens per unit of cost, and that rate
+    (γ = 0: a plain target step, one token for one unit)."""
+    return best_option((g, chain_tokens(alpha, g), g * draft_cost + curve(g + 1)) for g in range(least, most + 1))
+
+
 @dataclass(frozen=True)
 class SpsOptions:
     draft: str | None = option(None, help="draft: a Hugging Face folder with the target's tokenizer, or a "
                                            "layers-only draft folder (default: shipped)")
-    gamma: int = option(4, min=1, max=32, help="draft tokens per step (the start value when adaptive)")
-    adaptive: bool = option(False, help="+2 after a fully accepted step, -1 otherwise (transformers' heuristic)")
+    gamma: int | str = option(AUTO, help="draft tokens per step: auto (default: fitted every step to this "
+                                         "machine's measured costs and the running acceptance rate, plain steps "
+                                         "where no draft pays) or a number, 1..32 (every step; the start value "
+                                         "when adaptive)")
+    adaptive: bool = option(False, help="+2 after a fully accepted step, -1 otherwise (transformers' heuristic; "
+                                        "needs a number for gamma)")
 
     def validate(self) -> None:
+        if self.gamma != AUTO and not (isinstance(self.gamma, int) and 1 <= self.gamma <= 32):
+            raise ValueError(f"gamma must be auto or an integer in 1..32, got {self.gamma!r}")
+        if self.adaptive and self.gamma == AUTO:
+            raise ValueError("adaptive starts from a fixed gamma: give gamma a number (e.g. gamma=4)")
         if self.draft is not None and not Path(self.draft).is_dir():
             raise UserError(f"SpS draft folder {self.draft} does not exist")
 
@@ -140,7 +182,42 @@ class SpsDecoder(Decoder):
             draft, self.draft_config = load_hf_draft(path, engine.model), {}
         draft.to(device=engine.device, dtype=engine.dtype).eval().requires_grad_(False)
         self.draft_engine = Engine(draft)
-        self.max_gamma = 32 if opts.adaptive else opts.gamma
+        self.auto = opts.gamma == AUTO
+        self.max_gamma = AUTO_MAX_GAMMA if self.auto else 32 if opts.adaptive else opts.gamma
+        self.fitted: dict[str, Any] | None = None
+        if self.auto:
+            self._fit()
+
+    def _fit(self) -> None:
+        """Time the draft's step here, and predict from the trainer's validation whether drafting pays."""
+        from methods.core.cost import cost_curve, relative_call_cost
+        from methods.core.files import cache_root
+
+        self.curve = cost_curve(self.engine, self.model_name, cache_root())
+        self.draft_cost = relative_call_cost(self.engine, self._draft_probe())
+        self.prior, source = prior_acceptance(self.draft_config)
+        gamma, rate = best_gamma(self.prior, self.draft_cost, self.curve, self.max_gamma, least=1)
+        self.fitted = fitted(rate, f"γ = {gamma}", basis=f"{source} and this machine's measured costs",
+                             draft_step_cost=round(self.draft_cost, 4), prior_acceptance=round(self.prior, 4))
+        # across prompts: the acceptance rate is the draft's and the task's, not one prompt's
+        self.accepted = self.tried = 0.0
+        self.backoff = Backoff()
+
+    def _draft_probe(self) -> Callable[[], Any]:
+        """One draft step (a one-token forward after ``CONTEXT`` cached tokens and its greedy token), for timing."""
+        de = self.draft_engine
+        de.reset(capacity=CONTEXT + 2)
+        de.forward([i % de.config.vocab_size for i in range(CONTEXT)], want_logits=False, commit=True)
+        return lambda: de.forward([1], logits_rows=slice(-1, None)).logits[-1].argmax()
+
+    def acceptance(self) -> float:
+        """α: accepted over evaluated draft tokens, the prior counting as ``PRIOR_WEIGHT`` of them."""
+        return (self.accepted + PRIOR_WEIGHT * self.prior) / (self.tried + PRIOR_WEIGHT)
+
+    def fitted_gamma(self) -> int:
+        """This step's γ: the best one at the current α, or 0 (a plain step) while none beats vanilla."""
+        gamma, rate = best_gamma(self.acceptance(), self.draft_cost, self.curve, self.max_gamma, least=1)
+        return 0 if self.backoff.plain(rate >= PLAIN_RATE) else gamma
 
     @classmethod
     def check_ready(cls, model_name: str, options: SpsOptions) -> None:
@@ -152,6 +229,7 @@ class SpsDecoder(Decoder):
         de = self.draft_engine
         return {**super().describe(), "draft": str(self.draft_path), "draft_layers": de.num_layers,
                 "draft_parameters": sum(p.numel() for p in de.model.parameters()),
+                **({"fitted": self.fitted} if self.fitted else {}),
                 "training": training_summary(self.draft_config)}
 
     def step_capacity(self) -> int:
@@ -161,12 +239,12 @@ class SpsDecoder(Decoder):
         de = self.draft_engine
         de.reset(capacity=len(prompt_ids) + 2 * self.max_gamma + 512)
         de.forward(prompt_ids, want_logits=False, commit=True)
-        self.gamma = self.options.gamma
+        self.gamma = 0 if self.auto else self.options.gamma
         self.unfed = torch.zeros(0, dtype=torch.long, device=self.engine.device)  # committed, not yet in its cache
 
     def draft(self, root: int, root_t: torch.Tensor, room: int) -> Draft:
         de = self.draft_engine
-        gamma = min(self.gamma, room)
+        gamma = min(self.fitted_gamma() if self.auto else self.gamma, room)
         if gamma <= 0:
             return Draft(root_t, chain_layout(0, self.engine))
         self.base = de.cache.length
@@ -185,6 +263,9 @@ class SpsDecoder(Decoder):
             self.unfed = torch.cat([self.unfed, draft.tokens[:1]])
             return
         accepted = acc.accepted_drafts
+        if self.auto:  # every draft up to the first rejection was judged
+            self.tried += min(accepted + 1, gamma)
+            self.accepted += accepted
         # keep what the target accepted: unfed + root + accepted drafts (the last draft was never fed)
         keep = self.fed - (gamma - 1) + min(accepted, gamma - 1)
         self.draft_engine.cache.rollback(self.fed - keep)
