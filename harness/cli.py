@@ -67,7 +67,7 @@ def _tasks(text: str) -> list[str]:
 
 
 def _methods(text: str) -> list[str]:
-    from harness.session import split_methods
+    from harness.config import split_methods
 
     return split_methods(text)
 
@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m harness", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
+    from harness.config import DEFAULT_MAX_NEW_TOKENS, EXECUTORS, QUICK_LIMIT, QUICK_MAX_NEW_TOKENS, RunConfig
+
+    d = RunConfig()  # the run's defaults live in harness.config; the flags and their help read them from there
     run = sub.add_parser("run", help="benchmark methods over task suites", description=(
         "Decode every example with every method (interleaved per example), write results.jsonl + "
         "manifest.json to the run folder, and print a summary. Rerunning the same command resumes."))
@@ -83,29 +86,33 @@ def build_parser() -> argparse.ArgumentParser:
         "comma-separated methods or variants, e.g. vanilla,medusa,medusa@tree=8x4x2,pld@num_tokens=5; vanilla runs "
         "as the baseline beside any other method unless --no-baseline (default: every method ready for the "
         "model, i.e. needing no weights or with weights shipped or given, beside vanilla; then --limit and "
-        "--max-new-tokens default to 6 and 64, a quick first comparison)"))
+        f"--max-new-tokens default to {QUICK_LIMIT} and {QUICK_MAX_NEW_TOKENS}, a quick first comparison)"))
     run.add_argument("--no-baseline", action="store_true", help="do not add vanilla (no speedups or exact match)")
-    run.add_argument("--tasks", type=_tasks, default=["builtin"], help=(
+    run.add_argument("--tasks", type=_tasks, default=d.tasks, help=(
         "comma-separated task suites, each suite[:cat1+cat2] with its categories joined by '+', e.g. "
-        "spec_bench:summarization+math_reasoning,builtin (default: builtin)"))
-    run.add_argument("--model", default="smollm2-135m",
-                     help="embedded model name, local Hugging Face folder, or hub id (default: smollm2-135m)")
-    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    run.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default: auto = "
+        f"spec_bench:summarization+math_reasoning,builtin (default: {','.join(d.tasks)})"))
+    run.add_argument("--model", default=d.model,
+                     help=f"embedded model name, local Hugging Face folder, or hub id (default: {d.model})")
+    run.add_argument("--device", default=d.device, help=f"cpu, cuda, cuda:N or auto (default: {d.device})")
+    run.add_argument("--dtype", default=d.dtype, help="float32, bfloat16, float16 or auto (default: auto = "
                      "bfloat16 on CUDA and on CPUs with bf16 matrix units (AVX512-BF16/AMX), else float32; "
                      "use float32 for strict exact-match losslessness)")
     run.add_argument("--max-new-tokens", type=_int, default=None,
-                     help="tokens to generate per turn (default: 128; 64 when --methods is not given)")
+                     help=f"tokens to generate per turn (default: {DEFAULT_MAX_NEW_TOKENS}; {QUICK_MAX_NEW_TOKENS} "
+                          "when --methods is not given)")
     run.add_argument("--limit", type=_int, default=None,
-                     help="examples per task, a seeded sample (default: all; 6 when --methods is not given)")
-    run.add_argument("--seed", type=_int, default=0, help="seed for --limit sampling and token sampling (default: 0)")
-    run.add_argument("--temperature", type=_float, default=0.0,
+                     help=f"examples per task, a seeded sample (default: all; {QUICK_LIMIT} when --methods is not given)")
+    run.add_argument("--seed", type=_int, default=d.seed,
+                     help=f"seed for --limit sampling and token sampling (default: {d.seed})")
+    run.add_argument("--temperature", type=_float, default=d.temperature,
                      help="sampling temperature; 0 = greedy (default). Every method keeps the target distribution")
-    run.add_argument("--top-p", type=_float, default=1.0, help="nucleus sampling threshold with --temperature (default 1)")
-    run.add_argument("--warmup", type=_int, default=1, help="uncounted warm-up rounds per method (default: 1)")
-    run.add_argument("--repeats", type=_int, default=1,
+    run.add_argument("--top-p", type=_float, default=d.top_p,
+                     help=f"nucleus sampling threshold with --temperature (default {d.top_p:g})")
+    run.add_argument("--warmup", type=_int, default=d.warmup,
+                     help=f"uncounted warm-up rounds per method (default: {d.warmup})")
+    run.add_argument("--repeats", type=_int, default=d.repeats,
                      help="timed rounds per example and method, interleaved; the round with the median time per "
-                          "token is kept (default: 1). Use 3 or more to decide speedups near 1.0 on a noisy machine")
+                          f"token is kept (default: {d.repeats}). Use 3 or more to decide speedups near 1.0 on a noisy machine")
     run.add_argument("--data-dir", default=None, help="folder with <suite>/<file> data (e.g. ../shared/data)")
     run.add_argument("--task-path", action="append", default=[], metavar="SUITE=FILE",
                      help="a suite's data file in another layout (repeatable)")
@@ -119,14 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shard", default=None, metavar="I/N",
                      help="run only the I-th of N deterministic parts of the examples (1 <= I <= N), into "
                           "results.shard-I-of-N.jsonl in the same --out; readers merge the shards")
-    run.add_argument("--executor", default="local", choices=("local", "ray"),
+    run.add_argument("--executor", default=d.executor, choices=EXECUTORS,
                      help="local: decode in this process (default); ray: spread the examples over Ray actors, "
                           "each with the model loaded once (needs pip install -e \".[ray]\")")
     run.add_argument("--ray-address", default=None, metavar="ADDR",
                      help="an existing Ray cluster (from `ray start --head`); default: start a local one")
     run.add_argument("--workers", type=_int, default=None,
                      help="Ray actors (default: the cluster's GPUs / --gpus-per-worker, or its CPUs)")
-    run.add_argument("--gpus-per-worker", type=_float, default=0.0, metavar="G", help="GPUs per Ray actor (default 0)")
+    run.add_argument("--gpus-per-worker", type=_float, default=d.gpus_per_worker, metavar="G",
+                     help=f"GPUs per Ray actor (default {d.gpus_per_worker:g})")
     run.add_argument("--threads-per-worker", type=_int, default=None,
                      help="torch threads per Ray actor (default: this machine's cores // --workers)")
 
@@ -231,32 +239,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from harness.config import RunConfig
+    from harness.progress import status
     from harness.results import parse_shard
-    from harness.session import (
-        DEFAULT_MAX_NEW_TOKENS,
-        QUICK_LIMIT,
-        QUICK_MAX_NEW_TOKENS,
-        RunConfig,
-        execute,
-        ready_methods,
-    )
+    from harness.session import execute
     from harness.summary import print_summary
 
-    methods, limit, max_new_tokens = args.methods, args.limit, args.max_new_tokens
-    if methods is None:  # a first run: compare everything that is ready, quickly
-        methods = ready_methods(args.model, _method_options(args))
-        limit = QUICK_LIMIT if limit is None else limit
-        max_new_tokens = QUICK_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
-    elif max_new_tokens is None:
-        max_new_tokens = DEFAULT_MAX_NEW_TOKENS
-    config = RunConfig(
-        methods=methods, tasks=args.tasks, model=args.model, device=args.device, dtype=args.dtype,
-        max_new_tokens=max_new_tokens, limit=limit, seed=args.seed, warmup=args.warmup, repeats=args.repeats,
+    # no --methods: a first run, every ready method with quick defaults (harness.config)
+    config = RunConfig.first_run_or_given(
+        args.methods, args.limit, args.max_new_tokens,
+        tasks=args.tasks, model=args.model, device=args.device, dtype=args.dtype,
+        seed=args.seed, warmup=args.warmup, repeats=args.repeats,
         data_dir=args.data_dir, out=args.out, overwrite=args.overwrite,
         task_paths=_pairs(args.task_path, "--task-path", "SUITE=FILE"),
         task_options=_pairs(args.task_option, "--task-option", "KEY=VALUE"),
         method_options=_method_options(args), temperature=args.temperature, top_p=args.top_p,
-        baseline=not args.no_baseline, chosen_methods=args.methods is None,
+        baseline=not args.no_baseline,
         shard=parse_shard(args.shard) if args.shard is not None else None, executor=args.executor,
         ray_address=args.ray_address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
         threads_per_worker=args.threads_per_worker,
@@ -265,6 +263,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print_summary(out)
     from harness.report import build_report
 
+    status("writing the report")
     print(f"Report: {build_report(out).resolve().as_uri()}")
     return 0
 
@@ -400,8 +399,10 @@ COMMANDS = {"run": cmd_run, "train": cmd_train, "tune": cmd_tune, "analyze": cmd
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from harness.progress import quiet_transformers
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _quiet_transformers()
+    quiet_transformers()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -417,16 +418,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         # there is nothing to lose and nothing to show but one line. Decoding handles its own.
         print("\ninterrupted before any results were written; rerun the command to start again", file=sys.stderr)
         return 130
-
-
-def _quiet_transformers() -> None:
-    """Library progress bars and advice would drown the harness's own progress output."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass

@@ -68,11 +68,14 @@ def judge(low: torch.Tensor, reference: torch.Tensor | None, v_tok: int, m_tok: 
 
 
 def find_divergences(records: Sequence[dict[str, Any]], examples: Sequence[Example], engine: Any, tokenizer: Any,
-                     reference: Callable[[], Any] | None = None) -> list[dict[str, Any]]:
+                     reference: Callable[[], Any] | None = None,
+                     on_progress: Callable[[], Any] | None = None) -> list[dict[str, Any]]:
     """First divergence of every method record from vanilla's, with its verdict.
 
     ``reference`` builds the float32 engine (default: ``float32_copy(engine)``); it is called at
     most once, and only when ``engine`` is in low precision and a divergence needs judging.
+    ``on_progress`` is called once per record judged or passed over (a low-precision run's
+    verdicts can take minutes on a CPU).
     """
     by_key = {(e.task, e.id): e for e in examples}
     vanilla = {(r["task"], r["example_id"]): r for r in records if r["method"] == BASELINE and not r.get("skipped")}
@@ -88,6 +91,8 @@ def find_divergences(records: Sequence[dict[str, Any]], examples: Sequence[Examp
 
     found = []
     for rec in records:
+        if on_progress is not None:
+            on_progress()
         base = vanilla.get((rec["task"], rec["example_id"]))
         if rec["method"] == BASELINE or base is None or rec.get("skipped"):
             continue

@@ -1,6 +1,7 @@
 """``--executor ray``: the examples of a run spread over Ray actors, one model per actor.
 
-Each actor loads the model and every method once (``build_workbench``) and runs the
+Each actor receives the run's ``DecodeSpec`` (what decoding needs, not the whole
+configuration), loads the model and every method once (``build_workbench``) and runs the
 examples it is handed through ``run_shard``, methods interleaved per example exactly as a
 single process does. The driver hands out one example at a time to whichever actor is
 free (examples differ in length, so pulling work balances better than a fixed split), gets
@@ -25,6 +26,8 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
+from harness.config import DecodeSpec
+from harness.progress import status
 from methods.core.errors import UserError
 from tasks.base import Example
 
@@ -67,19 +70,19 @@ def check_reachable(address: str | None) -> None:
 class ShardWorker:
     """A Ray actor's state: one model, every method's decoder, torch limited to its share of threads."""
 
-    def __init__(self, config: Any, runs: list[Any], threads: int) -> None:
+    def __init__(self, spec: DecodeSpec, threads: int) -> None:
         import torch
 
-        from harness.cli import _quiet_transformers
-        from harness.session import build_workbench
+        from harness.progress import quiet_transformers
+        from harness.workbench import build_workbench
 
         torch.set_num_threads(threads)
-        _quiet_transformers()
-        self.config = config
+        quiet_transformers()
+        self.spec = spec
         self.error: str | None = None
         self.warmed = False
         try:
-            self.bench = build_workbench(config, runs)
+            self.bench = build_workbench(spec, show_progress=False)  # the driver shows the phase
         except UserError as exc:  # reported by describe() as one line, not as a dead actor's traceback
             self.error = str(exc)
 
@@ -94,7 +97,7 @@ class ShardWorker:
 
         bench = self.bench
         if not self.warmed:
-            warm_up(bench.decoders, example, bench.tokenizer, bench.settings, self.config.warmup)
+            warm_up(bench.decoders, example, bench.tokenizer, bench.settings, self.spec.warmup)
             self.warmed = True
         records: list[dict[str, Any]] = []
         run_shard([example], bench.decoders, bench.tokenizer, bench.settings, records.append, done, start=index)
@@ -107,36 +110,43 @@ class ShardWorker:
 
 
 class RayExecutor:
-    """The driver's side: starts (or joins) the cluster, owns the actors, schedules examples, requeues."""
+    """The driver's side (a ``harness.executors.Executor``): starts (or joins) the cluster, owns the actors,
+    schedules examples, requeues."""
 
-    def __init__(self, config: Any, runs: list[Any]) -> None:
+    tokenizer = None  # the model is loaded in the actors only
+
+    def __init__(self, spec: DecodeSpec, *, address: str | None = None, workers: int | None = None,
+                 gpus_per_worker: float = 0.0, threads_per_worker: int | None = None) -> None:
         ray = self.ray = import_ray()
         self.owns_cluster = not ray.is_initialized()
         if self.owns_cluster:
-            check_reachable(config.ray_address)
+            check_reachable(address)
             try:
-                ray.init(address=config.ray_address, include_dashboard=False, logging_level=logging.ERROR,
+                ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR,
                          runtime_env=runtime_env())
             except ConnectionError as exc:
-                raise UserError(f"cannot reach the Ray cluster at {config.ray_address}: {exc}; start it with "
+                raise UserError(f"cannot reach the Ray cluster at {address}: {exc}; start it with "
                                 "`ray start --head` and pass the address it prints") from None
         resources = ray.cluster_resources()
-        gpus = float(config.gpus_per_worker or 0)
+        gpus = float(gpus_per_worker or 0)
         if gpus > 0 and resources.get("GPU", 0) < gpus:
             self.close()
             raise UserError(f"--gpus-per-worker {gpus:g}, but the Ray cluster has {resources.get('GPU', 0):g} GPUs")
         default = int(resources.get("GPU", 0) // gpus) if gpus > 0 else int(resources.get("CPU", 1))
-        self.workers = config.workers or max(1, default)
+        self.workers = workers or max(1, default)
         if self.workers > resources.get("CPU", 0) or self.workers * gpus > resources.get("GPU", 0) + 1e-9:
             self.close()
             raise UserError(f"--workers {self.workers} needs {self.workers} CPUs and {self.workers * gpus:g} GPUs; "
                             f"the Ray cluster has {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} "
                             "GPUs")
-        self.threads = config.threads_per_worker or max(1, (os.cpu_count() or 1) // self.workers)
-        self.address = config.ray_address
+        self.threads = threads_per_worker or max(1, (os.cpu_count() or 1) // self.workers)
+        self.address = address
         self.gpus = gpus
+        self.where = f", {self.workers} Ray workers"
+        status(f"loading {spec.model} and setting up {len(spec.runs)} methods on {self.workers} Ray workers "
+               f"(device {spec.device}, dtype {spec.dtype})")
         actor_class = ray.remote(num_cpus=1, num_gpus=gpus)(ShardWorker)
-        self.actors = [actor_class.remote(config, runs, self.threads) for _ in range(self.workers)]
+        self.actors = [actor_class.remote(spec, self.threads) for _ in range(self.workers)]
         self.alive = list(self.actors)
         self.requeued = 0
         self._described: list[dict[str, Any]] = []
@@ -204,10 +214,15 @@ class RayExecutor:
                 on_progress(len(labels) - len({k for k in done if k[:2] == (item[1].task, item[1].id)}))
             idle.append(actor)
 
-    def divergences(self, records: list[dict[str, Any]], examples: list[Example]) -> list[dict[str, Any]]:
+    def divergences(self, records: list[dict[str, Any]], examples: Sequence[Example],
+                    on_progress: Callable[..., Any] | None = None) -> list[dict[str, Any]]:
+        """On one actor, in one call: the bar moves once, when the verdicts are back."""
         if not self.alive:
             raise UserError("every Ray worker died before the divergence check; rerun the same command")
-        return self.ray.get(self.alive[0].divergences.remote(records, list(examples)))
+        found = self.ray.get(self.alive[0].divergences.remote(records, list(examples)))
+        if on_progress is not None:
+            on_progress(len(records))
+        return found
 
     def close(self) -> None:
         """Stops the actors; shuts down the cluster only if this run started it."""

@@ -104,7 +104,7 @@ def test_options_are_typed_and_validated():
 
 
 def test_method_variants_parse_and_merge_options():
-    from harness.session import parse_method_runs, split_methods
+    from harness.config import parse_method_runs, split_methods
 
     labels = split_methods('vanilla,medusa,medusa@tree=[[0],[1],[0,0]],pld@num_tokens=4@max_ngram=2')
     assert labels == ["vanilla", "medusa", "medusa@tree=[[0],[1],[0,0]]", "pld@num_tokens=4@max_ngram=2"]

@@ -228,16 +228,18 @@ def test_ray_run_equals_the_single_process_run(ray_cluster, single, tiny_model_d
 
 
 def test_a_killed_actor_s_examples_are_run_again_exactly_once(ray_cluster, tiny_model_dir):
-    from harness.ray_executor import RayExecutor
+    from harness.config import RunConfig, validate
+    from harness.executors import make_executor
     from harness.runner import run_shard
-    from harness.session import RunConfig, build_workbench, load_examples, validate
+    from harness.session import load_examples
+    from harness.workbench import build_workbench
 
     config = RunConfig(methods=["pld"], model=str(tiny_model_dir), device="cpu", dtype="float32", max_new_tokens=8,
                        limit=6, warmup=0, executor="ray", workers=2, threads_per_worker=1)
     runs = validate(config)
     examples, _ = load_examples(config)
     done = {(examples[0].task, examples[0].id, "vanilla")}  # resume: one record already on disk
-    pool = RayExecutor(config, runs)
+    pool = make_executor(config, runs)
     records = []
 
     def emit(record):
@@ -255,7 +257,7 @@ def test_a_killed_actor_s_examples_are_run_again_exactly_once(ray_cluster, tiny_
     assert len(keys) == len(set(keys)) == 6 * 2 - 1
     assert set(keys) | done == {(e.task, e.id, m) for e in examples for m in ("vanilla", "pld")}
 
-    bench = build_workbench(config, runs)
+    bench = build_workbench(config.decode_spec(runs))
     reference = []
     run_shard(examples, bench.decoders, bench.tokenizer, bench.settings, reference.append, done)
     assert _essence(records) == _essence(reference)

@@ -16,8 +16,13 @@ ARGS = ["run", "--methods", "vanilla", "--limit", "2", "--max-new-tokens", "8", 
 def test_run_writes_results_manifest_and_summary(tmp_path, capsys):
     out = tmp_path / "run"
     assert main([*ARGS, "--out", str(out)]) == 0
-    stdout = capsys.readouterr().out
+    captured = capsys.readouterr()
+    stdout = captured.out
     assert "Summary" in stdout and "vanilla" in stdout
+    # every phase says what it does on stderr: loading, method set-up (cost measurement), decoding,
+    # divergence verdicts, report
+    for phase in ("loading ", "setting up methods", "decoding", "divergence verdicts", "writing the report"):
+        assert phase in captured.err, phase
     records = read_records(out / "results.jsonl")
     assert len(records) == 2
     for r in records:

@@ -10,7 +10,7 @@ import torch
 
 import harness.runner as runner
 from harness.runner import ShardSettings, median_round, run_shard
-from harness.session import RunConfig
+from harness.config import RunConfig
 from methods.core.decoder import Generation
 from tasks.base import Example
 

@@ -1,0 +1,229 @@
+"""A run's configuration: every default once, every value validated once, before anything loads.
+
+``RunConfig`` is what the ``run`` command was asked; the CLI takes its defaults from here,
+``validate`` checks each value once and returns the parsed method rows, and ``decode_spec``
+is the part a decoding process (this one, or a Ray actor) needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from methods.core.errors import UserError
+from methods.core.options import parse_options
+from methods.registry import get_spec
+from tasks.base import check_task_settings
+
+BASELINE = "vanilla"
+
+# With no --methods (a first run), every ready method runs beside vanilla, sized so that a
+# 2-core CPU finishes in about three minutes: these apply only where the user gave no value.
+QUICK_LIMIT = 6
+QUICK_MAX_NEW_TOKENS = 64
+DEFAULT_MAX_NEW_TOKENS = 128
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """One row of a run: a method, or a variant of one (``medusa@tree=8x4x2``), and its parsed options."""
+
+    label: str
+    name: str
+    options: Any
+
+    def options_dict(self) -> dict[str, Any]:
+        return asdict(self.options)
+
+
+def split_methods(text: str) -> list[str]:
+    """``--methods`` split on commas outside brackets, so a variant may carry a JSON tree."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_method_runs(labels: list[str], method_options: dict[str, dict[str, Any]]) -> list[MethodRun]:
+    """Labels like ``firp`` or ``medusa@tree=8x4x2@heads=DIR``; ``--method-option`` values apply to every
+    variant of their method, a variant's own settings override them. All checked before the model loads."""
+    runs: list[MethodRun] = []
+    for label in labels:
+        name, *settings = label.split("@")
+        spec = get_spec(name.strip())
+        raw = dict(method_options.get(spec.name, {}))
+        for item in settings:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise UserError(f"bad method variant {label!r}: write METHOD@KEY=VALUE[@KEY=VALUE...]")
+            raw[key.strip()] = value.strip()
+        runs.append(MethodRun(label, spec.name, parse_options(spec.options, raw, where=spec.name)))
+    return runs
+
+
+def ready_methods(model: str, method_options: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """Every registered method whose weights are shipped for ``model`` or given by ``--method-option``.
+
+    A first run should answer "which method is fastest here", so it compares everything that can
+    run without training; a method whose ``check_ready`` refuses is left out, not an error.
+    """
+    from methods.registry import available_methods
+
+    ready = []
+    for name in available_methods():
+        spec = get_spec(name)
+        # a bad --method-option value is the user's error to see, not a reason to drop the method
+        options = parse_options(spec.options, dict((method_options or {}).get(name, {})), where=name)
+        try:
+            spec.decoder.check_ready(model, options)
+        except UserError:
+            continue
+        ready.append(name)
+    return [BASELINE, *(m for m in ready if m != BASELINE)]
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What a decoding process needs to build its workbench and decode: no more of the run's configuration."""
+
+    model: str
+    device: str
+    dtype: str
+    runs: tuple[MethodRun, ...]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    repeats: int
+    warmup: int
+
+
+@dataclass
+class RunConfig:
+    methods: list[str] = field(default_factory=lambda: [BASELINE])
+    tasks: list[str] = field(default_factory=lambda: ["builtin"])
+    model: str = "smollm2-135m"
+    device: str = "auto"
+    dtype: str = "auto"
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    limit: int | None = None
+    seed: int = 0
+    warmup: int = 1
+    repeats: int = 1        # timed rounds per (example, method), the median kept (harness.runner)
+    data_dir: str | None = None
+    task_paths: dict[str, str] = field(default_factory=dict)
+    task_options: dict[str, Any] = field(default_factory=dict)
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    baseline: bool = True   # run vanilla beside any other method (the reference for speedup and losslessness)
+    out: str | None = None
+    overwrite: bool = False
+    report: bool = True
+    # How the work is spread; none of it changes what a record means, so none is in identity().
+    shard: tuple[int, int] | None = None   # (I, N): this process runs the I-th of N deterministic parts
+    executor: str = "local"                # "local" (this process) or "ray" (actors, this process writes)
+    ray_address: str | None = None
+    workers: int | None = None             # Ray actors (default: the cluster's GPUs / --gpus-per-worker, or CPUs)
+    gpus_per_worker: float = 0.0
+    threads_per_worker: int | None = None  # torch threads per actor (default: this machine's cores // workers)
+    chosen_methods: bool = False  # the methods were picked by ready_methods (no --methods): say so
+
+    @classmethod
+    def first_run_or_given(cls, methods: list[str] | None, limit: int | None, max_new_tokens: int | None,
+                           **given: Any) -> RunConfig:
+        """No ``methods`` (a first run): every ready method, quickly (``QUICK_*`` where no value is given);
+        otherwise the given methods with the usual defaults."""
+        chosen = methods is None
+        if chosen:
+            methods = ready_methods(given.get("model", cls.model), given.get("method_options"))
+            limit = QUICK_LIMIT if limit is None else limit
+            max_new_tokens = QUICK_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+        elif max_new_tokens is None:
+            max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+        return cls(methods=methods, limit=limit, max_new_tokens=max_new_tokens, chosen_methods=chosen, **given)
+
+    def method_labels(self) -> list[str]:
+        labels = list(self.methods)
+        if self.baseline and BASELINE not in labels and any(m != BASELINE for m in labels):
+            labels.insert(0, BASELINE)
+        return labels
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the examples and their meaning; a resumed run must match it.
+
+        Methods are not part of it: adding a method or a variant to a finished run resumes it.
+        """
+        keep = ("tasks", "model", "device", "dtype", "max_new_tokens", "limit", "seed", "task_options",
+                "temperature", "top_p")
+        identity = {k: getattr(self, k) for k in keep}
+        if self.repeats != 1:  # a median of rounds is another measurement; absent at 1, so older runs still resume
+            identity["repeats"] = self.repeats
+        return identity
+
+    def identity_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
+
+    def decode_spec(self, runs: list[MethodRun]) -> DecodeSpec:
+        return DecodeSpec(self.model, self.device, self.dtype, tuple(runs), self.max_new_tokens, self.temperature,
+                          self.top_p, self.seed, self.repeats, self.warmup)
+
+
+def validate(config: RunConfig) -> list[MethodRun]:
+    """Every value of ``config`` checked, once, before anything loads; returns the parsed method rows."""
+    if config.max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens must be a positive integer, got {config.max_new_tokens}")
+    if config.limit is not None and config.limit <= 0:
+        raise UserError(f"--limit must be a positive integer, got {config.limit}")
+    if not config.methods:
+        raise UserError("no methods given; pass --methods vanilla,... (see `python -m harness list`)")
+    if len(set(config.methods)) != len(config.methods):
+        raise UserError(f"--methods lists a method twice: {','.join(config.methods)}")
+    if not config.temperature >= 0:
+        raise UserError(f"--temperature must be >= 0, got {config.temperature}")
+    if not 0 < config.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {config.top_p}")
+    check_task_settings(config.tasks, config.task_options, config.task_paths)
+    if config.warmup < 0:
+        raise UserError(f"--warmup must be 0 or more, got {config.warmup}")
+    if config.repeats < 1:
+        raise UserError(f"--repeats must be a positive integer, got {config.repeats}")
+    if config.executor not in EXECUTORS:
+        raise UserError(f"unknown --executor {config.executor!r}; valid executors: {', '.join(EXECUTORS)}")
+    if config.executor != "ray":
+        given = [flag for flag, value in (("--ray-address", config.ray_address), ("--workers", config.workers),
+                                          ("--gpus-per-worker", config.gpus_per_worker or None),
+                                          ("--threads-per-worker", config.threads_per_worker)) if value is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} only apply with --executor ray")
+    if config.workers is not None and config.workers < 1:
+        raise UserError(f"--workers must be a positive integer, got {config.workers}")
+    if config.threads_per_worker is not None and config.threads_per_worker < 1:
+        raise UserError(f"--threads-per-worker must be a positive integer, got {config.threads_per_worker}")
+    if not config.gpus_per_worker >= 0:
+        raise UserError(f"--gpus-per-worker must be >= 0, got {config.gpus_per_worker}")
+    runs = parse_method_runs(config.method_labels(), config.method_options)
+    named = {r.name for r in runs}
+    for method in config.method_options:
+        if method not in named:
+            get_spec(method)  # an unknown method name says so first
+            raise UserError(f"--method-option given for {method!r}, which is not in --methods "
+                            f"({','.join(config.methods)}); add it or drop the option")
+    from harness.models import DTYPES, check_model_name, resolve_device
+
+    check_model_name(config.model)
+    if config.executor != "ray":  # Ray workers may have the GPUs this driver lacks
+        resolve_device(config.device)  # fail fast on CUDA-less machines, before loading anything
+    if config.dtype not in (*DTYPES, "auto"):
+        raise UserError(f"unknown dtype {config.dtype!r}; valid dtypes: {', '.join([*DTYPES, 'auto'])}")
+    return runs
