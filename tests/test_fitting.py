@@ -245,3 +245,90 @@ def test_sps_options_refuse_adaptive_without_a_gamma(tmp_path):
         _sps(Engine(tiny_model("llama")), tmp_path, adaptive=True)
     with pytest.raises(UserError, match="gamma must be auto or an integer"):
         _sps(Engine(tiny_model("llama")), tmp_path, gamma="many")
+
+
+# -- Lookahead -----------------------------------------------------------------------------------
+MIDDLE = CostCurve((1, 4, 8, 32), (1.0, 1.05, 1.3, 4.0))  # a CPU with bf16 units: a few tokens nearly free
+SHAPES = {"candidates": [  # what the tuner records per shape: machine-free counts
+    {"window": 1, "ngram": 2, "guesses": 1, "tokens": 120, "steps": 100, "mean_accepted_length": 1.2,
+     "processed_per_step": 2.0, "processed_counts": {"2": 100}},
+    {"window": 5, "ngram": 4, "guesses": 5, "tokens": 200, "steps": 100, "mean_accepted_length": 2.0,
+     "processed_per_step": 27.0, "processed_counts": {"15": 20, "30": 80}},
+], "window": 5, "ngram": 4, "guesses": 5}
+
+
+def _lookahead_prompts() -> list[list[int]]:
+    return [torch.randint(0, 15, (20,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(3)]
+
+
+def test_lookahead_prices_every_tuned_shape_on_this_machine(machine, tmp_path):
+    from methods.lookahead import LookaheadDecoder
+    from methods.lookahead.decoder import candidate_speedup
+
+    row = SHAPES["candidates"][1]
+    assert candidate_speedup(row, STEEP) == pytest.approx(200 / (20 * STEEP(16) + 80 * STEEP(31)))
+    table = tmp_path / "shapes.json"
+    table.write_text(json.dumps(SHAPES))
+    engine = Engine(tiny_model("llama"))
+    vanilla = VanillaDecoder(engine)
+    shapes = {}
+    for name, curve in (("flat", FLAT), ("middle", MIDDLE), ("steep", STEEP)):
+        machine(curve)
+        decoder = LookaheadDecoder(engine, tuned=str(table))
+        shapes[name] = (decoder.W, decoder.N, decoder.G, decoder.drafting)
+        info = decoder.describe()
+        assert info["fitted"]["drafting"] == decoder.drafting
+        assert info["shape_choice"]["candidates"][0]["predicted_speedup"] == info["fitted"]["best_predicted_speedup"]
+        for prompt in _lookahead_prompts():
+            got = decoder.generate(prompt, 24)
+            assert got.tokens == vanilla.generate(prompt, 24).tokens
+            assert (max(got.processed[1:]) > 0) == decoder.drafting  # plain steps feed nothing beyond the root
+    assert shapes == {"flat": (5, 4, 5, True), "middle": (1, 2, 1, True), "steep": (1, 2, 1, False)}
+    # the shape given by hand still drafts as told on the steep machine
+    fixed = LookaheadDecoder(engine, tuned="none", window=5, ngram=4, guesses=5)
+    assert "fitted" not in fixed.describe()
+    for prompt in _lookahead_prompts():
+        assert min(fixed.generate(prompt, 24).processed[1:]) >= 5  # every step feeds the window at least
+
+
+def test_lookahead_auto_reads_the_table_before_an_older_per_device_shape(machine, tmp_path, monkeypatch):
+    """An older tune result (one shape, its mean accepted length and pass size) is priced too;
+    a table for the model and dtype wins over it."""
+    import methods.lookahead.decoder as la
+    from methods.lookahead import LookaheadDecoder
+
+    monkeypatch.setattr(la, "TUNED_DIR", tmp_path)
+    engine = Engine(tiny_model("llama"))
+    older = {"window": 1, "ngram": 3, "guesses": 7, "mean_accepted_length": 1.39, "processed_per_step": 5.24}
+    (tmp_path / "tiny-cpu-float32.json").write_text(json.dumps(older))
+    machine(STEEP)  # 1.39 / t(6.24) < 1: plain steps
+    decoder = LookaheadDecoder(engine, model_name="tiny")
+    assert decoder.shape_from.endswith("tiny-cpu-float32.json") and decoder.drafting is False
+    machine(MIDDLE)
+    assert LookaheadDecoder(engine, model_name="tiny").drafting is True
+    (tmp_path / "tiny-float32.json").write_text(json.dumps(SHAPES))
+    machine(FLAT)
+    decoder = LookaheadDecoder(engine, model_name="tiny")
+    assert decoder.shape_from.endswith("tiny-float32.json") and (decoder.W, decoder.N, decoder.G) == (5, 4, 5)
+
+
+def test_the_tuner_keeps_every_shapes_counts(tmp_path, monkeypatch):
+    """The table the decoder prices: one row per shape tried, whose counts give back the
+    tuner's own prediction on the tuning machine's curve."""
+    from methods.core.training import Toolkit
+    from methods.lookahead.decoder import candidate_speedup
+    from methods.lookahead.tune import PRIORS, TuneConfig, tune_lookahead
+    from tests.test_self_spec import _CharTokenizer
+
+    model = tiny_model("llama")
+    monkeypatch.setattr(cost, "cost_curve", lambda engine, name, cache: MIDDLE)
+    kit = Toolkit(cache_dir=tmp_path, load_model=lambda *a, **k: (model, _CharTokenizer()),
+                  training_prompts=lambda files, limit, seed: ["abcabcabcabc", "the cat the cat the cat"][:limit],
+                  training_sequences=None, check_model=lambda name: None)
+    result = tune_lookahead(TuneConfig(model="tiny", data=["train.jsonl"], out=str(tmp_path / "la.json"),
+                                       trials=len(PRIORS), prompts=2, max_new_tokens=16), kit)
+    rows = result["candidates"]
+    assert {(r["window"], r["ngram"], r["guesses"]) for r in rows} == set(PRIORS)
+    for r in rows:
+        assert sum(r["processed_counts"].values()) == r["steps"]
+        assert candidate_speedup(r, MIDDLE) == pytest.approx(r["predicted_speedup_here"], abs=1e-3)

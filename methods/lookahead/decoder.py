@@ -15,8 +15,13 @@ lossless). Draft size counts the guess tokens verified; the window tokens count 
 
 Defaults are smaller than upstream's (LEVEL=5, WINDOW=7, GUESS=7) because on a CPU every
 extra token costs time: W=5, N=4, G=5 feeds 15 + 15 = 30 extra tokens. What pays depends
-on the hardware's verify-cost curve, so ``python -m harness tune lookahead`` fits (W, N, G)
-to it, and a shape tuned for a model and dtype ships in ``tuned/`` and is used by default.
+on the hardware's verify-cost curve. ``python -m harness tune lookahead`` decodes training
+prompts under many shapes and keeps, for each, the tokens it accepted and the pass sizes
+it fed: under greedy decoding these do not depend on the machine, only their cost does. So
+``tuned=auto`` (the default) prices every shape of the table shipped for the model and
+dtype in ``tuned/`` on this machine's measured curve and runs the best one, or takes plain
+steps where no shape is predicted to beat vanilla. ``tuned=none`` runs the ``window``,
+``ngram`` and ``guesses`` given, drafting every step.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ import torch
 from methods.core.decoder import Decoder, Draft
 from methods.core.engine import ForwardOutput
 from methods.core.errors import UserError
+from methods.core.fitting import fitted
 from methods.core.options import option
-from methods.core.tree import TreeLayout
+from methods.core.tree import TreeLayout, chain_layout
 from methods.core.verify import Acceptance
 
 
@@ -69,9 +75,10 @@ class LookaheadOptions:
     ngram: int = option(4, min=2, max=16, help="n-gram size N (levels = N - 1)")
     guesses: int = option(5, min=0, max=64, help="cached n-grams verified per step G")
     seed_from_prompt: bool = option(True, help="fill the n-gram pool from the prompt first")
-    tuned: str = option("auto", help="auto: the (window, ngram, guesses) `harness tune lookahead` fitted for this "
-                                     "model, device type and dtype, when one ships in methods/lookahead/tuned/; none: the three "
-                                     "options as given; or a tune result JSON file")
+    tuned: str = option("auto", help="auto: the shape of the highest predicted speedup on this machine's measured "
+                                     "cost among those `harness tune lookahead` recorded for this model and dtype "
+                                     "(methods/lookahead/tuned/), or plain steps where none beats vanilla; none: "
+                                     "the three options as given, drafting every step; or a tune result JSON file")
 
 
 TUNED_DIR = Path(__file__).parent / "tuned"
@@ -79,12 +86,25 @@ SHAPE_KEYS = ("window", "ngram", "guesses")
 
 
 def tuned_path(model_name: str, device: torch.device, dtype: torch.dtype) -> Path:
-    """A shape fits one kind of device's cost curve: one tuned on a CPU is not used on a GPU."""
+    """An older tune result: one shape, fitted to one kind of device's cost curve."""
     return TUNED_DIR / f"{model_name}-{device.type}-{str(dtype).replace('torch.', '')}.json"
 
 
-def load_shape(path: Path) -> tuple[int, int, int]:
-    """(W, N, G) from a tune result; a file that is not one says what it lacks."""
+def table_path(model_name: str, dtype: torch.dtype) -> Path:
+    """A tune result with every shape's counts: one file serves every machine in that dtype."""
+    return TUNED_DIR / f"{model_name}-{str(dtype).replace('torch.', '')}.json"
+
+
+def find_tuned(model_name: str, device: torch.device, dtype: torch.dtype) -> Path | None:
+    """What ``tuned=auto`` reads: the model's table for the dtype, else an older per-device result."""
+    for path in (table_path(model_name, dtype), tuned_path(model_name, device, dtype)):
+        if path.is_file():
+            return path
+    return None
+
+
+def read_tune(path: Path) -> dict[str, Any]:
+    """A tune result's JSON, with its (W, N, G) checked; a file that is not one says what it lacks."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         shape = tuple(int(data[k]) for k in SHAPE_KEYS)
@@ -96,7 +116,48 @@ def load_shape(path: Path) -> tuple[int, int, int]:
     W, N, G = shape
     if W < 1 or N < 2 or G < 0:
         raise UserError(f"lookahead.tuned {path}: window >= 1, ngram >= 2 and guesses >= 0 needed, got {shape}")
+    return data
+
+
+def load_shape(path: Path) -> tuple[int, int, int]:
+    """(W, N, G) a tune result names as its best on the machine that ran it."""
+    data = read_tune(path)
+    W, N, G = (int(data[k]) for k in SHAPE_KEYS)
     return W, N, G
+
+
+def candidates_of(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each shape's decoding counts: a table's ``candidates``, or, from an older result that kept
+    only its best shape, that shape with its mean accepted length and pass size."""
+    rows = data.get("candidates")
+    if rows is None and "mean_accepted_length" in data and "processed_per_step" in data:
+        rows = [{k: data[k] for k in (*SHAPE_KEYS, "mean_accepted_length", "processed_per_step")}]
+    return [r for r in rows or [] if r.get("window", 0) >= 1 and r.get("ngram", 0) >= 2 and r.get("guesses", -1) >= 0]
+
+
+def candidate_speedup(row: dict[str, Any], curve: Any) -> float:
+    """Tokens per unit of one-token pass time under ``curve``: every counted step charged its own
+    pass size, or, for a row with means only, the mean step at the mean pass size."""
+    counts = row.get("processed_counts")
+    if counts and row.get("tokens"):
+        return float(row["tokens"]) / sum(int(c) * curve(1 + int(n)) for n, c in counts.items())
+    return float(row["mean_accepted_length"]) / curve(1 + float(row["processed_per_step"]))
+
+
+def pick_shape(rows: Sequence[dict[str, Any]], curve: Any) -> dict[str, Any]:
+    """The shape of the highest predicted speedup on ``curve``; within the curve's noise of it
+    (``TIE_TOLERANCE``, as for trees) the one feeding the fewest tokens."""
+    from methods.core.cost import TIE_TOLERANCE
+
+    table = [{**{k: int(r[k]) for k in SHAPE_KEYS}, "mean_accepted_length": round(float(r["mean_accepted_length"]), 4),
+              "processed_per_step": round(float(r["processed_per_step"]), 3),
+              "predicted_speedup": round(candidate_speedup(r, curve), 4)} for r in rows]
+    top = max(r["predicted_speedup"] for r in table)
+    best = min((r for r in table if r["predicted_speedup"] >= top * (1 - TIE_TOLERANCE)),
+               key=lambda r: (r["processed_per_step"], -r["predicted_speedup"]))
+    return {"shape": tuple(best[k] for k in SHAPE_KEYS), "predicted_speedup": best["predicted_speedup"],
+            "best_predicted_speedup": top, "candidates": sorted(table, key=lambda r: -r["predicted_speedup"]),
+            "cost_curve": curve.as_dict() if hasattr(curve, "as_dict") else None}
 
 
 class LookaheadDecoder(Decoder):
@@ -108,18 +169,35 @@ class LookaheadDecoder(Decoder):
         o = self.options
         self.W, self.N, self.G = o.window, o.ngram, o.guesses
         self.shape_from = "options"
+        self.shape_choice: dict[str, Any] | None = None
+        self.fitted: dict[str, Any] | None = None
         path = None if o.tuned == "none" else (
-            tuned_path(self.model_name, self.engine.device, self.engine.dtype) if o.tuned == "auto" else Path(o.tuned))
-        if path is not None and (o.tuned != "auto" or path.is_file()):
+            find_tuned(self.model_name, self.engine.device, self.engine.dtype) if o.tuned == "auto" else Path(o.tuned))
+        if path is not None:
             defaults = {f.name: f.default for f in fields(o) if f.name in SHAPE_KEYS}
             changed = [k for k, v in defaults.items() if getattr(o, k) != v]
             if changed:  # never drop a setting the user typed
                 raise UserError(f"lookahead.{changed[0]} conflicts with the tuned shape in {path}; pass "
                                 f"lookahead.tuned=none to set window, ngram and guesses by hand")
-            self.W, self.N, self.G = load_shape(path)
+            data = read_tune(path)
+            self.W, self.N, self.G = (int(data[k]) for k in SHAPE_KEYS)
             self.shape_from = str(path.relative_to(TUNED_DIR.parents[2])) if path.is_relative_to(TUNED_DIR) else str(path)
+            rows = candidates_of(data)
+            if rows:  # priced on this machine's curve
+                self._fit(rows)
+        self.drafting = self.fitted is None or self.fitted["drafting"]
         self._layouts: dict[tuple[int, int], TreeLayout] = {}
         self._window_rows: dict[int, torch.Tensor] = {}
+
+    def _fit(self, rows: list[dict[str, Any]]) -> None:
+        from methods.core.cost import cost_curve
+        from methods.core.files import cache_root
+
+        choice = pick_shape(rows, cost_curve(self.engine, self.model_name, cache_root()))
+        self.W, self.N, self.G = choice["shape"]
+        self.shape_choice = choice
+        self.fitted = fitted(choice["best_predicted_speedup"], f"W={self.W} N={self.N} G={self.G}",
+                             basis="the tuner's accepted tokens and pass sizes per shape and this machine's measured costs")
 
     def _layout(self, levels: int, guesses: int) -> TreeLayout:
         """Root, ``levels`` x W window tokens (fed, never drafts), ``guesses`` n-gram chains from the root."""
@@ -135,9 +213,11 @@ class LookaheadDecoder(Decoder):
         return self._layouts[key]
 
     def describe(self) -> dict[str, Any]:
+        on = self.drafting
         return {**super().describe(), "shape": f"W={self.W} N={self.N} G={self.G}", "shape_from": self.shape_from,
-                "draft_size_max": self.G * (self.N - 1),
-                "processed_max": self.W * (self.N - 1) + self.G * (self.N - 1)}
+                "draft_size_max": self.G * (self.N - 1) if on else 0,
+                "processed_max": self.W * (self.N - 1) + self.G * (self.N - 1) if on else 0,
+                **({"fitted": self.fitted, "shape_choice": self.shape_choice} if self.fitted else {})}
 
     def step_capacity(self) -> int:
         return 1 + self.W * (self.N - 1) + self.G * (self.N - 1)
@@ -162,6 +242,8 @@ class LookaheadDecoder(Decoder):
         self.levels: list[list[int]] = [[prompt[(i * 7) % len(prompt)] for i in range(W)]]
 
     def draft(self, root: int, root_t: torch.Tensor, room: int) -> Draft:
+        if not self.drafting:
+            return Draft(root_t, chain_layout(0, self.engine))
         guesses = self.pool.get(root, [])[-self.G:] if self.G else []
         layout = self._layout(len(self.levels), len(guesses))
         fed = [t for lv in self.levels for t in lv] + [t for g in guesses for t in g]
@@ -176,6 +258,8 @@ class LookaheadDecoder(Decoder):
         return self._window_rows[start]
 
     def update(self, draft: Draft, out: ForwardOutput, acc: Acceptance) -> None:
+        if not self.drafting:
+            return
         # lookahead branch: harvest n-grams, then shift the window by one level
         last, n_lv = acc.host_rows, len(self.levels)
         if n_lv == self.N - 1:

@@ -12,7 +12,13 @@ with every step's accepted tokens and pass size counted while greedily decoding 
 *training* prompts. It needs no timing, so the search is deterministic and not at the
 mercy of a shared machine's drift; the best and the default shape are timed against
 vanilla once at the end, for the record. Search: optuna's TPE, starting from the
-default, upstream's shape and small shapes.
+default, upstream's shape, small shapes for steep curves and large ones for flat curves.
+
+Under greedy decoding a shape's counts (tokens, steps, how many steps fed how many tokens)
+do not depend on the machine; only their price does. The result keeps them for every shape
+tried (``candidates``), so one file serves every machine in the dtype: shipped as
+``methods/lookahead/tuned/<model>-<dtype>.json``, ``lookahead.tuned=auto`` prices each shape on
+the measured curve of the machine it runs on and takes the best (``decoder.pick_shape``).
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ from methods.core.training import Toolkit
 from methods.core.tuning import TuneSettings
 
 MAX_WINDOW, MAX_NGRAM, MAX_GUESSES = 8, 6, 8
-# (W, N, G): the default, upstream's, then smaller shapes for a steep cost curve
-PRIORS = [(5, 4, 5), (7, 5, 7), (3, 3, 3), (2, 3, 2), (1, 3, 1), (1, 2, 2)]
+# (W, N, G): the default, upstream's, smaller shapes for a steep cost curve, larger ones for a flat one
+PRIORS = [(5, 4, 5), (7, 5, 7), (3, 3, 3), (2, 3, 2), (1, 3, 1), (1, 2, 2), (1, 2, 1), (4, 3, 4), (8, 6, 8)]
 
 
 @dataclass
@@ -38,19 +44,41 @@ class TuneConfig(TuneSettings):
     max_new_tokens: int = 64
 
 
-def predicted_speedup(generations: Sequence[Any], cost: Any) -> dict[str, float]:
-    """Tokens per unit of one-token pass time, the prefill left out (vanilla's is the same)."""
+def predicted_speedup(generations: Sequence[Any], cost: Any) -> dict[str, Any]:
+    """Tokens per unit of one-token pass time, the prefill left out (vanilla's is the same), with
+    the machine-free counts it is priced from: tokens, steps, and steps per pass size
+    (``processed_counts``: tokens fed beyond the root -> steps)."""
     tokens = steps = 0
     spent = processed = 0.0
+    counts: dict[str, int] = {}
     for gen in generations:
         accepted, sizes = gen.accepted[1:], gen.processed[1:]
         tokens += sum(accepted)
         steps += len(accepted)
         processed += sum(sizes)
         spent += sum(cost(1 + n) for n in sizes)
+        for n in sizes:
+            counts[str(n)] = counts.get(str(n), 0) + 1
     if not steps:
-        return {"speedup": 0.0, "mean_accepted_length": 0.0, "processed_per_step": 0.0}
-    return {"speedup": tokens / spent, "mean_accepted_length": tokens / steps, "processed_per_step": processed / steps}
+        return {"speedup": 0.0, "mean_accepted_length": 0.0, "processed_per_step": 0.0, "tokens": 0, "steps": 0,
+                "processed_counts": {}}
+    return {"speedup": tokens / spent, "mean_accepted_length": tokens / steps, "processed_per_step": processed / steps,
+            "tokens": tokens, "steps": steps, "processed_counts": dict(sorted(counts.items(), key=lambda kv: int(kv[0])))}
+
+
+def candidate_table(trials: Sequence[Any]) -> list[dict[str, Any]]:
+    """Every distinct shape tried, with its counts (``decoder.candidate_speedup`` prices them on any curve)."""
+    rows: dict[tuple[int, int, int], dict[str, Any]] = {}
+    for t in trials:
+        if t.value is None or "processed_counts" not in t.user_attrs:
+            continue
+        shape = (t.params["window"], t.params["ngram"], t.params["guesses"])
+        a = t.user_attrs
+        rows[shape] = {"window": shape[0], "ngram": shape[1], "guesses": shape[2], "tokens": a["tokens"],
+                       "steps": a["steps"], "mean_accepted_length": round(a["mean_accepted_length"], 4),
+                       "processed_per_step": round(a["processed_per_step"], 3),
+                       "processed_counts": a["processed_counts"], "predicted_speedup_here": round(t.value, 4)}
+    return sorted(rows.values(), key=lambda r: -r["predicted_speedup_here"])
 
 
 def tune(args: dict[str, Any], toolkit: Toolkit) -> dict[str, Any]:
@@ -104,12 +132,15 @@ def tune_lookahead(config: TuneConfig, toolkit: Toolkit) -> dict[str, Any]:
               "default_shape": dict(zip(("window", "ngram", "guesses"), PRIORS[0])),
               "default_predicted_speedup": round(default.value, 3),
               "measured_speedup_once": measured,
-              "cost_curve": curve.as_dict(), "trials": len(study.trials), "prompts": len(prompts),
+              "cost_curve": curve.as_dict(), "candidates": candidate_table(study.trials),
+              "trials": len(study.trials), "prompts": len(prompts),
               "max_new_tokens": config.max_new_tokens, "model": config.model,
               "dtype": str(engine.dtype).replace("torch.", ""),
               "command": "python -m harness tune lookahead " + " ".join(sys.argv[3:])}
     bench.out_path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"best: W={shape[0]} N={shape[1]} G={shape[2]}, predicted {best.value:.2f}x vanilla "
           f"(default 5x4x5: {default.value:.2f}x); measured once {measured['best']:.2f}x "
-          f"(default {measured['default']:.2f}x); written to {bench.out_path}", file=sys.stderr)
+          f"(default {measured['default']:.2f}x); written to {bench.out_path} with {len(result['candidates'])} "
+          f"shapes' counts (ship it as methods/lookahead/tuned/{config.model}-{result['dtype']}.json: every "
+          "machine then picks its shape from them)", file=sys.stderr)
     return result
