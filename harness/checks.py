@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from methods.core.errors import UserError
-from methods.core.files import check_writable, read_json, require_shape, write_text
+from base.errors import UserError
+from base.files import check_writable, read_json, require_shape, write_text
 from methods.core.hardware import machine_label
 from harness.metrics import records_frame, summarize
 from harness.results import read_manifest, read_run_records

@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from methods.core.errors import UserError
+from base.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -309,7 +309,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_list(_: argparse.Namespace) -> int:
     from harness.models import EMBEDDED_MODELS
-    from methods.core.options import describe_options
+    from base.options import describe_options
     from methods.registry import available_methods, get_spec
     from tasks.base import available_tasks, describe_task, describe_task_options
 

@@ -12,8 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from methods.core.errors import UserError
-from methods.core.options import parse_options
+from base.errors import UserError
+from base.options import parse_options
 from methods.registry import get_spec
 from tasks.base import check_task_settings
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from methods.core.errors import UserError
+from base.errors import UserError
 from methods.core.prompts import encode_conversation
 from tasks.sources import read_jsonl
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from methods.core.files import cache_root
+from base.files import cache_root
 from methods.core.hardware import cpu_name, machine, read_bandwidth_gbs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

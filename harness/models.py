@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from methods.core.errors import UserError
-from methods.core.files import cache_root, read_json  # noqa: F401 - cache_root is part of this module's API
+from base.errors import UserError
+from base.files import cache_root, read_json  # noqa: F401 - cache_root is part of this module's API
 from methods.core.engine import SUPPORTED_MODEL_TYPES  # one list: what the engine can drive
 from methods.core.hardware import cpu_has_native_bf16  # noqa: F401 - one rule, importable from here too
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from harness.config import DecodeSpec
 from harness.progress import status
-from methods.core.errors import UserError
+from base.errors import UserError
 from tasks.base import Example
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -13,8 +13,8 @@ import pandas as pd
 from harness.checks import _identity, machine_of, run_metrics, settings_differ
 from harness.metrics import BASELINE, first_divergence, in_run_order, records_frame, summarize
 from harness.results import read_manifest, read_run_divergences, read_run_records
-from methods.core.errors import UserError
-from methods.core.files import check_writable, write_text
+from base.errors import UserError
+from base.files import check_writable, write_text
 from methods.core.hardware import machine_label
 from methods.registry import UnknownMethodError, get_spec
 from reports import plots

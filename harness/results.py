@@ -25,8 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from methods.core.errors import UserError
-from methods.core.files import iter_jsonl, read_bytes, read_json, require_shape
+from base.errors import UserError
+from base.files import iter_jsonl, read_bytes, read_json, require_shape
 
 RESULTS_FILE = "results.jsonl"
 MANIFEST_FILE = "manifest.json"

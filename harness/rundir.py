@@ -23,7 +23,7 @@ from harness.results import (
     shard_name,
     shards_in,
 )
-from methods.core.errors import UserError
+from base.errors import UserError
 
 
 def default_out_dir(config: RunConfig) -> Path:

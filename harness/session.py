@@ -29,7 +29,7 @@ from harness.results import (
     write_manifest,
 )
 from harness.rundir import default_out_dir, jsonable, make_out_dir, prepare_out_dir
-from methods.core.errors import UserError
+from base.errors import UserError
 from methods.registry import get_spec
 from tasks.base import Example, TaskOptions, load_task, split_spec, task_hash
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from methods.core.errors import UserError
+from base.errors import UserError
 from methods.core.training import Toolkit, TrainConfig, data_key, prepare_out
 import torch
 

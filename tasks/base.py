@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from methods.core.errors import UserError
-from methods.core.options import NoOptions, describe_options, parse_options
+from base.errors import UserError
+from base.options import NoOptions, describe_options, parse_options
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from methods.core.errors import UserError
-from methods.core.options import option
+from base.errors import UserError
+from base.options import option
 from tasks.base import Example, TaskOptions, check_unique_ids, register_task, suite_options
 from tasks.sources import read_jsonl
 

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from methods.core.errors import UserError
+from base.errors import UserError
 from tasks.base import Example, check_unique_ids
 from tasks.sources import read_jsonl
 

@@ -10,8 +10,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from methods.core.errors import UserError
-from methods.core.files import iter_jsonl
+from base.errors import UserError
+from base.files import iter_jsonl
 from tasks.base import TaskOptions
 
 

@@ -5,7 +5,7 @@ question file in its repository, not as a hub dataset, so a local file is requir
 
 from __future__ import annotations
 
-from methods.core.errors import UserError
+from base.errors import UserError
 from tasks.base import Example, TaskOptions, register_task
 from tasks.question_format import read_questions
 from tasks.sources import local_file

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from methods.core.options import option
+from base.options import option
 from tasks.base import Example, TaskOptions, check_unique_ids, register_task, suite_options
 from tasks.sources import hub_rows, local_file, read_jsonl, source_label
 
