@@ -11,9 +11,11 @@ much (float32 on a CPU). With ``policy=cost``
 (the default) the decoder keeps, for each draft position k, how often its token was
 accepted given that the ones before it were, and takes the length L <= ``num_tokens`` that
 maximises (1 + expected accepted drafts) / t(L + 1), t being the measured verify-cost curve
-(``methods.core.cost``), the same rule the trained methods' trees are picked by. The counts
-start from an optimistic prior, so a long draft is tried before it is given up, and carry
-across prompts. ``policy=fixed`` always takes ``num_tokens``, as transformers' PLD does.
+(``methods.core.cost``), the same rule the trained methods' trees are picked by; where no
+length beats a plain step (L = 0: one token for one pass) it takes plain steps, probing a
+draft after 4, 8, ... 256 of them so the counts can recover. The counts start from an
+optimistic prior, so a long draft is tried before it is given up, and carry across
+prompts. ``policy=fixed`` always takes ``num_tokens``, as transformers' PLD does.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 from methods.core.decoder import Decoder, Draft
 from methods.core.engine import ForwardOutput
+from methods.core.fitting import PLAIN_RATE, Backoff
 from methods.core.options import option
 from methods.core.tree import chain_layout
 from methods.core.verify import Acceptance
@@ -48,9 +51,12 @@ def lookup(history: Sequence[int], max_ngram: int, num_tokens: int) -> list[int]
 PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.8, 2.0  # optimistic, so long drafts are tried before they are given up
 
 
-def best_length(accepted: Sequence[float], tried: Sequence[float], cost: Callable[[float], float]) -> int:
-    """The draft length with the highest expected tokens per unit of verify cost."""
-    best, best_rate, reach, gain = 1, 0.0, 1.0, 1.0
+def best_length(accepted: Sequence[float], tried: Sequence[float], cost: Callable[[float], float],
+                plain: float = PLAIN_RATE) -> int:
+    """The draft length with the highest expected tokens per unit of verify cost, or 0 (a plain
+    step) where none beats ``plain`` tokens per unit: a plain step's 1, or 0 for the best
+    length whatever it earns (a probe)."""
+    best, best_rate, reach, gain = 0, plain, 1.0, 1.0
     for k, (a, t) in enumerate(zip(accepted, tried), start=1):
         reach *= (a + PRIOR_WEIGHT * PRIOR_ACCEPTANCE) / (t + PRIOR_WEIGHT)  # P(tokens 1..k all accepted)
         gain += reach
@@ -78,6 +84,7 @@ class PromptLookupDecoder(Decoder):
         n = self.options.num_tokens
         self.accepted, self.tried = [0.0] * n, [0.0] * n
         self.verify_cost: Callable[[float], float] | None = None
+        self.backoff = Backoff()
         if self.options.policy == "cost":
             from methods.core.cost import cost_curve
             from methods.core.files import cache_root
@@ -87,7 +94,10 @@ class PromptLookupDecoder(Decoder):
     def draft_length(self) -> int:
         if self.verify_cost is None:
             return self.options.num_tokens
-        return best_length(self.accepted, self.tried, self.verify_cost)
+        length = best_length(self.accepted, self.tried, self.verify_cost)
+        if self.backoff.plain(length > 0):
+            return 0
+        return length or best_length(self.accepted, self.tried, self.verify_cost, plain=0.0)
 
     def step_capacity(self) -> int:
         return self.options.num_tokens + 1
@@ -97,7 +107,8 @@ class PromptLookupDecoder(Decoder):
 
     def draft(self, root: int, root_t: torch.Tensor, room: int) -> Draft:
         self.history.append(root)
-        drafts = lookup(self.history, self.options.max_ngram, min(self.draft_length(), room)) if room > 0 else []
+        length = min(self.draft_length(), room)
+        drafts = lookup(self.history, self.options.max_ngram, length) if length > 0 else []
         tokens = torch.cat([root_t, torch.tensor(drafts, dtype=torch.long, device=root_t.device)]) if drafts else root_t
         return Draft(tokens, chain_layout(len(drafts), self.engine))
 
