@@ -93,6 +93,18 @@ def training_rows(manifest: dict[str, Any], summary: pd.DataFrame) -> list[dict[
     return rows
 
 
+def fitted_rows(manifest: dict[str, Any], summary: pd.DataFrame) -> list[dict[str, Any]]:
+    """One row per method that fitted its draft to the machine: whether it drafted or took plain
+    steps, its best predicted speedup beside the measured one, and why (``describe()``'s ``fitted``)."""
+    overall = summary[summary.task == "all"] if not summary.empty and (summary.task == "all").any() else summary
+    measured = (dict(zip(overall.method, overall.speedup_geomean))
+                if not overall.empty and "speedup_geomean" in overall else {})
+    return [{"method": label, "drafting": "drafts" if f["drafting"] else "plain steps",
+             "predicted": f"{f['best_predicted_speedup']:.2f}x", "reason": f.get("reason", ""),
+             "measured": (f"{measured[label]:.2f}x" if label in measured and not pd.isna(measured[label]) else "-")}
+            for label, info in (manifest.get("methods") or {}).items() if (f := (info or {}).get("fitted"))]
+
+
 def drilldown(frame: pd.DataFrame, records: list[dict[str, Any]], limit: int = 200) -> list[dict[str, Any]]:
     """Per example: every method's output side by side, divergences from vanilla highlighted."""
     by_example: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -273,7 +285,7 @@ def build_report(run_dir: Path, out: Path | None = None) -> Path:
                          categories=categories, divergences=divergences, verdicts=verdicts, colors=colors,
                          headline=headline(summary, verdicts), examples=drilldown(frame, records),
                          method_sections=method_sections(run_dir, manifest),
-                         training=training_rows(manifest, summary),
+                         training=training_rows(manifest, summary), fitted=fitted_rows(manifest, summary),
                          hardware=hardware_summary(manifest, records),
                          skipped=sum(1 for r in records if r.get("skipped")))
     return write_text(out or run_dir / "report.html", page, "-o")

@@ -355,3 +355,20 @@ def test_environment_holds_the_baseline_step_against_the_bandwidth_limit(tmp_pat
     page = build_report(run).read_text()
     assert "Machine: <strong>AMD EPYC (AVX2), 2 threads</strong>" in page and "24.4 GB/s" in page
     assert "vanilla: 38.0 ms a step, limit 11.0 ms (bandwidth 24.4 GB/s × 269 MB): 29% of the limit" in page
+
+
+def test_report_says_which_methods_took_plain_steps_and_why(tmp_path):
+    from methods.core.fitting import fitted
+
+    run = make_run(tmp_path / "run")
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["methods"] = {"vanilla": {}, "medusa": {"fitted": fitted(0.88, "the 1-node tree")}}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    page = build_report(run).read_text()
+    table = page[page.index('id="fitted-table"'):page.index("</table>", page.index('id="fitted-table"'))]
+    assert "plain steps" in table and "0.88x" in table and "the 1-node tree" in table
+    assert "<td class=\"l\">vanilla</td>" not in table  # only methods that fitted their drafts have a row
+    manifest["methods"]["medusa"]["fitted"] = fitted(1.3, "the 4-node tree")
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    page = build_report(run).read_text()
+    assert "<td class=\"l\">drafts</td>" in page and "1.30x" in page
