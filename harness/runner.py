@@ -75,7 +75,6 @@ def run_example(decoder: Decoder, example: Example, tokenizer: Any, settings: Sh
             "draft_time": sum(gen.draft_times) if gen.draft_times else None,
             "verify_time": sum(gen.verify_times) if gen.verify_times else None,
             "stopped_by": gen.stopped_by,
-            **({"extra": gen.extra} if gen.extra else {}),
         })
     return _record(example, decoder, turns)
 

@@ -60,22 +60,24 @@ class Draft:
     """One step's proposal: the tokens of a layout, node 0 being the root (the last emitted token).
 
     ``injections`` add ephemeral tokens at inner layers (FIRP's pseudo chains): processed
-    by the target pass, never committed; ``ephemeral`` counts them. ``q`` [n, V] are the
-    distributions sampled drafts were drawn from (None: deterministic drafts).
+    by the target pass, never committed; ``ephemeral`` counts them. Drafts are deterministic
+    (point masses), which is what sampled verification assumes.
     ``host_rows``: rows whose greedy token the method needs on the host (Lookahead's
     window); they travel with the acceptance, in the step's one transfer.
     ``all_logits``: the pass decodes every row, ephemeral ones included, in its one LM-head
     call; FIRP reads its pseudo tokens' drafts from them next step instead of paying a
     second pass over the 49k-row LM head (memory-bound: as dear for 3 rows as for 20).
+    ``state``: the method's own values for this step, from ``draft`` to ``update`` (the loop
+    hands the same ``Draft`` back), so a step's state need not live on the decoder.
     """
 
     tokens: torch.Tensor
     layout: TreeLayout
     injections: Sequence[Injection] = ()
     ephemeral: int = 0
-    q: torch.Tensor | None = None
     host_rows: torch.Tensor | None = None
     all_logits: bool = False
+    state: Any = None
 
     @property
     def processed(self) -> int:
@@ -102,7 +104,6 @@ class Generation:
     draft_times: list[float] = field(default_factory=list)
     verify_times: list[float] = field(default_factory=list)
     stopped_by: str = "length"  # "length" | "eos"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def target_forwards(self) -> int:
@@ -225,7 +226,7 @@ class Decoder:
                 acc = accept_greedy(layout, draft.tokens, logits, draft.host_rows)
             else:
                 acc = accept_sampled(layout, draft.tokens, logits, config.temperature, config.top_p,
-                                     generator, draft.q, draft.host_rows)
+                                     generator, host_rows=draft.host_rows)
             engine.cache.keep(acc.nodes, acc.nodes_t)
             self.update(draft, out, acc)
             clock.mark()
