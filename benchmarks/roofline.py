@@ -2,6 +2,7 @@
 
     python benchmarks/roofline.py [--model smollm2-135m] [--dtypes float32,bfloat16] [--context 256]
                                   [--methods vanilla,pld,...] [--prompts 3] [--new 64] [--device cuda]
+                                  [--engine-from GIT_REV]
 
 A batch-1 decode step reads every weight it uses and the KV cache from memory once, so it
 cannot take less than those bytes over the machine's read bandwidth: the limit. A baseline
@@ -9,13 +10,21 @@ far from it is a slow baseline, and a speedup over it is partly the baseline's s
 (arXiv 2601.11580). The bandwidth is measured afresh (CPU: the fastest streaming read over
 1 GiB with the run's threads; GPU: a device copy), not taken from the harness's cache.
 Per token, a method that accepts several tokens a step can beat the one-token limit.
+``--engine-from REV`` also times vanilla's step on the engine of an earlier git revision, on a
+copy of the same model, interleaved round by round with today's: a before/after on one machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.util
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from common import add_model_args, load_bench_model, prompt_ids, sync
@@ -45,6 +54,38 @@ def vanilla_step_ms(engine: Engine, context: int, rounds: int = 30) -> float:
         if r >= 3:
             times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
+
+
+def engine_class_from(rev: str) -> type:
+    """``methods.core.engine.Engine`` as it was at git revision ``rev`` (the rest of the tree as it is)."""
+    source = subprocess.run(["git", "show", f"{rev}:methods/core/engine.py"], capture_output=True, text=True,
+                            check=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    path = Path(tempfile.mkdtemp()) / "engine_at_rev.py"
+    path.write_text(source, encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("engine_at_rev", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.Engine
+
+
+@torch.no_grad()
+def before_after_ms(engines: list[Engine], context: int, rounds: int = 30) -> list[float]:
+    """Median one-token step of each engine, interleaved round by round so load drift hits all alike."""
+    vocab = engines[0].config.vocab_size
+    for engine in engines:
+        engine.reset(context + 2)
+        engine.forward([i % vocab for i in range(context)], commit=True, want_logits=False)
+    times: list[list[float]] = [[] for _ in engines]
+    for r in range(rounds + 3):
+        for engine, bucket in zip(engines, times):
+            sync(engine.device)
+            start = time.perf_counter()
+            engine.forward([r % vocab])
+            sync(engine.device)
+            if r >= 3:
+                bucket.append(time.perf_counter() - start)
+    return [1000 * statistics.median(t) for t in times]
 
 
 def print_method_rows(engine: Engine, names: list[str], model_name: str, prompts: list[list[int]], new: int,
@@ -78,19 +119,29 @@ def main() -> None:
     ap.add_argument("--methods", default=None, help=f"default: {','.join(METHODS)}, those ready for the model")
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--engine-from", default=None, metavar="REV",
+                    help="also time vanilla's step on the engine of this git revision (before/after)")
     args = ap.parse_args()
+    old_engine = engine_class_from(args.engine_from) if args.engine_from else None
     device = resolve_device(args.device)
     found = measure_read_bandwidth(device)
     load = f", other processes kept {found.load:.0%} of the cores busy" if found.load else ""
     print(f"{machine_label(machine(device))}: read bandwidth {found.gbs:.1f} GB/s ({found.kernel}{load})", flush=True)
     for dtype in args.dtypes.split(","):
         model, tok = load_bench_model(args.model, args.device, dtype)
+        reference = copy.deepcopy(model) if old_engine is not None else None
         engine = Engine(model)
         step_bytes = decode_step_bytes(model, args.context)
         limit = step_limit_ms(step_bytes, found.gbs)
         vanilla = vanilla_step_ms(engine, args.context)
         print(f"\n{args.model} {dtype}: {step_bytes / 1e6:.0f} MB a step at {args.context} tokens of context, "
               f"limit {limit:.1f} ms; vanilla {vanilla:.1f} ms a step: {limit / vanilla:.0%} of the limit", flush=True)
+        if old_engine is not None:
+            before, after = before_after_ms([old_engine(reference), engine], args.context)
+            print(f"  engine at {args.engine_from}: {before:.1f} ms a step ({limit / before:.0%} of the limit); "
+                  f"this tree's, interleaved with it: {after:.1f} ms ({limit / after:.0%}); "
+                  f"{before / after:.2f}x faster", flush=True)
+            del reference
         names = args.methods.split(",") if args.methods else list(METHODS)
         prompts = prompt_ids(tok, args.prompts, model.config.vocab_size)
         print(f"  {args.prompts} prompts x {args.new} tokens, decode steps only (limit {limit:.1f} ms a step):")

@@ -177,3 +177,75 @@ def test_engine_routes_its_layer_projections_through_the_few_rows_kernel(monkeyp
         engine.forward(PREFIX[:-3], commit=True)
         got = engine.forward(PREFIX[-3:]).logits
     assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_engine_stacks_qkv_and_gate_up_as_views_without_a_second_copy():
+    """The layer loop multiplies q/k/v and gate/up as one product each; the modules' own
+    parameters become views of the stacked weights, so the model holds its weights once and its
+    own forward (training, ``generate``) reads the same values."""
+    from methods.core.engine import fuse_linears
+    from tests.conftest import tiny_model
+
+    model = tiny_model("qwen2")  # q/k/v carry biases
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = Engine(model)
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    weights = engine._weights[1]
+    base = weights.qkv.untyped_storage().data_ptr()
+    for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+        assert lin.weight.untyped_storage().data_ptr() == base
+        assert lin.bias.untyped_storage().data_ptr() == weights.qkv_bias.untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == weights.gate_up.untyped_storage().data_ptr()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])[0] is weights.qkv  # a second engine reuses them
+    with torch.no_grad():
+        attn.k_proj.weight.mul_(2)  # a write through the module is what the engine reads
+    assert torch.equal(weights.qkv[attn.q_proj.weight.shape[0]:][: attn.k_proj.weight.shape[0]], attn.k_proj.weight)
+    ids = torch.tensor([PREFIX])
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits[0] - _seq(engine, PREFIX).logits).abs().max() < TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_rms_norm_is_bit_identical_to_the_models(dtype):
+    from methods.core.engine import RMSNorm
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama").to(dtype)
+    norm = model.model.layers[0].input_layernorm
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        x = torch.randn(5, norm.weight.shape[0]).to(dtype)
+        assert torch.equal(RMSNorm(norm)(x), norm(x))
+
+
+def test_low_precision_rows_go_through_float32_only_without_bf16_units(monkeypatch):
+    """On a CPU without bf16 arithmetic a bf16 product of several rows runs on a float32 copy of the
+    weight (the emulated bf16 GEMM grows with the rows); one row, float32 weights and CPUs with
+    bf16 units keep their native kernels."""
+    import torch.nn.functional as F
+
+    from methods.core import engine as engine_module
+
+    torch.manual_seed(0)
+    weight = torch.randn(300, 32).bfloat16()
+    rows = engine_module.UPCAST_FROM
+    x = torch.randn(rows, 32).bfloat16()
+    monkeypatch.setattr(engine_module, "_NATIVE", [False])
+    got = engine_module.upcast_product(x, weight, None)
+    want = F.linear(x.float(), weight.float()).bfloat16()
+    assert got is not None and got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert engine_module.upcast_product(x[:1], weight, None) is None
+    assert engine_module.upcast_product(x.float(), weight.float(), None) is None
+    monkeypatch.setattr(engine_module, "_NATIVE", [True])
+    assert engine_module.upcast_product(x, weight, None) is None
+    # a whole bf16 tree pass through the route stays within bf16 rounding of the native one
+    from tests.conftest import tiny_model
+
+    engine = Engine(tiny_model("llama").to(torch.bfloat16))
+    engine.reset()
+    engine.forward(PREFIX, commit=True)
+    native = engine.forward([1, 2, 3, 4, 5]).logits
+    monkeypatch.setattr(engine_module, "_NATIVE", [False])
+    upcast = engine.forward([1, 2, 3, 4, 5]).logits
+    assert (native - upcast).abs().max() < 0.1 * native.abs().max()

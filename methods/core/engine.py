@@ -20,6 +20,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from methods.core.kv_cache import KVCache
@@ -73,12 +74,11 @@ def few_rows_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     ``None`` where ``F.linear`` is the better kernel (more rows, another dtype or device, autograd).
 
     Why: a decode step multiplies one or a few rows by every weight matrix, and the weights
-    come from DRAM. ``benchmarks/skinny_matmul.py --model-walk`` on this project's 2-core CPU
-    (torch 2.13), over a whole SmolLM2-135M's layer projections in float32: one row through
-    ``F.linear`` (a matrix-vector kernel) takes 38-40 ms and two to six rows 45-63 ms (the
-    GEMM packs the weight), while ``(W @ x^T)^T`` takes 16-24 ms for one row padded with a zero
-    row, 17-30 ms for two and 21-35 ms for three to six; from 8 rows on the two trade places
-    from run to run. In bfloat16 the two forms are within noise, so bf16 keeps ``F.linear``.
+    come from DRAM. For one row ``F.linear`` takes a matrix-vector kernel and for a few rows a
+    GEMM that packs (copies) the large weight first; with the product written the other way
+    round the few rows are the packed operand and the weight streams once.
+    ``benchmarks/skinny_matmul.py --model-walk`` measures both forms over a whole model's layer
+    projections; in bfloat16 they are within noise, so bf16 keeps ``F.linear``.
     """
     rows = x.numel() // x.shape[-1]
     if weight.dtype != torch.float32 or weight.device.type != "cpu" or not 0 < rows <= limit or (
@@ -91,6 +91,47 @@ def few_rows_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if bias is not None:
         out = out + bias
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+UPCAST_FROM = 4  # rows from which a bf16/fp16 product on a CPU without bf16 units runs in float32
+_shadows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def upcast_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``F.linear(x, weight, bias)`` for ``UPCAST_FROM`` or more rows of a bf16/fp16 weight on a CPU whose
+    vector units have no bf16 arithmetic, through a float32 copy of the weight; ``None`` elsewhere.
+
+    Why: there the low-precision GEMM is emulated and its time grows with the rows almost as if
+    each row were its own pass, so verifying a tree costs several one-token passes and
+    speculation cannot pay. The float32 copy is exact (every bf16/fp16 value is a float32
+    value), the product accumulates in float32 as the native kernel does, and the output is
+    rounded to the model's dtype. One row keeps the native matrix-vector kernel, which streams
+    the weight at its low-precision size."""
+    rows = x.numel() // x.shape[-1]
+    if rows < UPCAST_FROM or weight.dtype not in (torch.bfloat16, torch.float16) or weight.device.type != "cpu" \
+            or _native_low_precision() or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return None
+    shadow = _shadows.get(id(weight))
+    if shadow is None or shadow[0] is not weight:
+        shadow = _shadows[id(weight)] = (weight, weight.float())
+    wide = shadow[1]
+    xf = x.reshape(rows, x.shape[-1]).float()
+    out = few_rows_product(xf, wide, None, 1 << 30)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(weight.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+_NATIVE: list[bool] = []
+
+
+def _native_low_precision() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX), probed once."""
+    if not _NATIVE:
+        from methods.core.hardware import cpu_has_native_bf16
+
+        _NATIVE.append(cpu_has_native_bf16())
+    return _NATIVE[0]
 
 
 class FewRowsLinear(nn.Linear):
@@ -116,14 +157,104 @@ def route_few_rows(layers: Sequence[nn.Module]) -> None:
                 module.__class__ = FewRowsLinear
 
 
+def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, limit: int) -> torch.Tensor:
+    """``F.linear`` with the few-rows route of ``few_rows_product`` where that is the faster kernel."""
+    out = few_rows_product(x, weight, bias, limit)
+    if out is None:
+        out = upcast_product(x, weight, bias)
+    return F.linear(x, weight, bias) if out is None else out
+
+
+class RMSNorm:
+    """A model's RMSNorm computed as transformers computes it (float32 statistics, the weight applied
+    in the model's dtype; bit-identical), in two operator calls instead of six."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.weight = module.weight
+        self.eps = float(module.variance_epsilon)
+        self.shape = (self.weight.shape[0],)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * F.rms_norm(x.float(), self.shape, None, self.eps).to(x.dtype)
+
+    @classmethod
+    def of(cls, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """This class for an RMSNorm; any other norm (a draft head's ``nn.Identity``) is called as it is."""
+        return cls(module) if isinstance(getattr(module, "weight", None), torch.Tensor) and \
+            hasattr(module, "variance_epsilon") else module
+
+
+def fuse_linears(linears: Sequence[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for projections that read the same input, stacked by rows.
+
+    The modules' parameters become views into the stacked tensor, so the model holds its weights
+    once and every other user of the modules (training, ``generate``, state dicts) sees the same
+    values. Calling it again on the same modules returns the same tensors. Why: a decode step
+    pays a fixed dispatch cost per product, and one product over q, k and v (or gate and up)
+    streams the same bytes as three."""
+    first = linears[0]
+    stacked = getattr(first, "_fused_weight", None)
+    rows = sum(lin.weight.shape[0] for lin in linears)
+    if stacked is not None and stacked[0].shape[0] == rows and stacked[0].data_ptr() == first.weight.data_ptr() \
+            and stacked[0].dtype == first.weight.dtype:
+        return stacked
+    with torch.no_grad():
+        weight = torch.cat([lin.weight.detach() for lin in linears]).contiguous()
+        bias = None
+        if any(lin.bias is not None for lin in linears):
+            bias = torch.cat([lin.bias.detach() if lin.bias is not None else
+                              torch.zeros(lin.weight.shape[0], dtype=weight.dtype, device=weight.device)
+                              for lin in linears])
+    start = 0
+    for lin in linears:
+        stop = start + lin.weight.shape[0]
+        lin.weight.data = weight[start:stop]
+        if lin.bias is not None:
+            lin.bias.data = bias[start:stop]
+        start = stop
+    first._fused_weight = (weight, bias)
+    return weight, bias
+
+
+@dataclass
+class LayerWeights:
+    """What the engine's layer loop reads of one decoder layer: its norms and its projections, q/k/v
+    and gate/up each stacked into one product (``fuse_linears``)."""
+
+    attn_norm: Callable[[torch.Tensor], torch.Tensor]
+    mlp_norm: Callable[[torch.Tensor], torch.Tensor]
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> LayerWeights:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv, qkv_bias = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        gate_up, gate_up_bias = fuse_linears([mlp.gate_proj, mlp.up_proj])
+        return cls(RMSNorm.of(layer.input_layernorm), RMSNorm.of(layer.post_attention_layernorm), qkv, qkv_bias,
+                   attn.o_proj.weight, attn.o_proj.bias, gate_up, gate_up_bias, mlp.down_proj.weight,
+                   mlp.down_proj.bias, mlp.act_fn)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
 class LMHead(nn.Module):
     """The model's LM head, with the few-rows route of ``few_rows_product`` up to ``FEW_ROWS`` rows.
 
-    Over the 49152x576 float32 head, ``F.linear`` takes 12.7 ms for one row, 27 ms for two
-    and 42 ms for three, while ``(W @ x^T)^T`` takes 5.5-7.2 ms for two to four rows (and
-    stays ahead up to 48 rows: 38 ms against 46) and 4.6 ms for one row padded to two. Every
-    decoder, the vanilla baseline included, decodes through this head and these layers, so
-    the baseline gains what the methods gain.
+    The head is the largest single matrix a step reads (49152 x 576 for the default model), so
+    the route pays most here and stays ahead of ``F.linear`` to more rows than in a layer
+    (``benchmarks/skinny_matmul.py``). Every decoder, the vanilla baseline included, decodes
+    through this head and these layers, so the baseline gains what the methods gain.
     """
 
     def __init__(self, head: nn.Module) -> None:
@@ -136,11 +267,20 @@ class LMHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = few_rows_product(x, self.head.weight, self.head.bias, FEW_ROWS)
+        if out is None:
+            out = upcast_product(x, self.head.weight, self.head.bias)
         return self.head(x) if out is None else out
 
 
 class Engine:
-    """Batch-size-1 layer loop over a Llama-family model with a preallocated KV cache."""
+    """Batch-size-1 layer loop over a Llama-family model with a preallocated KV cache.
+
+    The loop reads each layer's weights directly (``LayerWeights``: q/k/v and gate/up stacked
+    into one product each, norms in two operator calls) instead of calling the Hugging Face
+    modules: a decode step of a small model is otherwise dominated by the hundreds of small
+    operator calls around the products, not by streaming the weights. Numerics are those of the
+    modules (same operations in the same order); ``tests/test_engine_layers.py`` holds the
+    engine's logits to the model's own forward."""
 
     def __init__(self, model: nn.Module, *, capacity: int = 512) -> None:
         config = model.config
@@ -155,14 +295,17 @@ class Engine:
         self.embed_tokens = backbone.embed_tokens
         self.layers = list(backbone.layers)
         route_few_rows(self.layers)
+        self._weights = [LayerWeights.of(layer) for layer in self.layers]
         self.norm = backbone.norm
+        self._final_norm = RMSNorm.of(backbone.norm)
         self.lm_head = LMHead(model.lm_head)
         self.rotary = backbone.rotary_emb
-        self._cache_kw = cache_keyword(self.layers[0].self_attn)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.neg_inf = torch.finfo(self.dtype).min
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self._heads, self._kv_heads, self._head_dim = config.num_attention_heads, config.num_key_value_heads, head_dim
+        self._scaling = float(getattr(self.layers[0].self_attn, "scaling", head_dim ** -0.5))
         self.cache = KVCache(
             len(self.layers),
             config.num_key_value_heads,
@@ -196,9 +339,10 @@ class Engine:
 
     def _rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope_static:
-            return self._cos[position_ids][None], self._sin[position_ids][None]
+            return self._cos[position_ids], self._sin[position_ids]
         probe = torch.empty(1, dtype=self.dtype, device=self.device)
-        return self.rotary(probe, position_ids[None])
+        cos, sin = self.rotary(probe, position_ids[None])
+        return cos[0], sin[0]
 
     def tree_bias(self, visible: torch.Tensor) -> torch.Tensor:
         """Turn a bool visibility matrix [n, n] into the float additive mask block decoders cache."""
@@ -302,7 +446,7 @@ class Engine:
         rope = self._rope(position_ids)
         by_layer = {inj.layer: inj for inj in injections}
         captured: dict[int, torch.Tensor] = {}
-        for i, layer in enumerate(self.layers):
+        for i, weights in enumerate(self._weights):
             if i in capture:
                 captured[i] = h
             inj = by_layer.get(i)
@@ -315,19 +459,15 @@ class Engine:
                 h = torch.cat([h, extra_h.to(h.dtype)], dim=1)
                 position_ids = torch.cat([position_ids, extra_pos.to(self.device)])
                 rope = self._rope(position_ids)
+            x = h[0]
             if i not in skip_attention:
-                attn, _ = layer.self_attn(
-                    hidden_states=layer.input_layernorm(h),
-                    position_embeddings=rope,
-                    attention_mask=mask,
-                    **{self._cache_kw: cache},
-                )
-                h = h + attn
+                x = x + self._attention(i, weights, weights.attn_norm(x), rope, mask)
             if i not in skip_mlp:
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
+                x = x + self._mlp(weights, weights.mlp_norm(x))
+            h = x[None]
         if self.num_layers in capture:
             captured[self.num_layers] = h
-        hidden = self.norm(h)[0]
+        hidden = self._final_norm(h[0])
         logits = None
         if want_logits:
             rows = hidden if logits_rows is None else hidden[logits_rows]
@@ -335,6 +475,35 @@ class Engine:
         if commit:
             cache.commit(n)
         return ForwardOutput(logits=logits, hidden=hidden, captured=captured)
+
+    def _attention(self, i: int, w: LayerWeights, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                   mask: torch.Tensor | None) -> torch.Tensor:
+        """Self-attention of the step's rows ``x`` [n, d] on the cache: one fused QKV product, RoPE on
+        queries and keys together, the new keys and values written once, one SDPA call."""
+        n = x.shape[0]
+        heads, kv_heads, dim = self._heads, self._kv_heads, self._head_dim
+        qkv = few_rows_linear(x, w.qkv, w.qkv_bias, FEW_ROWS_LAYER)
+        qk = qkv[:, : (heads + kv_heads) * dim].view(n, heads + kv_heads, dim)
+        cos, sin = rope
+        qk = qk * cos[:, None] + _rotate_half(qk) * sin[:, None]
+        keys, values = self.cache.update(qk[:, heads:].transpose(0, 1)[None],
+                                         qkv[:, (heads + kv_heads) * dim:].view(n, kv_heads, dim).transpose(0, 1)[None], i)
+        q = qk[:, :heads]
+        if n == 1 and mask is None:  # one query sees the whole cache: the query heads grouped by key head
+            out = F.scaled_dot_product_attention(q.reshape(1, kv_heads, heads // kv_heads, dim), keys, values,
+                                                 scale=self._scaling)
+        else:
+            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask,
+                                                 is_causal=mask is None, scale=self._scaling,
+                                                 enable_gqa=heads != kv_heads)[0].transpose(0, 1)
+        return few_rows_linear(out.reshape(n, heads * dim), w.o, w.o_bias, FEW_ROWS_LAYER)
+
+    @staticmethod
+    def _mlp(w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        """The gated MLP with its gate and up projections in one product."""
+        gate_up = few_rows_linear(x, w.gate_up, w.gate_up_bias, FEW_ROWS_LAYER)
+        inner = gate_up.shape[-1] // 2
+        return few_rows_linear(w.act(gate_up[:, :inner]) * gate_up[:, inner:], w.down, w.down_bias, FEW_ROWS_LAYER)
 
     def reset(self, capacity: int | None = None) -> None:
         """Start a new sequence; ``capacity`` pre-sizes the cache so decoding never reallocates."""
