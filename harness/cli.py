@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"embedded model name, local Hugging Face folder, or hub id (default: {d.model})")
     run.add_argument("--device", default=d.device, help=f"cpu, cuda, cuda:N or auto (default: {d.device})")
     run.add_argument("--dtype", default=d.dtype, help="float32, bfloat16, float16 or auto (default: auto = "
-                     "bfloat16 on CUDA and on CPUs with bf16 matrix units (AVX512-BF16/AMX), else float32; "
+                     "bfloat16 on CUDA and on CPUs with bf16 units or AVX2, where vanilla decodes fastest, else float32; "
                      "use float32 for strict exact-match losslessness)")
     run.add_argument("--max-new-tokens", type=_int, default=None,
                      help=f"tokens to generate per turn (default: {DEFAULT_MAX_NEW_TOKENS}; {QUICK_MAX_NEW_TOKENS} "

@@ -108,20 +108,24 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 on CUDA (float16 where bf16 is missing) and on CPUs with bf16 matrix
-    units, float32 on other CPUs.
+    """``auto``: the dtype in which the machine decodes fastest: bfloat16 on CUDA (float16 where
+    bf16 is missing), on CPUs with bf16 units (AVX512-BF16, AMX) and on CPUs whose kernels run at
+    AVX2 or wider; float32 on other CPUs.
 
-    On this project's 2-core AVX512-BF16 CPU bf16 decodes 1.42x faster than float32 for
-    vanilla and 1.66-2.20x for the speculative methods, which only beat vanilla in bf16
-    there (verifying a tree costs little more than one token in bf16, about 2x in float32).
-    Without bf16 units the casts make bf16 slower, so float32 stays. float32 is still the
-    dtype for strict losslessness (exact match 1.0); in bf16 divergences are judged
-    against a float32 recomputation.
+    A decode step streams every weight once, and bf16 halves those bytes. With bf16 units a tree
+    pass costs little more than one token, so the speculative methods decode fastest in bf16;
+    without them vanilla's one-token step is the one bf16 speeds up most, so bf16 is where the
+    baseline is strongest (the README's Hardware section has the table for both kinds of CPU;
+    ``benchmarks/dtype_speed.py`` measures it anywhere). Without bf16 units a tree pass
+    of several rows runs on a float32 copy of the weights (``methods.core.engine.upcast_product``),
+    so drafting still has a cost curve it can fit to. float32 remains the dtype for strict
+    losslessness (exact match 1.0); in bf16 divergences are judged against a float32 recomputation.
     """
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        wide = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+        return torch.bfloat16 if cpu_has_native_bf16() or wide else torch.float32
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; valid dtypes: {', '.join([*DTYPES, 'auto'])}")
     return DTYPES[dtype]

@@ -183,8 +183,9 @@ def test_no_methods_runs_every_ready_method_quickly(monkeypatch, tmp_path, capsy
     assert not seen[-1].chosen_methods
 
 
-def test_dtype_auto_follows_the_cpu_bf16_units(monkeypatch):
-    """auto = bf16 where the CPU has bf16 matrix units (measured faster), float32 elsewhere."""
+def test_dtype_auto_is_where_vanilla_decodes_fastest(monkeypatch):
+    """auto = bf16 where the CPU has bf16 units or AVX2-wide kernels (vanilla's step streams half
+    the bytes, measured faster on both kinds), float32 on narrower CPUs."""
     import torch
 
     from harness.models import resolve_dtype
@@ -192,9 +193,13 @@ def test_dtype_auto_follows_the_cpu_bf16_units(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     assert resolve_dtype("auto", cpu) == torch.bfloat16
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     assert resolve_dtype("auto", cpu) == torch.float32
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert resolve_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert resolve_dtype("auto", cpu) == torch.bfloat16
     assert resolve_dtype("float32", cpu) == torch.float32
