@@ -8,7 +8,8 @@
 # 2. vanilla on the engine against model.generate, bf16, randomly initialised models of the
 #    default model's shape and of a 1B Llama's shape (target: ratio >= 1.0);
 # 3. every method end to end on a few prompts with random weights (speed and memory only);
-# 4. peak GPU memory over many generations (it must not grow).
+# 4. peak GPU memory over many generations (it must not grow);
+# 5. the roofline: the device's copy bandwidth, a decode step's limit and vanilla's step beside it.
 # Models are built from configs (no downloads, no GGUF). The log goes to OUTDIR/gpu_check.log.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
@@ -37,6 +38,10 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, record failures, ke
   done
   step "memory over 100 generations" 90 python benchmarks/memory.py --device cuda --dtype bfloat16 \
     --model random:smollm2-135m --generations 100 --new 16
+  for shape in smollm2-135m llama-1b; do
+    step "roofline, $shape shape" 90 python benchmarks/roofline.py --device cuda --model "random:$shape" \
+      --dtypes bfloat16 --methods vanilla,pld,lookahead --prompts 2 --new 32
+  done
   echo; [ $status -eq 0 ] && echo "GPU CHECK PASSED" || echo "GPU CHECK FAILED"
   exit $status
 } 2>&1 | tee "$out/gpu_check.log"
