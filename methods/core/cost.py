@@ -1,7 +1,7 @@
 """What a verification pass costs on *this* hardware, and the tree that pays off most there.
 
 SPEED-Bench and EAGLE's own harness found that the best draft size depends on the device,
-the dtype and the batch: on this project's CPU a 16-token pass costs about 1.2x one token
+the dtype and the batch: on a CPU with bf16 units a 16-token pass costs about 1.2x one token
 in bf16 but about 2x in float32, on a GPU almost nothing. So the harness measures the
 curve t(n)/t(1) once per (model, device, dtype, threads), caches it, and a method with a
 static tree picks, from its trainer's teacher-forced accepted length of the best tree of
@@ -163,7 +163,7 @@ LOADED_SHARE = 0.25
 def loaded(curve: CostCurve) -> bool:
     """Measured while other work kept the cores busy: the curve of a busy machine, not of this
     hardware. Caching it would fix every later tree choice to that moment's load (the first
-    cached bf16 curve here was measured beside a training job: 58 ms per token, not 34)."""
+    curve measured beside a training job prices every pass at the busy machine's speed)."""
     return curve.load is not None and curve.load >= LOADED_SHARE
 
 
@@ -221,12 +221,10 @@ def layered_cost(curve: CostCurve, num_layers: int, base: int, joins: Sequence[t
 
 TIE_TOLERANCE = 0.03
 """Predicted speedups this close to the best count as ties, and among them the shallowest
-tree wins (then the highest prediction). Three bf16 curves measured minutes apart on this
-project's CPU differed by up to 6% at one size, and the teacher-forced gain of a deep node
-shrinks most out of domain: with the shipped FIRP maps the third draft level added 0.13
-tokens a step in domain but 0.03 on the benchmarks (session 8), and session 9's stage-2 maps
-made ``auto`` pick an 8-node, three-level tree over 2 nodes for a predicted 1.3%, measuring
-1.39x where the 3-node two-level tree gave 1.55x."""
+tree wins (then the highest prediction): curves measured minutes apart on one machine differ
+by a few percent at a size, and the teacher-forced gain of a deep node shrinks most out of
+domain, so a deeper tree that wins a near tie on paper tends to lose on the benchmarks
+(docs/tree-choice.md has the measurements)."""
 
 
 def pick_tree(candidates: Sequence[dict[str, Any]], curve: CostCurve,
@@ -329,5 +327,5 @@ def relative_call_cost(engine: Any, fn: Callable[[], Any], context: int = 128, r
 
     The tree prediction adds it to every candidate's pass cost: Medusa's heads run the
     49k-row LM head once per step whatever the tree, which favours larger trees where it is
-    dear (float32 on this CPU) and is negligible where it is cheap."""
+    dear (float32 on a CPU) and is negligible where it is cheap."""
     return _median_ratio(engine, lambda r: fn(), context, rounds)

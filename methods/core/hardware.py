@@ -5,7 +5,7 @@ no decoder, vanilla included, can take a step faster than those bytes over the m
 read bandwidth. Holding the baseline's step time against that limit tells how much of a
 speedup is the method and how much is a slow baseline ("Speculative Decoding: Performance
 or Illusion?", arXiv 2601.11580). And a speedup measured on one machine does not carry over
-to another (a 2-core AVX2 EPYC ran the methods tuned on an AVX512-BF16 one at 0.3-1.0x), so
+to another (a method tuned where a tree pass is cheap can lose where it is dear), so
 every result names the machine: CPU model and vector units, or GPU name, and threads.
 
 Nothing here imports the harness; ``harness/environment.py`` records ``machine`` and the
@@ -119,9 +119,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# Each reads the whole buffer once. On the 2-core AVX2 EPYC the float32 sum, the int64 sum and
-# the float32 amax reach about the same rate (20 GB/s best of six), a bf16 view's sum 16 and its
-# amax 9, an int32 sum under 1 (it widens every element): the fastest of the three counts.
+# Each reads the whole buffer once, and the fastest of them counts: depending on the CPU's vector
+# units one of these reductions keeps up with memory while others (a bf16 view's sum, an int32 sum
+# that widens every element) are compute-bound and would understate the bandwidth.
 CPU_READS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "float32 sum": lambda x: x.sum(),
     "int64 sum": lambda x: x.view(torch.int64).sum(),
