@@ -7,6 +7,8 @@ Refresh the baseline deliberately (after an intended change), then commit it:
     python -m harness run --methods vanilla,medusa,firp,eagle,sps,pld,lookahead,self_spec --tasks builtin --limit 6 \
         --max-new-tokens 24 --dtype float32 --device cpu --method-option medusa.tree=trained \
         --method-option firp.tree=trained --method-option self_spec.policy=always --method-option pld.policy=fixed \
+        --method-option eagle.total=16 --method-option sps.gamma=4 --method-option lookahead.tuned=none \
+        --method-option lookahead.window=1 --method-option lookahead.ngram=2 --method-option lookahead.guesses=2 \
         --out runs/ci --overwrite
     python -m harness baseline runs/ci -o tests/baselines/smollm2-135m-cpu-float32.json
 """
@@ -22,12 +24,15 @@ from harness.cli import main
 pytestmark = pytest.mark.slow
 BASELINE = Path(__file__).parent / "baselines" / "smollm2-135m-cpu-float32.json"
 METHODS = "vanilla,medusa,firp,eagle,sps,pld,lookahead,self_spec"
-# trees pinned to the trained ones, self_spec drafting every step and PLD's draft length fixed: ``auto``
-# trees and the cost policies follow the machine's measured costs, which would make the gate depend on the CI machine's CPU
+# every draft size pinned (trained trees, self_spec drafting every step, PLD's length, EAGLE's 16 nodes, SpS's γ 4,
+# Lookahead's 1x2x2 shape): fitted drafts follow the machine's measured costs, which would make the gate depend
+# on the CI machine's CPU
 RUN = ["run", "--methods", METHODS, "--tasks", "builtin", "--limit", "6", "--max-new-tokens", "24",
        "--dtype", "float32", "--device", "cpu", "--method-option", "medusa.tree=trained",
        "--method-option", "firp.tree=trained", "--method-option", "self_spec.policy=always",
-       "--method-option", "pld.policy=fixed"]
+       "--method-option", "pld.policy=fixed", "--method-option", "eagle.total=16", "--method-option", "sps.gamma=4",
+       "--method-option", "lookahead.tuned=none", "--method-option", "lookahead.window=1",
+       "--method-option", "lookahead.ngram=2", "--method-option", "lookahead.guesses=2"]
 
 
 def test_ci_suite_matches_committed_baseline(tmp_path, capsys):
