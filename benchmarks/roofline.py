@@ -42,18 +42,7 @@ METHODS = ("vanilla", "pld", "lookahead", "medusa", "firp", "self_spec", "eagle"
 @torch.no_grad()
 def vanilla_step_ms(engine: Engine, context: int, rounds: int = 30) -> float:
     """Median one-token forward (LM head included) after ``context`` cached tokens, after warm-up."""
-    vocab = engine.config.vocab_size
-    engine.reset(context + 2)
-    engine.forward([i % vocab for i in range(context)], commit=True, want_logits=False)
-    times = []
-    for r in range(rounds + 3):
-        sync(engine.device)
-        start = time.perf_counter()
-        engine.forward([r % vocab])
-        sync(engine.device)
-        if r >= 3:
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return before_after_ms([engine], context, rounds)[0]
 
 
 def engine_class_from(rev: str) -> type:
