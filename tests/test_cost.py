@@ -4,13 +4,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from methods.core.cost import CostCurve, cost_curve, layered_cost, pick_tree, resolve_tree
+from methods.core.cost import CostCurve, cost_curve, layered_cost, pick_tree
 from methods.core.engine import Engine
+from methods.core.static_tree import StaticTreeDecoder
 from tests.conftest import tiny_model
+
+class Probed(StaticTreeDecoder):
+    """A static-tree method with a drafter of depth 3 and no weights: what ``auto`` asks of one."""
+
+    def setup(self) -> None:
+        self.draft_depth = 3
+
+    def draft_probe(self) -> None:
+        pass
+
+
+def resolve(value: str, config: dict, engine: Engine, model: str) -> tuple:
+    return Probed(engine, SimpleNamespace(tree=value), model_name=model).resolve_tree(value, config)
+
 
 TABLE = [  # teacher-forced accepted lengths of the best tree of each size, as trainers write them
     {"size": 1, "expected_accepted_length": 1.40, "paths": [[0]]},
@@ -116,15 +132,22 @@ def test_firp_prices_its_pseudo_tokens_by_the_layers_they_run():
     curve = CostCurve((1, 5, 13, 64), (1.0, 1.05, 1.3, 6.0))
     table = [{**t, "paths": [p[:2] for p in t["paths"]]} for t in TABLE]
 
+    def firp(layer: int) -> FirpDecoder:  # the pricing needs only the options, the layer count and the maps
+        decoder = FirpDecoder.__new__(FirpDecoder)
+        decoder.options = SimpleNamespace(chains="all")
+        decoder.engine = SimpleNamespace(num_layers=30)
+        decoder.maps = SimpleNamespace(layers=[layer] * 3)
+        return decoder
+
     def pick(layer: int) -> dict:
-        return pick_tree(table, curve, lambda paths: FirpDecoder.processed_per_step(parse_tree(paths), "all"),
-                         pass_cost=lambda paths, c: FirpDecoder.pass_cost(parse_tree(paths), "all", [layer] * 3, 30, c))
+        d = firp(layer)
+        return pick_tree(table, curve, lambda paths: d.processed(parse_tree(paths)),
+                         pass_cost=lambda paths, c: d.pass_cost(parse_tree(paths), c))
 
     early, late = pick(0), pick(27)
     assert early["draft_size"] < late["draft_size"]
     tree = parse_tree([[0], [1], [0, 0], [2]])
-    assert FirpDecoder.pass_cost(tree, "all", [0, 0], 30, curve) == pytest.approx(
-        curve(FirpDecoder.processed_per_step(tree, "all")))  # from layer 0: the plain count
+    assert firp(0).pass_cost(tree, curve) == pytest.approx(curve(firp(0).processed(tree)))  # from layer 0: the plain count
 
 
 def test_draft_overhead_tilts_the_pick_to_bigger_trees():
@@ -158,10 +181,12 @@ def test_auto_adds_the_timed_draft_probe(tmp_path, monkeypatch):
 
     monkeypatch.setenv("SPECDEC_HARNESS_CACHE", str(tmp_path))
     engine = Engine(tiny_model("llama"))
-    probe = object()
-    monkeypatch.setattr(cost, "relative_call_cost", lambda eng, fn: 0.5 if fn is probe else pytest.fail("no probe"))
-    _, choice = resolve_tree("auto", {"tree_search": TABLE}, "3x1", engine, "tiny-probe", lambda p: 1 + len(p),
-                             max_depth=3, draft_probe=probe)
+    import methods.core.static_tree as static_tree
+
+    method = Probed(engine, SimpleNamespace(tree="auto"), model_name="tiny-probe")
+    monkeypatch.setattr(static_tree, "relative_call_cost",
+                        lambda eng, fn: 0.5 if fn == method.draft_probe else pytest.fail("no probe"))
+    _, choice = method.resolve_tree("auto", {"tree_search": TABLE})
     curve = CostCurve(tuple(choice["cost_curve"]["sizes"]), tuple(choice["cost_curve"]["ratios"]))
     assert choice["draft_overhead"] == 0.5
     assert [c["cost"] for c in choice["candidates"]] == pytest.approx([curve(1 + t["size"]) + 0.5 for t in TABLE],
@@ -174,8 +199,7 @@ def test_auto_measures_once_caches_and_falls_back(tmp_path, monkeypatch):
     monkeypatch.setenv("SPECDEC_HARNESS_CACHE", str(tmp_path))
     monkeypatch.setattr(cost, "LOADED_SHARE", 2.0)  # cached even if other work shares the machine now
     engine = Engine(tiny_model("llama"))
-    spec, choice = resolve_tree("auto", {"tree_search": TABLE, "default_tree": "2x1"}, "3x1", engine,
-                                "tiny-cost", lambda p: 1 + len(p), max_depth=3)
+    spec, choice = resolve("auto", {"tree_search": TABLE, "default_tree": "2x1"}, engine, "tiny-cost")
     assert choice is not None and spec == choice["paths"]
     saved = list((tmp_path / "cost").glob("*.json"))
     assert len(saved) == 1 and json.loads(saved[0].read_text())["ratios"][0] == 1.0
@@ -186,13 +210,13 @@ def test_auto_measures_once_caches_and_falls_back(tmp_path, monkeypatch):
     monkeypatch.setattr(cost, "measure", lambda *a, **k: pytest.fail("re-measured"))
     assert cost_curve(engine, "tiny-cost", tmp_path).as_dict()["ratios"] == choice["cost_curve"]["ratios"]
     # trained / explicit trees and configs without a table skip the measurement
-    assert resolve_tree("trained", {"tree_search": TABLE, "default_tree": "2x1"}, "3x1", engine, "t",
-                        len, 3) == ("2x1", None)
-    assert resolve_tree("auto", {"default_tree": "2x1"}, "3x1", engine, "t", len, 3) == ("2x1", None)
-    assert resolve_tree("4x1", {}, "3x1", engine, "t", len, 3) == ("4x1", None)
+    assert resolve("trained", {"tree_search": TABLE, "default_tree": "2x1"}, engine, "t") == ("2x1", None)
+    assert resolve("auto", {"default_tree": "2x1"}, engine, "t") == ("2x1", None)
+    assert resolve("trained", {}, engine, "t") == (Probed.default_tree, None)
+    assert resolve("4x1", {}, engine, "t") == ("4x1", None)
     # trees deeper than the heads are never candidates
     deep = [*TABLE, {"size": 3, "expected_accepted_length": 9.0, "paths": [[0], [0, 0], [0, 0, 0, 0]]}]
-    _, choice = resolve_tree("auto", {"tree_search": deep}, "3x1", engine, "tiny-cost", len, 3)
+    _, choice = resolve("auto", {"tree_search": deep}, engine, "tiny-cost")
     assert all(c["expected_accepted_length"] < 9 for c in choice["candidates"])
 
 

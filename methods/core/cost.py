@@ -257,44 +257,6 @@ def pick_tree(candidates: Sequence[dict[str, Any]], curve: CostCurve,
             "best_predicted_speedup": top, "cost_curve": curve.as_dict()}
 
 
-TREE_AUTO, TREE_TRAINED = "auto", "trained"
-TREE_HELP = ("auto (default: the trained tree of the highest predicted speedup on this hardware's measured "
-             "verify cost, or plain steps where none beats vanilla), trained (the trainer's default, always "
-             "drafting), top-k per depth (4x2x1), JSON paths, or a JSON file")
-
-
-def resolve_tree(option_value: str | None, weights_config: dict[str, Any], fallback: str, engine: Any,
-                 model_name: str, processed: Callable[[list[list[int]]], int],
-                 max_depth: int, draft_probe: Callable[[], Any] | None = None,
-                 pass_cost: PassCost | None = None) -> tuple[Any, dict[str, Any] | None]:
-    """The tree spec a static-tree method runs with, and the cost-fitted choice behind it (or None).
-
-    ``auto`` needs the trainer's ``tree_search`` table in the weights' config.json; without one
-    (upstream heads, older files) it falls back to the trained default tree. ``draft_probe``
-    runs one step's drafting work outside the pass; its measured cost joins the prediction.
-    The choice's ``fitted`` record says whether any tree is predicted to beat a plain step:
-    where none is, the method takes plain steps (``methods.core.fitting``)."""
-    from methods.core.files import cache_root
-    from methods.core.fitting import fitted
-
-    value = option_value or TREE_AUTO
-    trained = weights_config.get("default_tree") or fallback
-    if value == TREE_TRAINED:
-        return trained, None
-    if value != TREE_AUTO:
-        return value, None
-    table = [c for c in weights_config.get("tree_search") or []
-             if c.get("paths") and max(len(p) for p in c["paths"]) <= max_depth]
-    if not table:
-        return trained, None
-    curve = cost_curve(engine, model_name, cache_root())
-    overhead = relative_call_cost(engine, draft_probe) if draft_probe is not None else 0.0
-    choice = pick_tree(table, curve, processed, overhead, pass_cost)
-    choice["fitted"] = fitted(choice["best_predicted_speedup"], f"the {choice['draft_size']}-node tree",
-                              basis="the trainer's accepted length per tree and this machine's measured costs")
-    return choice["paths"], choice
-
-
 def _median_ratio(engine: Any, variant: Callable[[int], Any], context: int, rounds: int) -> float:
     """Median time of ``variant(round)`` over a plain one-token forward after ``context`` cached
     tokens, the two interleaved round by round so drift in clock or load hits both alike."""

@@ -29,6 +29,7 @@ from methods.core.options import NoOptions, parse_options
 from methods.core.timing import StepClock
 from methods.core.tree import TreeLayout, chain_layout
 from methods.core.verify import Acceptance, accept_greedy, accept_sampled, target_probs
+from methods.core.weights import WeightsLocator
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ class Decoder:
 
     name: ClassVar[str] = "?"
     Options: ClassVar[type] = NoOptions
+    weights: ClassVar[WeightsLocator | None] = None  # a trained method's weights: shipped, or given by an option
 
     def __init__(self, engine: Engine, options: Any = None, *, model_name: str = "", **raw: Any) -> None:
         """``options`` is the method's typed options; keyword arguments are parsed into them instead."""
@@ -149,6 +151,8 @@ class Decoder:
     @classmethod
     def check_ready(cls, model_name: str, options: Any) -> None:
         """Raise ``UserError`` before the model loads if the method lacks something (weights, a skip set)."""
+        if cls.weights is not None:
+            cls.weights.check(model_name, options)
 
     def step_capacity(self) -> int:
         """Most tokens one step writes to the cache (layout nodes + ephemeral tokens)."""

@@ -49,6 +49,7 @@ from methods.core.options import option
 from methods.core.tree import TreeLayout, chain_layout
 from methods.core.verify import Acceptance
 from methods.core.training import training_summary
+from methods.core.weights import WeightsLocator
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # one folder per model name
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -119,11 +120,6 @@ def load_head(path: Path, target: Engine) -> tuple[EagleHead, dict[str, Any]]:
     return head, config
 
 
-def shipped_head(model_name: str) -> Path | None:
-    path = WEIGHTS_DIR / model_name
-    return path if any((path / f).is_file() for f in WEIGHT_FILES) else None
-
-
 AUTO = "auto"
 PRIOR_ACCEPTANCE = 0.5  # per level, for a head whose config.json carries no validated chain
 CONTEXT = 128  # cached tokens behind the timed head pass
@@ -159,13 +155,11 @@ class EagleDecoder(Decoder):
     """EAGLE-2: a one-layer feature-level draft head with its own KV cache and a dynamic draft tree."""
 
     Options = EagleOptions
+    weights = WeightsLocator("eagle", "head", "EAGLE head", WEIGHTS_DIR, TRAIN_HINT, files=WEIGHT_FILES)
 
     def setup(self) -> None:
         engine, opts = self.engine, self.options
-        path = Path(opts.head) if opts.head else shipped_head(self.model_name)
-        if path is None:
-            raise UserError(f"no EAGLE head for model {self.model_name!r}; train one with: "
-                            + TRAIN_HINT.format(model=self.model_name) + " and pass --method-option eagle.head=DIR")
+        path = Path(self.weights.locate(self.model_name, opts))
         self.head_path = path
         self.head, self.head_config = load_head(path, engine)
         self.head.to(device=engine.device, dtype=engine.dtype).eval().requires_grad_(False)
@@ -209,12 +203,6 @@ class EagleDecoder(Decoder):
     def scale(self) -> float:
         """Accepted drafts per unit of predicted node value so far (1 before any evidence)."""
         return (self.accepted + 2.0) / (self.predicted + 2.0)
-
-    @classmethod
-    def check_ready(cls, model_name: str, options: EagleOptions) -> None:
-        if not options.head and shipped_head(model_name) is None:
-            raise UserError(f"no trained EAGLE head for model {model_name!r}; train one with: "
-                            + TRAIN_HINT.format(model=model_name) + " and pass --method-option eagle.head=DIR")
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "head": str(self.head_path),

@@ -127,10 +127,10 @@ def sweep_layers(model: Any, tokenizer: Any, data: list[dict[str, Any]], base: T
 
 def analyze(args: dict[str, Any], toolkit: Toolkit) -> dict[str, Any]:
     """``harness analyze firp``: ``args`` holds model, weights, compare, data, out, sequences, device."""
-    from methods.firp.decoder import load_firp, shipped_weights
+    from methods.firp.decoder import FirpDecoder, load_firp
 
     model_name = args["model"]
-    path = Path(args["weights"]) if args.get("weights") else shipped_weights(model_name)
+    path = Path(args["weights"]) if args.get("weights") else FirpDecoder.weights.shipped(model_name)
     if path is None:
         raise UserError(f"no FIRP weights for {model_name!r}; pass --weights DIR (from `harness train firp`)")
     if not args.get("data"):

@@ -33,14 +33,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from methods.core.decoder import Decoder, Draft
+from methods.core.cost import CostCurve, layered_cost
+from methods.core.decoder import Draft
 from methods.core.engine import ForwardOutput, Injection
 from methods.core.errors import UserError, first_line
 from methods.core.options import option
-from methods.core.cost import TREE_AUTO, TREE_HELP, TREE_TRAINED, layered_cost, resolve_tree
-from methods.core.tree import TreeLayout, chain_layout, parse_tree
+from methods.core.static_tree import StaticTreeDecoder, check_tree_option, tree_option
+from methods.core.tree import Tree, chain_layout
 from methods.core.verify import Acceptance
 from methods.core.training import training_summary
+from methods.core.weights import WeightsLocator
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TRAIN_HINT = ("python -m harness train firp --model {model} --data ../shared/data/gsm8k/train.jsonl "
@@ -209,51 +211,35 @@ def load_firp(path: Path, hidden: int) -> tuple[FirpMaps, dict[str, Any]]:
     return maps, config
 
 
-def shipped_weights(model_name: str) -> Path | None:
-    path = WEIGHTS_DIR / model_name
-    return path if (path / "firp.safetensors").is_file() else None
-
-
 @dataclass(frozen=True)
 class FirpOptions:
     weights: str | None = option(None, help="FIRP maps folder (default: shipped)")
-    tree: str = option(TREE_AUTO, help=TREE_HELP)
+    tree: str = tree_option()
     chains: str = option("all", choices=("all", "spine"), help="tree nodes that carry pseudo chains")
 
     def validate(self) -> None:
-        if self.tree not in (TREE_AUTO, TREE_TRAINED):
-            parse_tree(self.tree)
+        check_tree_option(self.tree)
         if self.weights is not None and not (Path(self.weights) / "firp.safetensors").is_file():
             raise UserError(f"FIRP weights not found in {self.weights} (expected firp.safetensors + config.json "
                             "from `harness train firp`)")
 
 
-class FirpDecoder(Decoder):
+class FirpDecoder(StaticTreeDecoder):
     """FIRP pseudo hidden states at an intermediate layer; drafts ride along the verify pass."""
 
     Options = FirpOptions
     default_tree = "3x2x1"
+    depth_noun = "FIRP pseudo steps (K)"
+    weights = WeightsLocator("firp", "weights", "FIRP maps", WEIGHTS_DIR, TRAIN_HINT, files=("firp.safetensors",))
 
     def setup(self) -> None:
         engine, opts = self.engine, self.options
-        path = Path(opts.weights) if opts.weights else shipped_weights(self.model_name)
-        if path is None:
-            raise UserError(f"no FIRP weights for model {self.model_name!r}; train them with: "
-                            + TRAIN_HINT.format(model=self.model_name) + " and pass --method-option firp.weights=DIR")
+        path = Path(self.weights.locate(self.model_name, opts))
         self.weights_path = path
         self.maps, self.weights_config = load_firp(path, engine.config.hidden_size)
         self.maps.to(device=engine.device, dtype=engine.dtype).eval().requires_grad_(False)
-        self.tree_spec, self.tree_choice = resolve_tree(
-            opts.tree, self.weights_config, self.default_tree, engine, self.model_name,
-            lambda paths: self.processed_per_step(parse_tree(paths), opts.chains), self.maps.K,
-            lambda: torch.topk(torch.zeros(self.maps.K, engine.config.vocab_size, device=engine.device), 4, dim=-1),
-            lambda paths, curve: self.pass_cost(parse_tree(paths), opts.chains, self.maps.layers,
-                                                engine.num_layers, curve))
-        self.tree = parse_tree(self.tree_spec)
-        if self.tree.max_depth > self.maps.K:
-            raise UserError(f"tree depth {self.tree.max_depth} exceeds FIRP's K={self.maps.K} pseudo steps")
-        self.layout = TreeLayout.from_tree(self.tree, engine)
-        self.candidate_index = self.tree.candidate_index.to(engine.device)
+        self.draft_depth = self.maps.K
+        self.choose_tree(self.weights_config)
         self.trained_K = self.maps.K
         self.maps = self.maps.truncated(self.tree.max_depth)
         if opts.chains == "all":
@@ -267,40 +253,32 @@ class FirpDecoder(Decoder):
         self.root_plan = build_plan(self.maps, torch.ones((1, 1), dtype=torch.bool), [0])
         self.root_rows = torch.tensor(self.root_plan.rows_of(0, K), device=device)
         self.root_layout = chain_layout(0, engine)
-        # ``auto`` where no tree is predicted to beat vanilla: plain steps, no pseudo tokens
-        self.fitted = self.tree_choice["fitted"] if self.tree_choice else None
-        self.drafting = self.fitted is None or self.fitted["drafting"]
 
     @staticmethod
-    def chain_carriers(tree: Any, chains: str) -> int:
+    def chain_carriers(tree: Tree, chains: str) -> int:
         """Nodes that carry a pseudo chain: every node, or the root and the all-top-1 spine."""
         return tree.size if chains == "all" else 1 + sum(1 for p in tree.paths if all(c == 0 for c in p))
 
-    @classmethod
-    def processed_per_step(cls, tree: Any, chains: str) -> int:
+    def processed(self, tree: Tree) -> int:
         """Tokens one FIRP target pass runs: the tree plus K' pseudo tokens per chain-carrying node."""
-        return tree.size + cls.chain_carriers(tree, chains) * tree.max_depth
+        return tree.size + self.chain_carriers(tree, self.options.chains) * tree.max_depth
 
-    @classmethod
-    def pass_cost(cls, tree: Any, chains: str, layers: Sequence[int], num_layers: int, curve: Any) -> float:
-        """The pass's cost on the measured curve: the tree runs every layer, pseudo step k's
-        tokens (one per chain-carrying node) only from its map's layer on."""
-        anchors = cls.chain_carriers(tree, chains)
-        return layered_cost(curve, num_layers, tree.size, [(layers[k], anchors) for k in range(tree.max_depth)])
+    def pass_cost(self, tree: Tree, curve: CostCurve) -> float:
+        """The tree runs every layer, pseudo step k's tokens (one per chain-carrying node) only
+        from its map's layer on."""
+        anchors = self.chain_carriers(tree, self.options.chains)
+        return layered_cost(curve, self.engine.num_layers, tree.size,
+                            [(self.maps.layers[k], anchors) for k in range(tree.max_depth)])
 
-    @classmethod
-    def check_ready(cls, model_name: str, options: FirpOptions) -> None:
-        if not options.weights and shipped_weights(model_name) is None:
-            raise UserError(f"no trained FIRP weights for model {model_name!r}; train them with: "
-                            + TRAIN_HINT.format(model=model_name) + " and pass --method-option firp.weights=DIR")
+    def draft_probe(self) -> None:
+        """The drafting work outside the pass: the top-k over the pseudo tokens' logits (their
+        LM head rides in the pass's own call)."""
+        torch.topk(torch.zeros(self.maps.K, self.engine.config.vocab_size, device=self.engine.device), 4, dim=-1)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "weights": str(self.weights_path), "tree": self.tree_spec,
+        return {**super().describe(), "weights": str(self.weights_path), **self.tree_record(),
                 **self.maps.config(), "K": self.trained_K, "steps_used": self.maps.K,
-                "draft_size": self.tree.draft_size if self.drafting else 0,
                 "pseudo_tokens_per_step": len(self.plan.anchors) * self.maps.K if self.drafting else 0,
-                "tree_paths": [list(p) for p in self.tree.paths],
-                **({"tree_choice": self.tree_choice, "fitted": self.fitted} if self.tree_choice else {}),
                 "training": training_summary(self.weights_config)}
 
     def step_capacity(self) -> int:

@@ -24,14 +24,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from methods.core.decoder import Decoder, Draft
+from methods.core.decoder import Draft
 from methods.core.engine import ForwardOutput
 from methods.core.errors import UserError, first_line
 from methods.core.options import option
-from methods.core.cost import TREE_AUTO, TREE_HELP, TREE_TRAINED, resolve_tree
-from methods.core.tree import TreeLayout, chain_layout, parse_tree
+from methods.core.static_tree import StaticTreeDecoder, check_tree_option, tree_option
+from methods.core.tree import chain_layout
 from methods.core.verify import Acceptance
 from methods.core.training import training_summary
+from methods.core.weights import WeightsLocator
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # one folder per model name
 HEAD_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")  # upstream medusa_lm_head checkpoints
@@ -109,19 +110,13 @@ def load_heads(path: Path, hidden: int, vocab: int) -> tuple[MedusaHeads, dict[s
     return heads, config
 
 
-def shipped_heads(model_name: str) -> Path | None:
-    path = WEIGHTS_DIR / model_name
-    return path if (path / "heads.safetensors").is_file() else None
-
-
 @dataclass(frozen=True)
 class MedusaOptions:
     heads: str | None = option(None, help="heads folder or upstream medusa_lm_head file (default: shipped)")
-    tree: str = option(TREE_AUTO, help=TREE_HELP)
+    tree: str = tree_option()
 
     def validate(self) -> None:
-        if self.tree not in (TREE_AUTO, TREE_TRAINED):
-            parse_tree(self.tree)
+        check_tree_option(self.tree)
         if self.heads is not None:
             check_heads_path(Path(self.heads))
 
@@ -138,49 +133,30 @@ def check_heads_path(path: Path) -> None:
                         "or a heads folder from `harness train medusa`)")
 
 
-class MedusaDecoder(Decoder):
+class MedusaDecoder(StaticTreeDecoder):
     """Medusa-1 heads on the last hidden state; tree verification in one target pass per step."""
 
     Options = MedusaOptions
     default_tree = "4x2x1"
+    depth_noun = "Medusa heads"
+    weights = WeightsLocator("medusa", "heads", "Medusa heads", WEIGHTS_DIR, TRAIN_HINT, files=("heads.safetensors",))
 
     def setup(self) -> None:
         engine, opts = self.engine, self.options
-        path = Path(opts.heads) if opts.heads else shipped_heads(self.model_name)
-        if path is None:
-            raise UserError(f"no Medusa heads for model {self.model_name!r}; train them with: "
-                            + TRAIN_HINT.format(model=self.model_name) + " and pass --method-option medusa.heads=DIR")
+        path = Path(self.weights.locate(self.model_name, opts))
         cfg = engine.config
         self.heads_path = path
         self.heads, self.head_config = load_heads(path, cfg.hidden_size, cfg.vocab_size)
         self.heads.to(device=engine.device, dtype=engine.dtype).eval().requires_grad_(False)
-        self.tree_spec, self.tree_choice = resolve_tree(
-            opts.tree, self.head_config, self.default_tree, engine, self.model_name,
-            lambda paths: 1 + len(paths), self.heads.num_heads, self._draft_probe)
-        self.tree = parse_tree(self.tree_spec)
-        if self.tree.max_depth > self.heads.num_heads:
-            raise UserError(f"tree depth {self.tree.max_depth} exceeds the {self.heads.num_heads} Medusa heads")
-        self.layout = TreeLayout.from_tree(self.tree, engine)
-        self.candidate_index = self.tree.candidate_index.to(engine.device)
-        # ``auto`` where no tree is predicted to beat vanilla: plain steps, the heads never run
-        self.fitted = self.tree_choice["fitted"] if self.tree_choice else None
-        self.drafting = self.fitted is None or self.fitted["drafting"]
-
-    @classmethod
-    def check_ready(cls, model_name: str, options: MedusaOptions) -> None:
-        if not options.heads and shipped_heads(model_name) is None:
-            raise UserError(f"no trained Medusa heads for model {model_name!r}; train them with: "
-                            + TRAIN_HINT.format(model=model_name) + " and pass --method-option medusa.heads=DIR")
+        self.draft_depth = self.heads.num_heads
+        self.choose_tree(self.head_config)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "heads": str(self.heads_path), "tree": self.tree_spec,
+        return {**super().describe(), "heads": str(self.heads_path), **self.tree_record(),
                 "num_heads": self.heads.num_heads, "layout": self.heads.layout,
-                "draft_size": self.tree.draft_size if self.drafting else 0,
-                "tree_paths": [list(p) for p in self.tree.paths],
-                **({"tree_choice": self.tree_choice, "fitted": self.fitted} if self.tree_choice else {}),
                 "training": training_summary(self.head_config)}
 
-    def _draft_probe(self) -> None:
+    def draft_probe(self) -> None:
         """One step's drafting work (heads, their LM head, top-k), timed by the tree choice."""
         hidden = torch.zeros(self.engine.config.hidden_size, device=self.engine.device, dtype=self.engine.dtype)
         torch.topk(self.heads(hidden, self.engine.lm_head), 4, dim=-1)

@@ -38,16 +38,12 @@ from methods.core.engine import ForwardOutput
 from methods.core.errors import UserError
 from methods.core.options import option
 from methods.core.tree import chain_layout
+from methods.core.weights import WeightsLocator
 from methods.core.verify import Acceptance
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TUNE_HINT = ("python -m harness tune self_spec --model {model} --data ../shared/data/gsm8k/train.jsonl "
              "../shared/data/boolq/dev.jsonl --out skip.json")
-
-
-def shipped_skip_set(model_name: str) -> Path | None:
-    path = WEIGHTS_DIR / f"{model_name}.json"
-    return path if path.is_file() else None
 
 
 def load_skip_set(value: Any) -> dict[str, list[int]]:
@@ -89,14 +85,12 @@ class SelfSpeculativeDecoder(Decoder):
     """Draft & Verify: the model with skipped sublayers drafts, the full model verifies."""
 
     Options = SelfSpecOptions
+    weights = WeightsLocator("self_spec", "skip", "self_spec skip set", WEIGHTS_DIR, TUNE_HINT, suffix=".json",
+                             placeholder="FILE")
 
     def setup(self) -> None:
         opts = self.options
-        source = opts.skip if opts.skip is not None else shipped_skip_set(self.model_name)
-        if source is None:
-            raise UserError(f"no self_spec skip set for model {self.model_name!r}; search one with: "
-                            + TUNE_HINT.format(model=self.model_name) + " and pass --method-option self_spec.skip=FILE")
-        self.skip = load_skip_set(source)
+        self.skip = load_skip_set(self.weights.locate(self.model_name, opts))
         n = self.engine.num_layers
         bad = [i for i in self.skip["attention"] + self.skip["mlp"] if not 0 <= i < n]
         if bad:
@@ -114,12 +108,6 @@ class SelfSpeculativeDecoder(Decoder):
             self.draft_cost = relative_step_cost(self.engine, skip_attention=self._skip_attn,
                                                  skip_mlp=self._skip_mlp)
             self.verify_cost = cost_curve(self.engine, self.model_name, cache_root())
-
-    @classmethod
-    def check_ready(cls, model_name: str, options: SelfSpecOptions) -> None:
-        if options.skip is None and shipped_skip_set(model_name) is None:
-            raise UserError(f"no self_spec skip set for model {model_name!r}; search one with: "
-                            + TUNE_HINT.format(model=model_name) + " and pass --method-option self_spec.skip=FILE")
 
     def describe(self) -> dict[str, Any]:
         extra = {"draft_step_cost": round(self.draft_cost, 4)} if self.options.policy == "cost" else {}

@@ -83,7 +83,7 @@ def tune(args: dict[str, Any], toolkit: Toolkit) -> dict[str, Any]:
 
 def tune_self_spec(config: TuneConfig, toolkit: Toolkit) -> dict[str, Any]:
     from methods.core.tuning import prepare, require_optuna, tokens_per_s
-    from methods.self_spec.decoder import SelfSpeculativeDecoder, shipped_skip_set
+    from methods.self_spec.decoder import SelfSpeculativeDecoder
     from methods.vanilla import VanillaDecoder
 
     optuna = require_optuna()
@@ -105,7 +105,7 @@ def tune_self_spec(config: TuneConfig, toolkit: Toolkit) -> dict[str, Any]:
 
     vanilla_tps = speed(VanillaDecoder(engine))
     print(f"vanilla: {vanilla_tps:.1f} tokens/s on {len(prompts)} training prompts", file=sys.stderr)
-    shipped = shipped_skip_set(config.model)
+    shipped = SelfSpeculativeDecoder.weights.shipped(config.model)
     shipped_tps = speed(drafter(str(shipped))) if shipped else None
     if shipped_tps:
         print(f"shipped skip set: {shipped_tps:.1f} tokens/s ({shipped_tps / vanilla_tps:.2f}x)", file=sys.stderr)

@@ -39,6 +39,7 @@ from methods.core.options import option
 from methods.core.tree import chain_layout
 from methods.core.verify import Acceptance
 from methods.core.training import training_summary
+from methods.core.weights import WeightsLocator
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # one folder per target model name
 LAYERS_FILE = "draft_layers.safetensors"
@@ -113,11 +114,6 @@ def load_hf_draft(path: Path, target: Any) -> nn.Module:
     return draft
 
 
-def shipped_draft(model_name: str) -> Path | None:
-    path = WEIGHTS_DIR / model_name
-    return path if (path / LAYERS_FILE).is_file() else None
-
-
 AUTO = "auto"
 AUTO_MAX_GAMMA = 12
 PRIOR_ACCEPTANCE = 0.6  # per draft token, for a draft whose config.json carries no validation
@@ -168,13 +164,11 @@ class SpsDecoder(Decoder):
     """Speculative decoding with a small draft model on its own engine and cache."""
 
     Options = SpsOptions
+    weights = WeightsLocator("sps", "draft", "SpS draft", WEIGHTS_DIR, TRAIN_HINT, files=(LAYERS_FILE,))
 
     def setup(self) -> None:
         engine, opts = self.engine, self.options
-        path = Path(opts.draft) if opts.draft else shipped_draft(self.model_name)
-        if path is None:
-            raise UserError(f"no SpS draft for model {self.model_name!r}; train one with: "
-                            + TRAIN_HINT.format(model=self.model_name) + " or pass --method-option sps.draft=DIR")
+        path = Path(self.weights.locate(self.model_name, opts))
         self.draft_path = path
         if (path / LAYERS_FILE).is_file():
             draft, self.draft_config = load_layers_only(path, engine.model)
@@ -218,12 +212,6 @@ class SpsDecoder(Decoder):
         """This step's γ: the best one at the current α, or 0 (a plain step) while none beats vanilla."""
         gamma, rate = best_gamma(self.acceptance(), self.draft_cost, self.curve, self.max_gamma, least=1)
         return 0 if self.backoff.plain(rate >= PLAIN_RATE) else gamma
-
-    @classmethod
-    def check_ready(cls, model_name: str, options: SpsOptions) -> None:
-        if not options.draft and shipped_draft(model_name) is None:
-            raise UserError(f"no SpS draft for model {model_name!r}; train one with: "
-                            + TRAIN_HINT.format(model=model_name) + " or pass --method-option sps.draft=DIR")
 
     def describe(self) -> dict[str, Any]:
         de = self.draft_engine

@@ -1,0 +1,57 @@
+"""Where a trained method finds its weights: the path its option gives, or the shipped entry.
+
+Every trained method (Medusa heads, FIRP maps, the EAGLE head, the SpS draft, self_spec's
+skip set) answers the same question twice: before the model loads (``check_ready``, so a
+missing file is a one-line error and exit 2, not a stack trace after a minute of loading)
+and when it sets up. One locator answers both, with one message that names the option to
+set and the command that makes the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from methods.core.errors import UserError
+
+
+@dataclass(frozen=True)
+class WeightsLocator:
+    """``folder`` holds one shipped entry per model name (``<model><suffix>``); an entry counts
+    as shipped when it holds any of ``files`` (or, with no ``files``, when it is a file)."""
+
+    method: str               # the method's registry name, for the option's full name
+    option: str               # the option that gives weights instead of the shipped ones
+    noun: str                 # what the weights are, for the message ("Medusa heads")
+    folder: Path
+    make: str                 # the command that makes them; ``{model}`` is the model name
+    files: tuple[str, ...] = ()
+    suffix: str = ""
+    placeholder: str = "DIR"  # what the option takes, for the message
+
+    def shipped(self, model_name: str) -> Path | None:
+        entry = self.folder / f"{model_name}{self.suffix}"
+        if self.files:
+            return entry if any((entry / f).is_file() for f in self.files) else None
+        return entry if entry.is_file() else None
+
+    def given(self, options: Any) -> str | None:
+        value = getattr(options, self.option)
+        return None if value is None or value == "" else str(value)
+
+    def locate(self, model_name: str, options: Any) -> Path | str:
+        """The option's value as given (its own validation reads it), else the shipped entry."""
+        value = self.given(options)
+        if value is not None:
+            return value
+        shipped = self.shipped(model_name)
+        if shipped is None:
+            raise UserError(f"no {self.noun} for model {model_name!r}; make them with: "
+                            f"{self.make.format(model=model_name)} and pass "
+                            f"--method-option {self.method}.{self.option}={self.placeholder}")
+        return shipped
+
+    def check(self, model_name: str, options: Any) -> None:
+        """``locate`` without using the result: the pre-load check."""
+        self.locate(model_name, options)
