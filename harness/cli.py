@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--repeats", type=_int, default=d.repeats,
                      help="timed rounds per example and method, interleaved; the round with the median time per "
                           f"token is kept (default: {d.repeats}). Use 3 or more to decide speedups near 1.0 on a noisy machine")
+    run.add_argument("--costs-from", default=None, metavar="FILE",
+                     help="replay the measured costs (verify-cost curve, drafting costs) of a baseline JSON, a run's "
+                          "manifest.json or run folder instead of measuring them: `auto` trees and the cost policies "
+                          "then choose as on that machine (the CI gate replays its baseline's)")
     run.add_argument("--data-dir", default=None, help="folder with <suite>/<file> data (e.g. ../shared/data)")
     run.add_argument("--task-path", action="append", default=[], metavar="SUITE=FILE",
                      help="a suite's data file in another layout (repeatable)")
@@ -225,15 +229,21 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("-o", "--output", required=True, metavar="FILE", help="baseline JSON to write")
 
     check = sub.add_parser("check", help="compare a run to a baseline; exit 1 on regression", description=(
-        "Fails (exit 1) when mean accepted length, exact match or Rouge-2 drop beyond their tolerance, or "
-        "speedup falls below a fraction of the baseline's."))
+        "Fails (exit 1) when a method's token ids differ from the baseline's, exact match or Rouge-2 drop; "
+        "when the run replayed the baseline's costs (run --costs-from BASELINE), when any counter (accepted, "
+        "draft and processed tokens and host synchronisations per step, forwards per token) or a choice made "
+        "at setup changed; and, against a baseline from the same machine, when the speedups divided by the "
+        "baseline's, example by example, have an interval wholly below 1 - --speed-margin."))
     check.add_argument("run_dir", metavar="RUN_DIR")
     check.add_argument("--baseline", required=True, metavar="FILE")
     check.add_argument("--tol-accepted-length", type=_float, default=0.01, help="absolute drop allowed (0.01)")
     check.add_argument("--tol-exact-match", type=_float, default=0.0, help="absolute drop allowed (0.0)")
     check.add_argument("--tol-rouge2", type=_float, default=0.005, help="absolute drop allowed (0.005)")
-    check.add_argument("--speedup-floor", type=_float, default=0.5,
-                       help="speedup must stay >= this fraction of the baseline's (0.5; timing is noisy)")
+    check.add_argument("--speed-margin", type=_float, default=0.05,
+                       help="how far below 1 the interval of the paired speedup ratios must end to fail (0.05)")
+    check.add_argument("--speedup-floor", type=_float, default=None,
+                       help="instead of the paired ratios: speedup must stay >= this fraction of the baseline's, "
+                            "on any machine")
     check.add_argument("--force", action="store_true", help="compare even if the task hashes differ")
     return parser
 
@@ -257,7 +267,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         baseline=not args.no_baseline,
         shard=parse_shard(args.shard) if args.shard is not None else None, executor=args.executor,
         ray_address=args.ray_address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-        threads_per_worker=args.threads_per_worker,
+        threads_per_worker=args.threads_per_worker, costs_from=args.costs_from,
     )
     out = execute(config)
     print_summary(out)
@@ -355,15 +365,17 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     baseline = read_baseline(Path(args.baseline))
     run_dir = Path(args.run_dir)
-    findings = compare(baseline, run_dir, Tolerances(
-        args.tol_accepted_length, args.tol_exact_match, args.tol_rouge2, args.speedup_floor), force=args.force)
+    findings, notes = compare(baseline, run_dir, Tolerances(
+        args.tol_accepted_length, args.tol_exact_match, args.tol_rouge2, speed_margin=args.speed_margin,
+        speedup_floor=args.speedup_floor),
+        force=args.force)
     note = machine_note(baseline_machine(baseline), machine_of(read_manifest(run_dir)), "the baseline and the run")
-    if note:
-        print(note)
+    for line in ([note] if note else []) + notes:
+        print(line)
     table = Table(title=f"check {run_dir} against {args.baseline}", title_justify="left")
     for col in ("method", "task", "metric", "baseline", "current", "limit", "status"):
         table.add_column(col)
-    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    fmt = lambda v: "-" if v is None else v if isinstance(v, str) else f"{v:.4f}"  # noqa: E731
     for f in findings:
         table.add_row(f.method, f.task, f.metric, fmt(f.baseline), fmt(f.current), fmt(f.limit),
                       "[green]ok[/]" if f.ok else "[bold red]REGRESSION[/]")

@@ -106,6 +106,7 @@ class DecodeSpec:
     seed: int
     repeats: int
     warmup: int
+    costs: dict[str, Any] | None = None  # a cost record to use instead of measuring (``--costs-from``)
 
 
 @dataclass
@@ -138,6 +139,7 @@ class RunConfig:
     gpus_per_worker: float = 0.0
     threads_per_worker: int | None = None  # torch threads per actor (default: this machine's cores // workers)
     chosen_methods: bool = False  # the methods were picked by ready_methods (no --methods): say so
+    costs_from: str | None = None  # a baseline, a manifest or a run folder whose measured costs to replay
 
     @classmethod
     def first_run_or_given(cls, methods: list[str] | None, limit: int | None, max_new_tokens: int | None,
@@ -169,14 +171,38 @@ class RunConfig:
         identity = {k: getattr(self, k) for k in keep}
         if self.repeats != 1:  # a median of rounds is another measurement; absent at 1, so older runs still resume
             identity["repeats"] = self.repeats
+        costs = self.pinned_costs()
+        if costs is not None:  # replayed costs decide what the fitted methods draft
+            identity["pinned_costs"] = hashlib.sha256(json.dumps(costs, sort_keys=True).encode()).hexdigest()[:8]
         return identity
+
+    def pinned_costs(self) -> dict[str, Any] | None:
+        """The cost record ``--costs-from`` names (``methods.core.cost.recording_costs``), or None."""
+        if self.costs_from is None:
+            return None
+        from pathlib import Path
+
+        from base.files import read_json
+        from methods.core.cost import check_cost_record
+
+        path = Path(self.costs_from)
+        if path.is_dir():
+            path = path / "manifest.json"
+        if not path.is_file():
+            raise UserError(f"--costs-from {self.costs_from}: no such file (give a baseline JSON, a run's "
+                            "manifest.json or its run folder)")
+        data = read_json(path, "give a baseline JSON, a run's manifest.json or its run folder", expect=None)
+        record = data.get("costs") if isinstance(data, dict) else None
+        if isinstance(record, dict):
+            record = {"curve": record.get("curve"), "calls": record.get("calls", {})}
+        return check_cost_record(record, f"--costs-from {self.costs_from}")
 
     def identity_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
 
     def decode_spec(self, runs: list[MethodRun]) -> DecodeSpec:
         return DecodeSpec(self.model, self.device, self.dtype, tuple(runs), self.max_new_tokens, self.temperature,
-                          self.top_p, self.seed, self.repeats, self.warmup)
+                          self.top_p, self.seed, self.repeats, self.warmup, self.pinned_costs())
 
 
 def validate(config: RunConfig) -> list[MethodRun]:
@@ -226,4 +252,5 @@ def validate(config: RunConfig) -> list[MethodRun]:
         resolve_device(config.device)  # fail fast on CUDA-less machines, before loading anything
     if config.dtype not in (*DTYPES, "auto"):
         raise UserError(f"unknown dtype {config.dtype!r}; valid dtypes: {', '.join([*DTYPES, 'auto'])}")
+    config.pinned_costs()
     return runs

@@ -16,7 +16,10 @@ Definitions follow Spec-Bench where one exists:
 * speedup over the common prefix = vanilla's time / the method's time to produce the
   tokens both emitted before their first divergence (from per-step times), which isolates
   the method from what it went on to generate;
-* memory bandwidth (as gpt-fast reports it) = weight bytes x target forwards / time.
+* memory bandwidth (as gpt-fast reports it) = weight bytes x target forwards / time;
+* host synchronisations per step = reads of tensor values on the host during ``generate``
+  (``methods.core.timing.HostSyncs``) / target forward passes: on a GPU each one stalls the
+  queue, so a step that reads more is slower there whatever a CPU run shows.
 """
 
 from __future__ import annotations
@@ -79,6 +82,8 @@ def records_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
             "processed_tokens": sum(sum(t.get("processed") or t["draft_sizes"]) for t in turns),
             "draft_time": sum(draft_times) if all(x is not None for x in draft_times) and turns else np.nan,
             "verify_time": sum(verify_times) if all(x is not None for x in verify_times) and turns else np.nan,
+            "host_syncs": (sum(t["host_syncs"] for t in turns)
+                           if turns and all(t.get("host_syncs") is not None for t in turns) else np.nan),
             "accepted": [a for t in turns for a in t["accepted"]],
             "step_times": _step_times(turns),
             "draft_sizes": [d for t in turns for d in t["draft_sizes"]],
@@ -217,6 +222,9 @@ def summarize(frame: pd.DataFrame, by: tuple[str, ...] = ("method",), weight_byt
             mean_accepted_length=new / forwards if forwards else float("nan"),
             draft_size=float(sub.draft_tokens.sum()) / forwards if forwards else float("nan"),
             processed_per_step=float(sub.processed_tokens.sum()) / forwards if forwards else float("nan"),
+            forwards_per_token=forwards / new if new else float("nan"),
+            syncs_per_step=(float(sub.host_syncs.sum()) / forwards
+                            if forwards and sub.host_syncs.notna().all() else float("nan")),
             draft_time_share=float(sub.draft_time.sum() / time_total) if sub.draft_time.notna().all() and time_total else float("nan"),
             bandwidth_gb_s=(weight_bytes * forwards / time_total / 1e9) if weight_bytes and time_total else float("nan"),
         )

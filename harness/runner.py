@@ -75,6 +75,7 @@ def run_example(decoder: Decoder, example: Example, tokenizer: Any, settings: Sh
             "draft_time": sum(gen.draft_times) if gen.draft_times else None,
             "verify_time": sum(gen.verify_times) if gen.verify_times else None,
             "stopped_by": gen.stopped_by,
+            "host_syncs": gen.host_syncs,
         })
     return _record(example, decoder, turns)
 

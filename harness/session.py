@@ -142,6 +142,13 @@ def execute(config: RunConfig) -> Path:
         return _execute_locked(config, runs, shard_examples(examples, config.shard), task_info, out, results_path)
 
 
+def merged_costs(old: dict[str, Any] | None, new: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A resumed run's cost record: what this session used, beside what earlier sessions did."""
+    if not old or not new:
+        return new or old
+    return {**old, **new, "calls": {**(old.get("calls") or {}), **(new.get("calls") or {})}}
+
+
 def _execute_locked(config: RunConfig, runs: list[MethodRun], examples: list[Example],
                     task_info: dict[str, dict[str, Any]], out: Path, results_path: Path) -> Path:
     done, old_manifest = prepare_out_dir(config, out, task_info, runs)
@@ -160,6 +167,7 @@ def _execute_locked(config: RunConfig, runs: list[MethodRun], examples: list[Exa
             "method_options": {**old_manifest.get("method_options", {}),
                                **{r.label: jsonable(r.options_dict()) for r in runs}},
             "environment": described["environment"],
+            "costs": merged_costs(old_manifest.get("costs"), described.get("costs")),
             "decode_limit": decode_limit(config, examples, described["model"], described["environment"],
                                          executor.tokenizer),
             **({"executor": summary} if summary is not None else {}),

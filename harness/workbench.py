@@ -21,6 +21,7 @@ class Workbench:
     engine: Any
     decoders: list[Any]
     settings: Any
+    costs: dict[str, Any]  # the costs the methods' setup used: measured here, or replayed (``pinned``)
 
     def describe(self) -> dict[str, Any]:
         """The manifest's model, dtype, methods and environment entries, as measured where decoding runs."""
@@ -35,6 +36,7 @@ class Workbench:
                       "step_weight_bytes": step_weight_bytes(model), "kv_bytes_per_token": kv_bytes_per_token(model)},
             "dtype": str(self.engine.dtype).removeprefix("torch."),
             "methods": {d.label: d.describe() for d in self.decoders},
+            "costs": self.costs,
             "environment": environment(self.engine.device),
         }
 
@@ -43,6 +45,7 @@ def build_workbench(spec: DecodeSpec, *, show_progress: bool = True) -> Workbenc
     """Loads the model and sets up every method (a method's setup may measure its verify cost: seconds)."""
     from harness.models import load_model
     from harness.runner import ShardSettings
+    from methods.core.cost import recording_costs
     from methods.core.engine import Engine
     from methods.core.prompts import stop_token_ids
 
@@ -51,7 +54,8 @@ def build_workbench(spec: DecodeSpec, *, show_progress: bool = True) -> Workbenc
     model, tokenizer = load_model(spec.model, device=spec.device, dtype=spec.dtype)
     engine = Engine(model)
     decoders = []
-    with bar("setting up methods", len(spec.runs), "method", disable=not show_progress) as progress:
+    with (bar("setting up methods", len(spec.runs), "method", disable=not show_progress) as progress,
+          recording_costs(spec.costs) as costs):
         for run in spec.runs:
             progress.set_postfix_str(run.label)
             decoder = get_spec(run.name).decoder(engine, run.options, model_name=spec.model)
@@ -67,4 +71,4 @@ def build_workbench(spec: DecodeSpec, *, show_progress: bool = True) -> Workbenc
         seed=spec.seed,
         repeats=spec.repeats,
     )
-    return Workbench(model, tokenizer, engine, decoders, settings)
+    return Workbench(model, tokenizer, engine, decoders, settings, {**costs, "pinned": spec.costs is not None})

@@ -142,8 +142,14 @@ def test_check_with_corrupted_baseline(capsys, tmp_path, content, message):
 
 
 def test_check_on_a_folder_that_is_not_a_run(capsys, tmp_path):
-    code, err = run_cli(["check", str(tmp_path), "--baseline", str(tmp_path / "b.json")], capsys)
-    assert code == 2 and ("not a run directory" in err or "cannot read baseline" in err)
+    """The baseline is read first: a missing one says so; with a good one, the folder's fault is named."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, err = run_cli(["check", str(empty), "--baseline", str(tmp_path / "b.json")], capsys)
+    assert code == 2 and "cannot read baseline" in err and len(err.strip().splitlines()) == 1
+    assert main(["baseline", str(_fake_run(tmp_path / "a")), "-o", str(tmp_path / "b.json")]) == 0
+    code, err = run_cli(["check", str(empty), "--baseline", str(tmp_path / "b.json")], capsys)
+    assert code == 2 and "not a run directory" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("method,command", [("medusa", "harness train medusa"), ("firp", "harness train firp")])

@@ -181,11 +181,9 @@ def test_auto_adds_the_timed_draft_probe(tmp_path, monkeypatch):
 
     monkeypatch.setenv("SPECDEC_HARNESS_CACHE", str(tmp_path))
     engine = Engine(tiny_model("llama"))
-    import methods.core.static_tree as static_tree
-
     method = Probed(engine, SimpleNamespace(tree="auto"), model_name="tiny-probe")
-    monkeypatch.setattr(static_tree, "relative_call_cost",
-                        lambda eng, fn: 0.5 if fn == method.draft_probe else pytest.fail("no probe"))
+    monkeypatch.setattr(cost, "relative_call_cost",
+                        lambda eng, fn, name: 0.5 if fn == method.draft_probe else pytest.fail("no probe"))
     _, choice = method.resolve_tree("auto", {"tree_search": TABLE})
     curve = CostCurve(tuple(choice["cost_curve"]["sizes"]), tuple(choice["cost_curve"]["ratios"]))
     assert choice["draft_overhead"] == 0.5

@@ -36,7 +36,7 @@ def machine(monkeypatch, tmp_path):
 
     def use(curve: CostCurve, call_cost: float = 0.0) -> None:
         monkeypatch.setattr(cost, "cost_curve", lambda engine, name, cache: curve)
-        monkeypatch.setattr(cost, "relative_call_cost", lambda engine, fn: call_cost)
+        monkeypatch.setattr(cost, "relative_call_cost", lambda engine, fn, name: call_cost)
     return use
 
 

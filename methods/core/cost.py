@@ -24,7 +24,8 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,10 +169,61 @@ def loaded(curve: CostCurve) -> bool:
 
 
 _MEMO: dict[str, CostCurve] = {}
+_PINNED: Mapping[str, Any] | None = None   # costs to use instead of measuring (``recording_costs``)
+_RECORD: dict[str, Any] | None = None      # what was used, while a run's methods set up
+
+
+@contextmanager
+def recording_costs(pinned: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """Within: every cost a method's setup asks for is noted in the yielded record (the curve
+    and each named call cost, as ``{"curve": {...}, "calls": {name: value}}``), and taken from
+    ``pinned`` (an earlier record) instead of measured where it holds one.
+
+    A run's manifest keeps its record, a baseline copies it, and the CI gate replays it: the
+    choices ``auto`` and the cost policies make are then the baseline machine's, whatever CPU
+    the gate runs on, so a changed choice is the code's doing, not the hardware's."""
+    global _PINNED, _RECORD
+    previous = _PINNED, _RECORD
+    _PINNED, _RECORD = pinned, {"curve": None, "calls": {}}
+    try:
+        yield _RECORD
+    finally:
+        _PINNED, _RECORD = previous
+
+
+def check_cost_record(record: Any, where: str) -> dict[str, Any]:
+    """A cost record as ``recording_costs`` writes it, or a ``UserError`` naming ``where``."""
+    from methods.core.errors import UserError
+
+    curve = record.get("curve") if isinstance(record, dict) else None
+    calls = record.get("calls", {}) if isinstance(record, dict) else None
+    if (not isinstance(curve, dict) or not isinstance(calls, dict)
+            or not all(isinstance(curve.get(k), list) for k in ("sizes", "ratios"))
+            or len(curve["sizes"]) != len(curve["ratios"]) or len(curve["sizes"]) < 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in calls.values())):
+        raise UserError(f"{where} holds no cost record (a 'costs' entry with a curve of sizes and ratios, as a "
+                        "run's manifest.json or a baseline from `harness baseline` has)")
+    return record
+
+
+def _note_curve(curve: CostCurve) -> CostCurve:
+    if _RECORD is not None:
+        _RECORD["curve"] = curve.as_dict()
+    return curve
 
 
 def cost_curve(engine: Any, model_name: str, cache_dir: Path | None) -> CostCurve:
-    """The measured curve for this engine's hardware, from memory, the cache folder, or a fresh measurement."""
+    """The measured curve for this engine's hardware, from memory, the cache folder, or a fresh
+    measurement; inside ``recording_costs`` with a pinned curve, that one."""
+    if _PINNED is not None and _PINNED.get("curve"):
+        saved = _PINNED["curve"]
+        return _note_curve(CostCurve(tuple(saved["sizes"]), tuple(saved["ratios"]),
+                                     float(saved.get("one_token_ms", 0.0)), str(saved.get("key", "pinned")),
+                                     saved.get("load")))
+    return _note_curve(_cost_curve(engine, model_name, cache_dir))
+
+
+def _cost_curve(engine: Any, model_name: str, cache_dir: Path | None) -> CostCurve:
     key = hardware_key(engine, model_name)
     if key in _MEMO:
         return _MEMO[key]
@@ -275,19 +327,30 @@ def _median_ratio(engine: Any, variant: Callable[[int], Any], context: int, roun
     return statistics.median(other) / statistics.median(plain)
 
 
+def _named_cost(name: str, measure: Callable[[], float]) -> float:
+    """A call cost by ``name``: pinned, or measured; noted in the record either way."""
+    pinned = (_PINNED or {}).get("calls", {})
+    value = float(pinned[name]) if name in pinned else measure()
+    if _RECORD is not None:
+        _RECORD["calls"][name] = round(value, 6)
+    return value
+
+
 @torch.no_grad()
-def relative_step_cost(engine: Any, context: int = 128, rounds: int = 7, **forward_kwargs: Any) -> float:
+def relative_step_cost(engine: Any, name: str, context: int = 128, rounds: int = 7, **forward_kwargs: Any) -> float:
     """A one-token forward with ``forward_kwargs`` (a skip set) over a plain one: what a
-    self-drafting step costs in units of a vanilla step, on this hardware."""
+    self-drafting step costs in units of a vanilla step, on this hardware. ``name`` says what
+    is measured (and what it depends on), for the run's cost record."""
     vocab = engine.config.vocab_size
-    return _median_ratio(engine, lambda r: engine.forward([r % vocab], **forward_kwargs), context, rounds)
+    return _named_cost(name, lambda: _median_ratio(
+        engine, lambda r: engine.forward([r % vocab], **forward_kwargs), context, rounds))
 
 
 @torch.no_grad()
-def relative_call_cost(engine: Any, fn: Callable[[], Any], context: int = 128, rounds: int = 7) -> float:
+def relative_call_cost(engine: Any, fn: Callable[[], Any], name: str, context: int = 128, rounds: int = 7) -> float:
     """``fn()`` (a method's drafting work outside the target pass) in units of a vanilla step.
 
     The tree prediction adds it to every candidate's pass cost: Medusa's heads run the
     49k-row LM head once per step whatever the tree, which favours larger trees where it is
-    dear (float32 on a CPU) and is negligible where it is cheap."""
-    return _median_ratio(engine, lambda r: fn(), context, rounds)
+    dear (float32 on a CPU) and is negligible where it is cheap. ``name`` as above."""
+    return _named_cost(name, lambda: _median_ratio(engine, lambda r: fn(), context, rounds))

@@ -26,7 +26,7 @@ import torch
 from methods.core.engine import Engine, ForwardOutput, Injection
 from methods.core.errors import UserError
 from methods.core.options import NoOptions, parse_options
-from methods.core.timing import StepClock
+from methods.core.timing import HostSyncs, StepClock
 from methods.core.tree import TreeLayout, chain_layout
 from methods.core.verify import Acceptance, accept_greedy, accept_sampled, target_probs
 from methods.core.weights import WeightsLocator
@@ -94,7 +94,8 @@ class Generation:
     ``accepted[i]`` tokens committed (bonus included; vanilla: 1), ``draft_sizes[i]`` draft
     tokens verified, ``processed[i]`` tokens the pass processed beyond the committed root
     (draft tokens plus Lookahead's window or FIRP's pseudo tokens), ``step_times[i]`` its
-    seconds, split into ``draft_times`` and ``verify_times``.
+    seconds, split into ``draft_times`` and ``verify_times``. ``host_syncs`` counts the reads
+    of tensor values on the host during the call (``HostSyncs``), prefill included.
     """
 
     tokens: list[int]
@@ -105,6 +106,7 @@ class Generation:
     draft_times: list[float] = field(default_factory=list)
     verify_times: list[float] = field(default_factory=list)
     stopped_by: str = "length"  # "length" | "eos"
+    host_syncs: int = 0
 
     @property
     def target_forwards(self) -> int:
@@ -199,6 +201,14 @@ class Decoder:
             generator = torch.Generator(device=engine.device)
             generator.manual_seed(config.seed)
         self.reserve(len(prompt_ids), limit)
+        with HostSyncs() as syncs:
+            gen = self._decode(prompt_ids, config, limit, stop_set, generator)
+        gen.host_syncs = syncs.count
+        return gen
+
+    def _decode(self, prompt_ids: Sequence[int], config: GenConfig, limit: int, stop_set: frozenset[int],
+                generator: torch.Generator | None) -> Generation:
+        engine = self.engine
         clock = StepClock(engine.device)
         clock.mark()
         out = self.prefill(prompt_ids)

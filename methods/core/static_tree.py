@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from methods.core.cost import CostCurve, cost_curve, pick_tree, relative_call_cost
+from methods.core.cost import CostCurve, pick_tree
 from methods.core.decoder import Decoder
 from methods.core.errors import UserError
 from methods.core.files import cache_root
@@ -98,8 +98,11 @@ class StaticTreeDecoder(Decoder):
                  if c.get("paths") and max(len(p) for p in c["paths"]) <= self.draft_depth]
         if not table:
             return trained, None
+        from methods.core.cost import cost_curve, relative_call_cost  # looked up at call time: tests replace them
+
         curve = cost_curve(self.engine, self.model_name, cache_root())
-        overhead = relative_call_cost(self.engine, self.draft_probe)
+        overhead = relative_call_cost(self.engine, self.draft_probe,
+                                      f"{self.name}.draft_probe(depth={self.draft_depth})")
         choice = pick_tree(table, curve, lambda paths: self.processed(parse_tree(paths)), overhead,
                            lambda paths, c: self.pass_cost(parse_tree(paths), c))
         choice["fitted"] = fitted(choice["best_predicted_speedup"], f"the {choice['draft_size']}-node tree",

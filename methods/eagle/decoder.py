@@ -178,7 +178,7 @@ class EagleDecoder(Decoder):
 
         o = self.options
         self.curve = cost_curve(self.engine, self.model_name, cache_root())
-        self.head_cost = relative_call_cost(self.engine, self._head_probe())
+        self.head_cost = relative_call_cost(self.engine, self._head_probe(), f"eagle.head_pass(topk={o.topk})")
         alpha, source = prior_acceptance(self.head_config)
         # the prior: a greedy chain of d levels, each accepted at the validated per-level rate
         depth, rate = max(((d, chain_tokens(alpha, d) / (d * self.head_cost + self.curve(d + 1)))

@@ -105,9 +105,16 @@ class SelfSpeculativeDecoder(Decoder):
             from methods.core.cost import cost_curve, relative_step_cost
             from methods.core.files import cache_root
 
-            self.draft_cost = relative_step_cost(self.engine, skip_attention=self._skip_attn,
+            self.draft_cost = relative_step_cost(self.engine, f"self_spec.draft_step(skip {self.skip_id()})",
+                                                 skip_attention=self._skip_attn,
                                                  skip_mlp=self._skip_mlp)
             self.verify_cost = cost_curve(self.engine, self.model_name, cache_root())
+
+    def skip_id(self) -> str:
+        """A short, stable name of the skip set (its draft step's cost depends on nothing else)."""
+        import zlib
+
+        return f"{zlib.crc32(json.dumps(self.skip, sort_keys=True).encode()):08x}"
 
     def describe(self) -> dict[str, Any]:
         extra = {"draft_step_cost": round(self.draft_cost, 4)} if self.options.policy == "cost" else {}

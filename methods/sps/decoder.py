@@ -188,7 +188,8 @@ class SpsDecoder(Decoder):
         from methods.core.files import cache_root
 
         self.curve = cost_curve(self.engine, self.model_name, cache_root())
-        self.draft_cost = relative_call_cost(self.engine, self._draft_probe())
+        self.draft_cost = relative_call_cost(self.engine, self._draft_probe(),
+                                             f"sps.draft_step(layers={self.draft_engine.num_layers})")
         self.prior, source = prior_acceptance(self.draft_config)
         gamma, rate = best_gamma(self.prior, self.draft_cost, self.curve, self.max_gamma, least=1)
         self.fitted = fitted(rate, f"γ = {gamma}", basis=f"{source} and this machine's measured costs",
