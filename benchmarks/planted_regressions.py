@@ -90,8 +90,8 @@ def changed_vanilla_token() -> contextlib.AbstractContextManager[None]:
 def changed_pick() -> contextlib.AbstractContextManager[None]:
     from methods.firp import FirpDecoder
 
-    real = FirpDecoder.processed
-    return patched(FirpDecoder, "processed", lambda self, tree: real(self, tree) + tree.size)
+    real = FirpDecoder.pass_cost
+    return patched(FirpDecoder, "pass_cost", lambda self, tree, curve: 1.3 * real(self, tree, curve))
 
 
 PLANTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
@@ -99,7 +99,7 @@ PLANTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "pld proposes one token fewer": one_token_fewer,
     "eagle: one more host sync per step": extra_sync,
     "vanilla: one token changed": changed_vanilla_token,
-    "firp: a changed auto pick (pseudo tokens priced dearer)": changed_pick,
+    "firp: a changed auto pick (its pass priced 30% dearer)": changed_pick,
 }
 
 
@@ -117,19 +117,20 @@ def run_and_check(work: Path, name: str, baseline: Path) -> tuple[int, list[str]
 def main_(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--unchanged", type=int, default=5, help="runs of the unchanged code (default 5)")
-    parser.add_argument("--only", default=None, help="a substring: run only the plants whose name has it")
+    parser.add_argument("--only", default=None, help="substrings, comma-separated: run only the plants whose name has one")
+    parser.add_argument("--keep", default=None, metavar="DIR", help="keep the run folders in DIR (default: a temporary one)")
     args = parser.parse_args(argv)
     from methods.core.hardware import machine, machine_label
 
     print(f"machine: {machine_label(machine('cpu'))}")
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = Path(args.keep or tmp)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             assert main([*RUN, "--out", str(work / "base")]) == 0
             assert main(["baseline", str(work / "base"), "-o", str(work / "baseline.json")]) == 0
         print("| run | check exit | failed rows (method: metric) |\n|---|---|---|")
         for name, plant in PLANTS.items():
-            if args.only and args.only not in name:
+            if args.only and not any(part in name for part in args.only.split(",")):
                 continue
             with plant():
                 code, failed = run_and_check(work, re.sub(r"\W+", "-", name), work / "baseline.json")

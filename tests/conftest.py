@@ -12,7 +12,9 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def tiny_model(kind: str, seed: int = 0):
-    """A 2-3 layer random model of the given Llama-family type, float32, eval mode."""
+    """A 3-layer random model of the given Llama-family type, float32, eval mode. Each kind
+    differs where the families do: Mistral attends within a sliding window (8 positions,
+    shorter than most test sequences), Qwen2 has biases on q, k and v."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -30,12 +32,26 @@ def tiny_model(kind: str, seed: int = 0):
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
     elif kind == "mistral":
-        model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=8))  # shorter than most test sequences
     elif kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
     else:
         raise ValueError(kind)
     return model.eval().requires_grad_(False)
+
+
+def repeating_model(kind: str = "llama"):
+    """A tiny model that repeats its last token: every sublayer's output projection is zero (so a
+    hidden state stays its token's embedding) and the LM head is the embedding (a vector's dot
+    product with itself beats its dot products with the others). Every draft of "the next
+    tokens" that copies the current one is right, so a method that drafts must accept."""
+    model = tiny_model(kind)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+    return model
 
 
 @pytest.fixture(scope="session", params=["llama", "mistral", "qwen2"])

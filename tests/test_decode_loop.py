@@ -119,7 +119,7 @@ def test_method_variants_parse_and_merge_options():
 
 
 # -- sampling: every method keeps the target distribution -----------------------------------------
-VOCAB, NEW, SAMPLES, TEMPERATURE = 12, 3, 2000, 0.8
+VOCAB, NEW, SAMPLES, TEMPERATURE = 12, 5, 2000, 0.8  # 5 new tokens: room for chains of 3 drafts and the bonus
 PROMPT = [1, 2, 3, 10, 0, 4, 3, 10, 7, 3, 10, 7, 3, 3, 3, 3]  # with the model's own loop: every method drafts
 
 
@@ -135,19 +135,19 @@ def _sampling_model():
     return model.eval().requires_grad_(False)
 
 
-def _exact_joint(model) -> dict[tuple[int, ...], float]:
-    """P(first three tokens) under the target's temperature-T distribution, by enumeration."""
+def _exact_joint(model, floor: float = 1e-7) -> dict[tuple[int, ...], float]:
+    """P(first NEW tokens) under the target's temperature-T distribution, by enumeration over
+    the prefixes of probability >= ``floor`` (the rest, a known remainder, is pooled)."""
     from methods.core.verify import target_probs
 
-    with torch.no_grad():
-        seqs = torch.tensor([PROMPT + [a, b] for a in range(VOCAB) for b in range(VOCAB)])
-        logits = model(seqs).logits[:, -3:]
-    p = target_probs(logits, TEMPERATURE, 1.0)
-    joint = {}
-    for i, (a, b) in enumerate((a, b) for a in range(VOCAB) for b in range(VOCAB)):
-        for c in range(VOCAB):
-            joint[(a, b, c)] = float(p[i, 0, a] * p[i, 1, b] * p[i, 2, c])
-    return joint
+    frontier: dict[tuple[int, ...], float] = {(): 1.0}
+    for _ in range(NEW):
+        prefixes = [k for k, v in frontier.items() if v >= floor]
+        with torch.no_grad():
+            logits = model(torch.tensor([PROMPT + list(k) for k in prefixes])).logits[:, -1]
+        p = target_probs(logits, TEMPERATURE, 1.0).tolist()
+        frontier = {k + (c,): frontier[k] * p[i][c] for i, k in enumerate(prefixes) for c in range(VOCAB)}
+    return frontier
 
 
 def _decoders(engine, tmp_path) -> dict[str, Decoder]:
@@ -171,9 +171,12 @@ def _decoders(engine, tmp_path) -> dict[str, Decoder]:
     from methods.sps import SpsDecoder
     from tests.test_eagle import random_head, save_head
 
-    engine.model.save_pretrained(tmp_path / "sps-draft")  # the target as its own draft: greedy drafts, often right
+    draft = _sampling_model()  # the target with a flatter head: q differs from p, so min(1, p/q) and the
+    with torch.no_grad():      # residual max(p - q, 0) both matter
+        draft.lm_head.weight.mul_(0.6)
+    draft.save_pretrained(tmp_path / "sps-draft")
     return {
-        "sps": SpsDecoder(engine, draft=str(tmp_path / "sps-draft"), gamma=2),
+        "sps": SpsDecoder(engine, draft=str(tmp_path / "sps-draft"), gamma=3),
         "eagle": EagleDecoder(engine, head=save_head(random_head(engine), tmp_path / "eagle"), depth=2, topk=4,
                               total=8),
         "vanilla": VanillaDecoder(engine),
@@ -186,14 +189,16 @@ def _decoders(engine, tmp_path) -> dict[str, Decoder]:
     }
 
 
-def _sample(decoder: Decoder) -> tuple[Counter, int]:
+def _sample(decoder: Decoder) -> tuple[Counter, int, int]:
+    """(counts of the first NEW tokens, samples with a multi-token step, samples that verified a chain of 3+ drafts)."""
     counts: Counter = Counter()
-    multi = 0
+    multi = long = 0
     for seed in range(SAMPLES):
         gen = decoder.generate(PROMPT, GenConfig(NEW, temperature=TEMPERATURE, seed=seed))
         counts[tuple(gen.tokens[:NEW])] += 1
         multi += any(a > 1 for a in gen.accepted[1:])
-    return counts, multi
+        long += any(d >= 3 for d in gen.draft_sizes)
+    return counts, multi, long
 
 
 def _chi_square_p(counts: Counter, joint: dict[tuple[int, ...], float]) -> float:
@@ -201,16 +206,13 @@ def _chi_square_p(counts: Counter, joint: dict[tuple[int, ...], float]) -> float
     from scipy.stats import chisquare
 
     n = sum(counts.values())
-    obs, exp, pool_o, pool_e = [], [], 0.0, 0.0
+    obs, exp = [], []
     for cell, prob in joint.items():
         if prob * n >= 5:
             obs.append(counts.get(cell, 0))
             exp.append(prob * n)
-        else:
-            pool_o += counts.get(cell, 0)
-            pool_e += prob * n
-    obs.append(pool_o)
-    exp.append(pool_e)
+    obs.append(n - sum(obs))  # every other cell, enumerated or not, pooled
+    exp.append(max(n - sum(exp), 1e-9))
     total = sum(exp)
     return float(chisquare(obs, [e * n / total for e in exp]).pvalue)
 
@@ -228,20 +230,23 @@ def sampling_setup(tmp_path_factory):
 @pytest.mark.parametrize("method", ["vanilla", "pld", "lookahead", "medusa", "firp", "self_spec", "eagle", "sps"])
 def test_sampling_keeps_the_target_distribution(sampling_setup, method):
     engine, joint, decoders = sampling_setup
-    counts, multi = _sample(decoders[method])
+    counts, multi, long = _sample(decoders[method])
     p = _chi_square_p(counts, joint)
     assert p > ALPHA, f"{method}: chi-square p = {p:.2g}"
     if method != "vanilla":  # the test exercised acceptance, not just plain steps
         assert multi > SAMPLES // 20, f"{method} accepted a draft in only {multi} of {SAMPLES} samples"
+    if method in ("pld", "sps", "self_spec"):  # chain methods: chains of 3 drafts were verified, not only 1
+        assert long > SAMPLES // 20, f"{method} verified a chain of 3+ drafts in only {long} of {SAMPLES} samples"
 
 
-@pytest.mark.parametrize("method", ["pld", "medusa"])
+@pytest.mark.parametrize("method", ["pld", "medusa", "sps"])
 def test_biased_acceptance_fails_the_distribution_test(sampling_setup, method, monkeypatch):
-    """Negative control: accepting a draft whenever the target gives it >= 10% must be caught."""
+    """Negative control: accepting a draft whenever the target gives it >= 10% must be caught
+    (a chain of point masses, a tree, and sampled drafts with their q)."""
     import methods.core.verify as verify
 
     engine, joint, decoders = sampling_setup
     monkeypatch.setattr(verify, "acceptance_probs",
                         lambda p_parent, rejected, duplicate, q: (p_parent >= 0.1).float())
-    counts, _ = _sample(decoders[method])
+    counts, _, _ = _sample(decoders[method])
     assert _chi_square_p(counts, joint) < ALPHA

@@ -249,3 +249,47 @@ def test_low_precision_rows_go_through_float32_only_without_bf16_units(monkeypat
     monkeypatch.setattr(engine_module, "_NATIVE", [False])
     upcast = engine.forward([1, 2, 3, 4, 5]).logits
     assert (native - upcast).abs().max() < 0.1 * native.abs().max()
+
+
+def test_sliding_window_layers_match_transformers():
+    """A Mistral layer sees only the last ``sliding_window`` positions: the prefill, one-token
+    steps and a tree pass past the window give the Hugging Face model's logits, and the same
+    engine without the window does not (the test reaches where the window matters)."""
+    from methods.core.tree import TreeLayout, parse_tree
+    from tests.conftest import tiny_model
+
+    model = tiny_model("mistral")
+    assert model.config.sliding_window == 8
+    seq = [(7 * i + 3) % 97 for i in range(40)]
+    with torch.no_grad():
+        ref = model(torch.tensor([seq])).logits[0]
+
+    def decode(engine: Engine) -> list[torch.Tensor]:
+        engine.reset()
+        got = [engine.forward(seq[:20], commit=True).logits]                     # a prefill longer than the window
+        got += [engine.forward([seq[t]], commit=True).logits for t in range(20, 30)]  # one query at a time
+        got.append(engine.forward(seq[30:34]).logits)                            # a causal block
+        return got
+
+    got = torch.cat(decode(Engine(model)))
+    assert (got - ref[:34]).abs().max() < TOL
+    unwindowed = Engine(model)
+    unwindowed._windows = [None] * len(unwindowed._windows)
+    assert (torch.cat(decode(unwindowed)) - ref[:34]).abs().max() > 100 * TOL
+    # a tree after 30 cached tokens: each branch sees the window of its own positions
+    engine = Engine(model)
+    engine.reset()
+    engine.forward(seq[:30], commit=True)
+    tree = parse_tree("2x1")
+    layout = TreeLayout.from_tree(tree, engine)
+    nodes = [seq[30]] + [(13 * i + 50) % 97 for i in range(tree.size - 1)]  # the root, then any tokens
+    out = engine.forward(nodes, position_ids=layout.positions + 30, step_bias=layout.bias).logits
+    parents = tree.parents.tolist()
+    for i in range(tree.size):
+        branch, cur = [], i
+        while cur >= 0:
+            branch.insert(0, nodes[cur])
+            cur = parents[cur]
+        with torch.no_grad():
+            alone = model(torch.tensor([seq[:30] + branch])).logits[0, -1]
+        assert (out[i] - alone).abs().max() < TOL, f"node {i}"

@@ -110,7 +110,9 @@ def test_walk_accepted_length_follows_the_steps_decoding_takes():
     table = {t.get("name", t["size"]): t for t in tree_search(ranks, sizes=(2,), lengths=[6])}
     assert table["chain"]["per_position_accepted_length"] == pytest.approx(mean, abs=1e-4)
     assert table["chain"]["expected_accepted_length"] == pytest.approx(8 / 3, abs=1e-4)
-    assert abs(8 / 3 - mean) > 0.4
+    # the table reports the walk, not the mean over positions: the two differ by more than noise here
+    chain_row = table["chain"]
+    assert abs(chain_row["expected_accepted_length"] - chain_row["per_position_accepted_length"]) > 0.4
     assert "per_position_accepted_length" not in tree_search(ranks, sizes=(2,))[0]
     # with three levels the best two-level tree of each size is a candidate too, once
     deep = torch.tensor([[0, 0, 0]] * 3 + [[1, 5, 5]])

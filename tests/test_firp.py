@@ -113,14 +113,18 @@ def test_firp_is_lossless_on_tiny_models(tiny, tmp_path, layers, mode, input, tr
 
 
 def test_identity_maps_on_repetitive_model_accept_drafts(tmp_path):
-    """Untrained (identity) maps still give valid, lossless decoding and record per-step stats."""
-    model = tiny_model("qwen2")
+    """On a model that repeats its last token, identity maps predict the future exactly (a pseudo
+    state is a copy of its anchor's): every step accepts its whole 3-deep chain, losslessly."""
+    from tests.conftest import repeating_model
+
+    model = repeating_model("qwen2")
     engine = Engine(model)
     maps = FirpMaps(model.config.hidden_size, [1, 1, 1])
     decoder = _decoder(engine, maps, tmp_path, "2x1x1")
     got = decoder.generate([1, 2, 3, 4], 25)
     assert got.tokens == VanillaDecoder(engine).generate([1, 2, 3, 4], 25).tokens
     assert len(got.draft_sizes) == len(got.accepted) and got.draft_sizes[0] == 0
+    assert got.mean_accepted_length() > 3.0 and all(a == 4 for a in got.accepted[1:-1])
 
 
 def test_parse_layers():
@@ -181,3 +185,40 @@ def test_layer_sweep_trains_and_measures_every_layer(tmp_path, monkeypatch):
     chart = html[html.index('id="firp-sweep-chart"'):]
     assert "<svg" in chart[:400] and "prediction layer" in chart  # the sweep as a chart, beside the table
     assert 'id="firp-cosine-chart"' not in html  # no maps analysed here: no cosine chart to draw
+
+
+@pytest.mark.parametrize("mode,input", [("serialized", "prev"), ("parallel", "prev+anchor")])
+def test_chains_at_inner_tree_nodes_equal_the_same_chains_run_one_by_one(mode, input):
+    """The decoder anchors a chain at every tree node in one pass. Each node's chain must equal
+    the chain anchored at the end of that node's own branch, run alone after the prefix: a
+    wrong pseudo-token mask (a chain seeing a sibling branch, or another chain) shows here,
+    though it cannot change the tokens decoding emits."""
+    from methods.core.tree import TreeLayout, parse_tree
+
+    model = tiny_model("llama")
+    maps = _random_maps(model, [1, 2, 2], mode, input, seed=3)
+    engine = Engine(model)
+    tree = parse_tree("2x2x1")
+    prefix = [5, 9, 14, 3, 77]
+    node_tokens = [21] + [(11 * (i + 1)) % 97 for i in range(tree.size - 1)]  # any distinct tokens per node
+    layout = TreeLayout.from_tree(tree, engine)
+    anchors = list(range(tree.size))
+    plan = build_plan(maps, tree.visible[anchors], anchors)
+    engine.reset()
+    engine.forward(prefix, commit=True)
+    past = engine.cache.length
+    inj = injections(maps, plan, tree.depths[plan.anchors] + past, engine.device)
+    out = engine.forward(node_tokens, position_ids=layout.positions + past, step_bias=layout.bias, injections=inj)
+    parents = tree.parents.tolist()
+    for node in anchors:
+        branch, cur = [], node
+        while cur >= 0:
+            branch.insert(0, node_tokens[cur])
+            cur = parents[cur]
+        seq = prefix + branch
+        engine.reset()
+        alone = build_plan(maps, torch.ones((1, len(seq)), dtype=torch.bool), [len(seq) - 1])
+        ref = engine.forward(seq, injections=injections(maps, alone, torch.tensor([len(seq) - 1]), engine.device),
+                             commit=True).hidden[len(seq):]
+        got = out.hidden[plan.rows_of(node, maps.K)]
+        assert (got - ref).abs().max() < 1e-4, f"chain at node {node} differs"

@@ -56,13 +56,24 @@ class GenConfig:
         return self.temperature == 0.0
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """This sequence's sampling settings, for a method that samples its drafts (``Decoder.sampling``)."""
+
+    temperature: float
+    top_p: float
+    generator: torch.Generator
+
+
 @dataclass
 class Draft:
     """One step's proposal: the tokens of a layout, node 0 being the root (the last emitted token).
 
     ``injections`` add ephemeral tokens at inner layers (FIRP's pseudo chains): processed
-    by the target pass, never committed; ``ephemeral`` counts them. Drafts are deterministic
-    (point masses), which is what sampled verification assumes.
+    by the target pass, never committed; ``ephemeral`` counts them. A draft is a point mass
+    unless ``q`` [n, V] gives the distribution each node's token was sampled from (SpS under
+    sampling): sampled verification then accepts with min(1, p/q) and resamples from
+    max(p - q, 0), as Leviathan et al. and Chen et al. define it.
     ``host_rows``: rows whose greedy token the method needs on the host (Lookahead's
     window); they travel with the acceptance, in the step's one transfer.
     ``all_logits``: the pass decodes every row, ephemeral ones included, in its one LM-head
@@ -79,6 +90,7 @@ class Draft:
     host_rows: torch.Tensor | None = None
     all_logits: bool = False
     state: Any = None
+    q: torch.Tensor | None = None
 
     @property
     def processed(self) -> int:
@@ -134,6 +146,7 @@ class Decoder:
     name: ClassVar[str] = "?"
     Options: ClassVar[type] = NoOptions
     weights: ClassVar[WeightsLocator | None] = None  # a trained method's weights: shipped, or given by an option
+    sampling: Sampling | None = None  # set by ``generate`` for each sequence: None when greedy
 
     def __init__(self, engine: Engine, options: Any = None, *, model_name: str = "", **raw: Any) -> None:
         """``options`` is the method's typed options; keyword arguments are parsed into them instead."""
@@ -209,6 +222,8 @@ class Decoder:
     def _decode(self, prompt_ids: Sequence[int], config: GenConfig, limit: int, stop_set: frozenset[int],
                 generator: torch.Generator | None) -> Generation:
         engine = self.engine
+        # what a method that samples its drafts needs: the run's settings and its one generator
+        self.sampling = None if config.greedy else Sampling(config.temperature, config.top_p, generator)
         clock = StepClock(engine.device)
         clock.mark()
         out = self.prefill(prompt_ids)
@@ -240,7 +255,7 @@ class Decoder:
                 acc = accept_greedy(layout, draft.tokens, logits, draft.host_rows)
             else:
                 acc = accept_sampled(layout, draft.tokens, logits, config.temperature, config.top_p,
-                                     generator, host_rows=draft.host_rows)
+                                     generator, q=draft.q, host_rows=draft.host_rows)
             engine.cache.keep(acc.nodes, acc.nodes_t)
             self.update(draft, out, acc)
             clock.mark()

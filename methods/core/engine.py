@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -272,6 +273,20 @@ class LMHead(nn.Module):
         return self.head(x) if out is None else out
 
 
+def sliding_windows(config: Any) -> list[int | None]:
+    """Each layer's attention window (None: the whole context), as the Hugging Face model applies
+    it: ``layer_types`` where the config lists them (Qwen2 with ``use_sliding_window``), else
+    ``sliding_window`` on every layer (Mistral)."""
+    window = getattr(config, "sliding_window", None)
+    layers = config.num_hidden_layers
+    if not window:
+        return [None] * layers
+    kinds = getattr(config, "layer_types", None)
+    if isinstance(kinds, list) and len(kinds) == layers:
+        return [window if kind == "sliding_attention" else None for kind in kinds]
+    return [window] * layers
+
+
 class Engine:
     """Batch-size-1 layer loop over a Llama-family model with a preallocated KV cache.
 
@@ -305,6 +320,7 @@ class Engine:
         self.neg_inf = torch.finfo(self.dtype).min
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self._heads, self._kv_heads, self._head_dim = config.num_attention_heads, config.num_key_value_heads, head_dim
+        self._windows = sliding_windows(config)
         self._scaling = float(getattr(self.layers[0].self_attn, "scaling", head_dim ** -0.5))
         self.cache = KVCache(
             len(self.layers),
@@ -394,6 +410,23 @@ class Engine:
         out[n_cur:, past:] = self.tree_bias(visible)
         return out[None, None]
 
+    def _windowed(self, mask: torch.Tensor | None, position_ids: torch.Tensor, past: int,
+                  window: int) -> torch.Tensor | None:
+        """``mask`` with keys ``window`` or more positions behind a query hidden (a sliding-window
+        layer, as Mistral's). Positions never exceed ``past`` + rows, so below the window the
+        mask is returned as it is and the common case costs nothing."""
+        n = position_ids.shape[0]
+        if past + n <= window:
+            return mask
+        keys = torch.cat([torch.arange(past, device=self.device), position_ids])
+        far = (position_ids[:, None] - keys[None, :]) >= window
+        if mask is None:  # one query on the whole cache, or a causal prefill
+            mask = torch.zeros((n, past + n), dtype=self.dtype, device=self.device)
+            if n > 1:
+                mask[:, past:] = self._causal(n)
+            mask = mask[None, None]
+        return mask.masked_fill(far[None, None], self.neg_inf)
+
     # -- the pass ---------------------------------------------------------------------------
     @torch.no_grad()
     def forward(
@@ -444,6 +477,7 @@ class Engine:
         else:
             mask = torch.cat([past_bias.to(self.dtype), self._causal(n) if step_bias is None else step_bias], dim=1)[None, None]
         rope = self._rope(position_ids)
+        windowed: dict[int, torch.Tensor | None] = {}  # this step's mask per window size, built on first use
         by_layer = {inj.layer: inj for inj in injections}
         captured: dict[int, torch.Tensor] = {}
         for i, weights in enumerate(self._weights):
@@ -459,9 +493,16 @@ class Engine:
                 h = torch.cat([h, extra_h.to(h.dtype)], dim=1)
                 position_ids = torch.cat([position_ids, extra_pos.to(self.device)])
                 rope = self._rope(position_ids)
+                windowed.clear()
             x = h[0]
             if i not in skip_attention:
-                x = x + self._attention(i, weights, weights.attn_norm(x), rope, mask)
+                window = self._windows[i]
+                layer_mask = mask
+                if window is not None:
+                    if window not in windowed:
+                        windowed[window] = self._windowed(mask, position_ids, past, window)
+                    layer_mask = windowed[window]
+                x = x + self._attention(i, weights, weights.attn_norm(x), rope, layer_mask)
             if i not in skip_mlp:
                 x = x + self._mlp(weights, weights.mlp_norm(x))
             h = x[None]

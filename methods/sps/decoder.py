@@ -1,9 +1,12 @@
 """Speculative sampling with a small draft model (SpS: Leviathan et al. 2023; Chen et al. 2023).
 
 The draft model proposes γ tokens autoregressively on its own engine and KV cache; the
-target verifies them as a chain in one pass. Drafts are the draft model's greedy tokens,
-kept on the device (no host round trip while drafting); acceptance is the shared loop's,
-so greedy output is exactly the target's and sampled output keeps its distribution.
+target verifies them as a chain in one pass. Greedy, the drafts are the draft model's argmax
+tokens; under sampling they are drawn from the draft model's distribution q at the run's
+temperature and top-p, and the shared loop accepts each with min(1, p/q) and resamples a
+rejection from max(p - q, 0) (the published rule). Drafts stay on the device (no host round
+trip while drafting), so greedy output is exactly the target's and sampled output keeps its
+distribution.
 
 ``sps.gamma=auto`` (the default) fits γ to the machine every step: with the draft's step
 cost c (timed once against a target step) and the target's pass curve, it takes the γ of
@@ -37,7 +40,7 @@ from methods.core.errors import UserError, first_line
 from methods.core.fitting import PLAIN_RATE, Backoff, alpha_from_chain, best_option, chain_tokens, fitted
 from methods.core.options import option
 from methods.core.tree import chain_layout
-from methods.core.verify import Acceptance
+from methods.core.verify import Acceptance, target_probs
 from methods.core.training import training_summary
 from methods.core.weights import WeightsLocator
 
@@ -238,13 +241,20 @@ class SpsDecoder(Decoder):
             return Draft(root_t, chain_layout(0, self.engine))
         self.base = de.cache.length
         feed = torch.cat([self.unfed, root_t])
-        drafts = []
-        for _ in range(gamma):  # greedy drafts stay on the device: no host round trip per token
+        drafts, qs = [], []
+        sampling = self.sampling
+        for _ in range(gamma):  # drafts stay on the device: no host round trip per token
             out = de.forward(feed, logits_rows=slice(-1, None), commit=True)
-            feed = out.logits[-1].argmax().view(1)
+            if sampling is None:
+                feed = out.logits[-1].argmax().view(1)
+            else:  # drawn from the draft's own distribution, at the run's temperature and top-p
+                q = target_probs(out.logits[-1], sampling.temperature, sampling.top_p)
+                feed = torch.multinomial(q, 1, generator=sampling.generator)
+                qs.append(q)
             drafts.append(feed)
         self.fed = de.cache.length - self.base  # unfed + root + the first gamma - 1 drafts
-        return Draft(torch.cat([root_t, *drafts]), chain_layout(gamma, self.engine))
+        q = None if sampling is None else torch.stack([torch.zeros_like(qs[0]), *qs])  # the root's row is unused
+        return Draft(torch.cat([root_t, *drafts]), chain_layout(gamma, self.engine), q=q)
 
     def update(self, draft: Draft, out: ForwardOutput, acc: Acceptance) -> None:
         gamma = draft.layout.draft_size
