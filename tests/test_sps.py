@@ -84,3 +84,18 @@ def test_a_draft_with_another_vocabulary_is_refused(tmp_path):
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(UserError, match="must share the target's tokenizer"):
         SpsDecoder(Engine(tiny_model("llama")), draft=str(tmp_path / "other"))
+
+
+def test_sampled_drafts_from_the_target_itself_are_always_accepted(tmp_path):
+    """Drafts sampled from q = p pass min(1, p/q) = 1: every draft is accepted. Treated as point
+    masses (accepted with p(x) alone) they would be rejected often: this fails if the loop
+    stops handing SpS's q to the acceptance."""
+    model = tiny_model("llama")
+    engine = Engine(model)
+    folder = tmp_path / "self-draft"
+    model.save_pretrained(folder)
+    decoder = SpsDecoder(engine, draft=str(folder), gamma=3)
+    for seed in range(3):
+        gen = decoder.generate([5, 9, 14, 3], GenConfig(25, temperature=1.0, seed=seed))
+        drafted = [(a, d) for a, d in zip(gen.accepted[1:], gen.draft_sizes[1:]) if d > 0]
+        assert drafted and all(a == d + 1 for a, d in drafted), gen.accepted
