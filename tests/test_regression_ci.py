@@ -3,8 +3,11 @@ its shipped defaults) checked against the baseline committed in ``tests/baseline
 
 The run replays the baseline's measured costs (``--costs-from``), so ``auto`` trees and the
 cost policies choose as they did on the machine that wrote the baseline, whatever CPU runs
-the gate. Token ids, counters and choices must then match exactly; speed is compared only
-when the gate runs on the baseline's own kind of machine.
+the gate. Token ids, counters and choices must then match exactly. Speed is compared only
+when the gate runs on the baseline's own kind of machine, and here with a 25% margin: CI runs
+on a fresh virtual machine whose neighbours and memory are not the baseline machine's, even
+when its CPU model is (a planted slowdown against a baseline from the same machine is
+``tests/test_gate.py``'s job).
 
 Refresh the baseline deliberately (after an intended change), then commit it. To keep the
 costs (only the code's effect shows in the diff), replay them while refreshing:
@@ -42,7 +45,7 @@ def ci_run(tmp_path_factory):
 
 def test_ci_suite_matches_committed_baseline(ci_run, capsys):
     capsys.readouterr()
-    code = main(["check", str(ci_run), "--baseline", str(BASELINE)])
+    code = main(["check", str(ci_run), "--baseline", str(BASELINE), "--speed-margin", "0.25"])
     report = capsys.readouterr().out
     assert code == 0, report
     assert "all" in report and "checks passed" in report
