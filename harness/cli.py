@@ -317,6 +317,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _draft_size(decoder: type) -> str:
+    """What a method drafts with beside the target, for each embedded model it ships weights for."""
+    from harness.models import EMBEDDED_MODELS
+    from methods.core.weights import weights_size
+
+    locator = getattr(decoder, "weights", None)
+    if locator is None:
+        return "none (training-free)"
+    shipped = [(name, locator.shipped(name)) for name in EMBEDDED_MODELS]
+    sizes = []
+    for name, path in shipped:
+        if path is not None:
+            size = weights_size(path)
+            sizes.append(f"{size['parameters']:,} ({size['bytes'] / 1e6:.1f} MB on disk) shipped for {name}"
+                         if size["parameters"] else f"0 (drafts with the target's own layers) for {name}")
+    return "; ".join(sizes) or f"none shipped; set {decoder.weights.method}.{decoder.weights.option}"
+
+
 def cmd_list(_: argparse.Namespace) -> int:
     from harness.models import EMBEDDED_MODELS
     from base.options import describe_options
@@ -329,6 +347,7 @@ def cmd_list(_: argparse.Namespace) -> int:
         extras = [kind for kind in ("train", "tune", "analyze") if getattr(spec, kind)]
         print(f"  {name:<12} {spec.summary}")
         print(f"  {'':<12} needs: {spec.needs}" + (f"; commands: {', '.join(extras)}" if extras else ""))
+        print(f"  {'':<12} draft parameters: {_draft_size(spec.decoder)}")
         for line in describe_options(spec.options):
             print(f"  {'':<14}{name}.{line}")
     print("Tasks:")

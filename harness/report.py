@@ -93,6 +93,18 @@ def training_rows(manifest: dict[str, Any], summary: pd.DataFrame) -> list[dict[
     return rows
 
 
+def draft_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per method whose manifest entry records its draft parameters (FIRP's claim is
+    drafts far smaller than Medusa's: the reader sees each drafter's size beside the others)."""
+    rows = []
+    for label, info in (manifest.get("methods") or {}).items():
+        size = info.get("draft_parameters")
+        if isinstance(size, dict) and "parameters" in size:
+            rows.append({"method": label, "parameters": f"{int(size['parameters']):,}",
+                         "bytes": f"{int(size.get('bytes') or 0) / 1e6:.1f} MB" if size.get("parameters") else "-"})
+    return rows
+
+
 def fitted_rows(manifest: dict[str, Any], summary: pd.DataFrame) -> list[dict[str, Any]]:
     """One row per method that fitted its draft to the machine: whether it drafted or took plain
     steps, its best predicted speedup beside the measured one, and why (``describe()``'s ``fitted``)."""
@@ -286,6 +298,7 @@ def build_report(run_dir: Path, out: Path | None = None) -> Path:
                          headline=headline(summary, verdicts), examples=drilldown(frame, records),
                          method_sections=method_sections(run_dir, manifest),
                          training=training_rows(manifest, summary), fitted=fitted_rows(manifest, summary),
+                         drafters=draft_rows(manifest),
                          hardware=hardware_summary(manifest, records),
                          skipped=sum(1 for r in records if r.get("skipped")))
     return write_text(out or run_dir / "report.html", page, "-o")

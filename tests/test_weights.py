@@ -39,3 +39,19 @@ def test_setup_uses_the_same_locator(monkeypatch):
     monkeypatch.setattr(type(MedusaDecoder.weights), "shipped", lambda self, model: None)
     with pytest.raises(UserError, match="medusa.heads=DIR"):
         MedusaDecoder(Engine(tiny_model("llama")), model_name="smollm2-135m")
+
+
+def test_draft_parameters_are_counted_from_the_files_without_loading():
+    """``harness list``, the manifest and the report give each drafter's size from its files'
+    headers; the count equals the loaded module's."""
+    from methods.core.weights import weights_size
+    from methods.medusa.decoder import MedusaDecoder, load_heads
+
+    path = MedusaDecoder.weights.shipped("smollm2-135m")
+    size = weights_size(path)
+    heads, _ = load_heads(path, 576, 49152)
+    assert size["parameters"] == sum(p.numel() for p in heads.parameters()) > 0
+    assert size["bytes"] == (path / "heads.safetensors").stat().st_size
+    options = parse_options(MedusaDecoder.Options, {}, where="medusa")
+    assert MedusaDecoder.weights.size("smollm2-135m", options) == size
+    assert get_spec("pld").decoder.weights is None  # training-free: the base reports 0

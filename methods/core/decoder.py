@@ -190,7 +190,14 @@ class Decoder:
         """The method's configuration, recorded in the results manifest."""
         from dataclasses import asdict
 
-        return {"name": self.name, **asdict(self.options)}
+        return {"name": self.name, **asdict(self.options), "draft_parameters": self.draft_parameters()}
+
+    def draft_parameters(self) -> dict[str, int]:
+        """Parameters the method adds beside the target model, and their bytes on disk (0 for a
+        training-free method): the size of what it drafts with, as papers compare drafters."""
+        if self.weights is None:
+            return {"parameters": 0, "bytes": 0}
+        return self.weights.size(self.model_name, self.options)
 
     def reserve(self, prompt_len: int, limit: int) -> None:
         """Start a sequence with every cache sized for ``limit`` tokens after ``prompt_len``.

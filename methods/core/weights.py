@@ -9,6 +9,7 @@ set and the command that makes the weights.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,3 +56,36 @@ class WeightsLocator:
     def check(self, model_name: str, options: Any) -> None:
         """``locate`` without using the result: the pre-load check."""
         self.locate(model_name, options)
+
+    def size(self, model_name: str, options: Any) -> dict[str, int]:
+        """The drafter's parameters beside the target model, and its bytes on disk."""
+        found = self.locate(model_name, options)
+        path = Path(found)
+        if not path.exists():  # an inline value (self_spec's skip set as JSON): no file, no parameters
+            return {"parameters": 0, "bytes": len(str(found).encode())}
+        return weights_size(path)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def weights_size(path: Path) -> dict[str, int]:
+    """Parameters stored in ``path`` (a weights file, or every weights file in a folder) and the
+    bytes of those files; read from the safetensors headers, so nothing is loaded. A file of
+    another kind (a JSON skip set) holds no parameters."""
+    files = sorted(f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES) if path.is_dir() else [path]
+    parameters = 0
+    for file in files:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    shape = handle.get_slice(name).get_shape()
+                    parameters += int(math.prod(shape))
+        elif file.suffix in WEIGHT_SUFFIXES:
+            import torch
+
+            state = torch.load(file, map_location="cpu", weights_only=True)
+            parameters += sum(int(v.numel()) for v in state.values() if hasattr(v, "numel"))
+    return {"parameters": parameters, "bytes": sum(f.stat().st_size for f in files)}

@@ -220,7 +220,6 @@ class SpsDecoder(Decoder):
     def describe(self) -> dict[str, Any]:
         de = self.draft_engine
         return {**super().describe(), "draft": str(self.draft_path), "draft_layers": de.num_layers,
-                "draft_parameters": sum(p.numel() for p in de.model.parameters()),
                 **({"fitted": self.fitted} if self.fitted else {}),
                 "training": training_summary(self.draft_config)}
 
