@@ -143,7 +143,7 @@ def execute(config: RunConfig) -> Path:
 
 
 def merged_costs(old: dict[str, Any] | None, new: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A resumed run's cost record: what this session used, beside what earlier sessions did."""
+    """A resumed run's cost record: what this invocation used, beside what earlier ones recorded."""
     if not old or not new:
         return new or old
     return {**old, **new, "calls": {**(old.get("calls") or {}), **(new.get("calls") or {})}}
