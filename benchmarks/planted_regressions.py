@@ -103,9 +103,9 @@ PLANTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
 }
 
 
-def run_and_check(work: Path, name: str, baseline: Path) -> tuple[int, list[str]]:
+def run_and_check(work: Path, name: str, baseline: Path, run: list[str]) -> tuple[int, list[str]]:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        assert main([*RUN, "--out", str(work / name)]) == 0
+        assert main([*run, "--out", str(work / name)]) == 0
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         code = main(["check", str(work / name), "--baseline", str(baseline)])
@@ -118,26 +118,28 @@ def main_(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--unchanged", type=int, default=5, help="runs of the unchanged code (default 5)")
     parser.add_argument("--only", default=None, help="substrings, comma-separated: run only the plants whose name has one")
+    parser.add_argument("--repeats", type=int, default=1, help="timed rounds per example (run --repeats; default 1)")
     parser.add_argument("--keep", default=None, metavar="DIR", help="keep the run folders in DIR (default: a temporary one)")
     args = parser.parse_args(argv)
     from methods.core.hardware import machine, machine_label
 
-    print(f"machine: {machine_label(machine('cpu'))}")
+    print(f"machine: {machine_label(machine('cpu'))}; --repeats {args.repeats}")
+    run = [*RUN, "--repeats", str(args.repeats)]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep or tmp)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            assert main([*RUN, "--out", str(work / "base")]) == 0
+            assert main([*run, "--out", str(work / "base")]) == 0
             assert main(["baseline", str(work / "base"), "-o", str(work / "baseline.json")]) == 0
         print("| run | check exit | failed rows (method: metric) |\n|---|---|---|")
         for name, plant in PLANTS.items():
             if args.only and not any(part in name for part in args.only.split(",")):
                 continue
             with plant():
-                code, failed = run_and_check(work, re.sub(r"\W+", "-", name), work / "baseline.json")
+                code, failed = run_and_check(work, re.sub(r"\W+", "-", name), work / "baseline.json", run)
             print(f"| {name} | {code} | {'; '.join(failed) or '-'} |", flush=True)
         passes = 0
         for i in range(args.unchanged):
-            code, failed = run_and_check(work, f"unchanged-{i}", work / "baseline.json")
+            code, failed = run_and_check(work, f"unchanged-{i}", work / "baseline.json", run)
             passes += code == 0
             print(f"| unchanged code, run {i + 1} | {code} | {'; '.join(failed) or '-'} |", flush=True)
         if args.unchanged:

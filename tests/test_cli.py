@@ -264,3 +264,23 @@ def test_check_names_a_machine_difference_from_the_baseline(capsys, tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(older))
     assert main(["check", str(run), "--baseline", str(tmp_path / "old.json")]) == 0
     assert "note:" not in capsys.readouterr().out
+
+
+def test_check_compares_counters_only_at_one_repeat(capsys, tmp_path):
+    """With --repeats the kept round is the one of median time, so its counters depend on timing
+    for methods that learn across prompts: they are compared only at one round, and the check
+    says why it skips them."""
+    run = _fake_run(tmp_path / "a")
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["costs"] = {"curve": {"sizes": [1, 2], "ratios": [1.0, 1.1]}, "calls": {}, "pinned": True}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["baseline", str(run), "-o", str(tmp_path / "b.json")]) == 0
+    capsys.readouterr()
+    assert main(["check", str(run), "--baseline", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "draft_size" in out and "counters not compared" not in out
+    manifest["config"]["repeats"] = 2
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["check", str(run), "--baseline", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "counters not compared: --repeats 2" in out and "draft_size" not in out
