@@ -124,6 +124,9 @@ RUN: list[Case] = [
     ("task file is a folder", lambda w: ["--tasks", "gsm8k", "--task-path", "gsm8k=" + str(w.root)], "no such file"),
     # task specs and task options
     ("empty task list", lambda w: ["--tasks", ","], "no tasks given"),
+    ("--costs-from a missing file", lambda w: ["--costs-from", w.p("nowhere.json")], "no such file"),
+    ("--costs-from a file without costs", lambda w: ["--costs-from", w.file("c.json", '{"a": 1}')],
+     "holds no cost record"),
     ("repeated task spec", lambda w: ["--tasks", "builtin:math,builtin:math"], "names 'builtin:math' twice"),
     ("overlapping task specs", lambda w: ["--tasks", "builtin,builtin:math"], "both select example builtin-04"),
     ("same jsonl file twice", lambda w: ["--tasks", f"jsonl:{w.jsonl('s.jsonl', [{'prompt': 'a'}])},jsonl:{w.root}/./s.jsonl"],
