@@ -352,16 +352,19 @@ def _speed(entry: dict[str, Any], row: dict[str, Any], now: dict[str, float], to
     base, cur = entry.get("speedup_geomean"), _clean(row.get("speedup_geomean"))
     if base is None or key[0] == "vanilla":
         return []
-    if tol.speedup_floor is not None:
-        limit = base * tol.speedup_floor
+
+    def floor(fraction: float) -> list[Finding]:
+        limit = base * fraction
         return [Finding(*key, "speedup_geomean", base, cur, limit, cur is not None and cur >= limit - 1e-12)]
+
+    if tol.speedup_floor is not None:
+        return floor(tol.speedup_floor)
     if not same_machine:
         return []
     before = entry.get("speedups") or {}
     ratios = [now[ex] / before[ex] for ex in before if ex in now and before[ex] > 0]
     if not ratios:  # an older baseline without per-example speedups: the old fixed floor
-        limit = base * 0.5
-        return [Finding(*key, "speedup_geomean", base, cur, limit, cur is not None and cur >= limit - 1e-12)]
+        return floor(0.5)
     low, high = bootstrap_geomean_ci(ratios)
     limit = 1 - tol.speed_margin
     return [Finding(*key, "speedup / baseline's (paired)", 1.0, f"{geometric_mean(ratios):.3f} [{low:.3f}, {high:.3f}]",
