@@ -20,6 +20,21 @@ Definitions follow Spec-Bench where one exists:
 * host synchronisations per step = reads of tensor values on the host during ``generate``
   (``methods.core.timing.HostSyncs``) / target forward passes: on a GPU each one stalls the
   queue, so a step that reads more is slower there whatever a CPU run shows.
+
+The metrics the field reports beside these (vLLM's spec-decode metrics, SPEED-Bench,
+Spec-Bench), read from each step's drafted depth and accepted drafts (records written before
+those were recorded have none, and show these as missing):
+
+* draft acceptance rate = accepted draft tokens / drafted depth, summed over steps; depth,
+  not node count, because a tree can accept at most one path however wide it is;
+* acceptance by draft position k = of the steps whose draft reached position k, the share
+  that accepted the draft there (vLLM's per-position rate, over steps of any depth);
+* draft and verify shares = drafting and verifying time over their sum (the decode steps'
+  time; prefill is neither);
+* upper bound = the speedup if every draft were accepted at the measured step cost: per
+  example (target passes + drafted depth) / wall time over vanilla's tokens/s, geometric mean
+  over the examples the speedup uses; ``bound_reached`` = measured speedup / bound, how far a
+  method is from its own ceiling (vanilla's bound is its 1.0).
 """
 
 from __future__ import annotations
@@ -87,10 +102,20 @@ def records_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
             "accepted": [a for t in turns for a in t["accepted"]],
             "step_times": _step_times(turns),
             "draft_sizes": [d for t in turns for d in t["draft_sizes"]],
+            "draft_depths": _per_step(turns, "draft_depths"),
+            "accepted_drafts": _per_step(turns, "accepted_drafts"),
             "token_ids": tuple(tok for t in turns for tok in t["tokens"]),
             "text": "\n\n".join(t["text"] for t in turns),
         })
     return pd.DataFrame(rows)
+
+
+def _per_step(turns: list[dict[str, Any]], key: str) -> list[int] | None:
+    """A per-step list across turns, or None where a turn did not record it (an older record):
+    a metric over part of a record's steps would be a different metric, not a partial one."""
+    if not turns or any(t.get(key) is None for t in turns):
+        return None
+    return [x for t in turns for x in t[key]]
 
 
 def _step_times(turns: list[dict[str, Any]]) -> list[float] | None:
@@ -137,18 +162,29 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def acceptance_by_depth(accepted: Iterable[int], draft_sizes: Iterable[int], max_depth: int = 8) -> list[float]:
-    """P(draft token at depth d accepted | depth d-1 accepted), over steps that drafted.
+MAX_POSITION = 16  # positions charted; no shipped draft reaches this deep
 
-    Depth 1 is the first draft token after the real one. A method that never accepts a
-    draft gives 0.0 at depth 1 and NaN beyond (no step ever got that deep).
+
+def acceptance_by_position(draft_depths: Sequence[int], accepted_drafts: Sequence[int],
+                           max_position: int = MAX_POSITION) -> list[float]:
+    """Per draft position k = 1, 2, ...: of the steps whose draft reached position k, the share
+    that accepted the draft token there (vLLM's per-position acceptance rate).
+
+    A step of depth d counts at positions 1..d only, so a method whose drafts vary in depth
+    (a dynamic tree, an adaptive exit, a lookup that finds short matches) is not charged for
+    positions it never drafted. The list ends at the deepest position any step reached;
+    empty when no step drafted.
     """
-    acc = np.asarray([a - 1 for a, d in zip(accepted, draft_sizes) if d > 0], dtype=int)
-    rates = []
-    for depth in range(1, max_depth + 1):
-        reached = (acc >= depth - 1).sum()
-        rates.append(float((acc >= depth).sum() / reached) if reached else float("nan"))
-    return rates
+    depths = np.asarray(draft_depths, dtype=int)
+    accepted = np.asarray(accepted_drafts, dtype=int)
+    deepest = min(int(depths.max()) if len(depths) else 0, max_position)
+    return [float((accepted[depths >= k] >= k).mean()) for k in range(1, deepest + 1)]
+
+
+def draft_acceptance_rate(draft_depths: Sequence[int], accepted_drafts: Sequence[int]) -> float:
+    """Accepted draft tokens / drafted depth over all steps; NaN when nothing was drafted."""
+    drafted = int(np.sum(draft_depths)) if len(draft_depths) else 0
+    return float(np.sum(accepted_drafts)) / drafted if drafted else float("nan")
 
 
 def paired_with_baseline(frame: pd.DataFrame) -> pd.DataFrame:
@@ -160,7 +196,7 @@ def paired_with_baseline(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 SPEEDUP_KEYS = ("speedup_geomean", "speedup_ci_low", "speedup_ci_high", "speedup_total", "speedup_wall_time",
-                "speedup_excluded", "speedup_prefix", "prefix_examples")
+                "speedup_excluded", "speedup_prefix", "prefix_examples", "speedup_bound", "bound_reached")
 MIN_PREFIX = 16  # tokens: shorter common prefixes are mostly prefill and say little about decoding
 
 
@@ -199,6 +235,12 @@ def paired_speedups(paired: pd.DataFrame, min_prefix: int = MIN_PREFIX) -> dict[
             prefix_ratios.append(t_base / t_method)
     out["speedup_prefix"] = geometric_mean(prefix_ratios)
     out["prefix_examples"] = len(prefix_ratios)
+    out["speedup_bound"], out["bound_reached"] = float("nan"), float("nan")
+    if "draft_depths" in used and len(used) and used.draft_depths.map(lambda d: isinstance(d, list)).all():
+        # every draft accepted: each pass commits its drafted depth plus the bonus token
+        ceiling = (used.target_forwards + used.draft_depths.map(sum)) / used.wall_time
+        out["speedup_bound"] = geometric_mean((ceiling / tps_base).tolist())
+        out["bound_reached"] = out["speedup_geomean"] / out["speedup_bound"]
     return out
 
 
@@ -228,8 +270,7 @@ def summarize(frame: pd.DataFrame, by: tuple[str, ...] = ("method",), weight_byt
             draft_time_share=float(sub.draft_time.sum() / time_total) if sub.draft_time.notna().all() and time_total else float("nan"),
             bandwidth_gb_s=(weight_bytes * forwards / time_total / 1e9) if weight_bytes and time_total else float("nan"),
         )
-        depth = acceptance_by_depth([a for x in sub.accepted for a in x], [d for x in sub.draft_sizes for d in x])
-        row["acceptance_by_depth"] = depth
+        row.update(draft_metrics(sub))
         mask = np.ones(len(paired_all), dtype=bool)
         for k, v in zip(by, group):
             mask &= (paired_all[k] == v).to_numpy()
@@ -248,6 +289,29 @@ def summarize(frame: pd.DataFrame, by: tuple[str, ...] = ("method",), weight_byt
         row["answer_accuracy"] = _answer_accuracy(sub)
         out.append(row)
     return pd.DataFrame(out)
+
+
+def draft_metrics(sub: pd.DataFrame) -> dict[str, Any]:
+    """The field's draft metrics of one group of rows (module docstring); NaN, and an empty
+    per-position list, where a row lacks the per-step drafted depths (an older record)."""
+    out: dict[str, Any] = {"draft_depth_per_step": float("nan"), "accepted_drafts_per_step": float("nan"),
+                           "draft_acceptance_rate": float("nan"), "acceptance_by_position": []}
+    spent = sub.draft_time + sub.verify_time
+    out["draft_share"] = (float(sub.draft_time.sum() / spent.sum())
+                          if spent.notna().all() and spent.sum() > 0 else float("nan"))
+    out["verify_share"] = 1.0 - out["draft_share"]
+    recorded = sub.draft_depths.map(lambda d: isinstance(d, list)) & sub.accepted_drafts.map(lambda d: isinstance(d, list))
+    if not len(sub) or not recorded.all():
+        return out
+    depths = [d for x in sub.draft_depths for d in x]
+    accepted = [a for x in sub.accepted_drafts for a in x]
+    forwards = int(sub.target_forwards.sum())
+    if forwards:
+        out["draft_depth_per_step"] = sum(depths) / forwards
+        out["accepted_drafts_per_step"] = sum(accepted) / forwards
+    out["draft_acceptance_rate"] = draft_acceptance_rate(depths, accepted)
+    out["acceptance_by_position"] = acceptance_by_position(depths, accepted)
+    return out
 
 
 def in_run_order(summary: pd.DataFrame, methods: list[str] | None) -> pd.DataFrame:

@@ -280,7 +280,7 @@ def build_report(run_dir: Path, out: Path | None = None) -> Path:
         charts = {
             "Speedup by task (geometric mean, 95% bootstrap interval)": plots.speedup_by_task(by_task, colors),
             "Tokens accepted per step": plots.accepted_length_distribution(steps, colors),
-            "Acceptance rate by draft depth": plots.acceptance_by_depth(
+            "Acceptance by draft position": plots.acceptance_by_position(
                 summary[summary.task == summary.task.iloc[-1]], colors),
             "Speedup against tokens processed per step": plots.speedup_vs_cost(by_task, colors),
         }

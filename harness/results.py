@@ -80,6 +80,8 @@ RESULTS_HINT = "fix or delete that line (it will be run again), or rerun with --
 _RECORD_SHAPE = {"task": str, "example_id": (str, int), "method": str}
 _DONE_SHAPE = {"turns": list, "new_tokens": int, "wall_time": (int, float), "target_forwards": int}
 _TURN_SHAPE = {"tokens": list, "text": str, "accepted": list, "draft_sizes": list}
+# per-step lists that records written before they existed lack: typed where present, never required
+_TURN_OPTIONAL = {"draft_depths": list, "accepted_drafts": list}
 
 
 def check_record(record: Any, where: str) -> dict[str, Any]:
@@ -90,7 +92,11 @@ def check_record(record: Any, where: str) -> dict[str, Any]:
     if missing:
         raise UserError(f"{where}: record lacks {', '.join(repr(k) for k in missing)}; {RESULTS_HINT}")
     for i, turn in enumerate(record.get("turns") or [], start=1):
-        require_shape(turn, _TURN_SHAPE, f"{where} (turn {i})", RESULTS_HINT)
+        require_shape(turn, {**_TURN_SHAPE, **_TURN_OPTIONAL}, f"{where} (turn {i})", RESULTS_HINT)
+        steps = len(turn.get("accepted") or [])
+        for key in ("draft_depths", "accepted_drafts"):  # read step by step beside ``accepted``
+            if isinstance(turn.get(key), list) and len(turn[key]) != steps:
+                raise UserError(f"{where}: turn {i} has {len(turn[key])} {key} for {steps} steps; {RESULTS_HINT}")
         lacking = [k for k in _TURN_SHAPE if k not in turn]
         if lacking:
             raise UserError(f"{where}: turn {i} lacks {', '.join(repr(k) for k in lacking)}; {RESULTS_HINT}")

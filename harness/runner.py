@@ -71,6 +71,8 @@ def run_example(decoder: Decoder, example: Example, tokenizer: Any, settings: Sh
             "accepted": gen.accepted,
             "draft_sizes": gen.draft_sizes,
             "processed": gen.processed,
+            "draft_depths": gen.draft_depths,
+            "accepted_drafts": gen.accepted_drafts,
             "step_times": [round(t, 7) for t in gen.step_times],
             "draft_time": sum(gen.draft_times) if gen.draft_times else None,
             "verify_time": sum(gen.verify_times) if gen.verify_times else None,

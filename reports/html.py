@@ -18,6 +18,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 
 TEMPLATES = Path(__file__).parent / "templates"
+BASELINE = "vanilla"
 
 
 def fmt(value: Any, spec: str, suffix: str = "") -> str:
@@ -71,6 +72,30 @@ def summary_rows(summary: pd.DataFrame) -> list[dict[str, str]]:
     return rows
 
 
+def draft_rows(summary: pd.DataFrame) -> list[dict[str, str]]:
+    """The drafts table: per task and method that drafts (vanilla is the baseline, not a drafter),
+    how deep it drafts, how much of that is accepted, where its step time goes, and how far its
+    speedup is from its own ceiling. Older records lack the per-step depths: "–" there."""
+    rows = []
+    for r in summary.itertuples():
+        if r.method == BASELINE:
+            continue
+        positions = list(r.acceptance_by_position or [])
+        rows.append({
+            "task": r.task, "method": r.method,
+            "depth": fmt(r.draft_depth_per_step, ".2f"),
+            "accepted": fmt(r.accepted_drafts_per_step, ".2f"),
+            "rate": fmt(r.draft_acceptance_rate, ".0%"),
+            "first": fmt(positions[0], ".0%") if positions else "–",
+            "draft_share": fmt(r.draft_share, ".0%"),
+            "verify_share": fmt(r.verify_share, ".0%"),
+            "speedup": fmt(r.speedup_geomean, ".2f", "x"),
+            "bound": fmt(r.speedup_bound, ".2f", "x"),
+            "reached": fmt(r.bound_reached, ".0%"),
+        })
+    return rows
+
+
 def render_report(*, run_dir: str, manifest: dict[str, Any], summary: pd.DataFrame, charts: dict[str, str],
                   categories: dict[str, Any], divergences: list[dict[str, Any]], verdicts: list[dict[str, Any]],
                   colors: dict[str, str], headline: str, examples: list[dict[str, Any]],
@@ -86,7 +111,8 @@ def render_report(*, run_dir: str, manifest: dict[str, Any], summary: pd.DataFra
         fitted=fitted or [], drafters=drafters or [],
         hardware=hardware or {},
         real_divergences=sum(v["real"] for v in verdicts), method_sections=method_sections, run_dir=run_dir, manifest=manifest,
-        rows=summary_rows(summary) if not summary.empty else [], charts=charts, categories=categories,
+        rows=summary_rows(summary) if not summary.empty else [], charts=charts,
+        draft_table=draft_rows(summary) if not summary.empty else [], categories=categories,
         examples=examples, skipped=skipped, manifest_json=json.dumps(manifest, indent=2, ensure_ascii=False),
     )
 

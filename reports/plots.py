@@ -9,7 +9,6 @@ read the colour a method was drawn in without parsing text rendered as paths.
 from __future__ import annotations
 
 import io
-import math
 import re
 from collections.abc import Sequence
 
@@ -141,25 +140,25 @@ def accepted_length_distribution(steps: pd.DataFrame, colors: dict[str, str]) ->
     return figure_svg(fig)
 
 
-def acceptance_by_depth(summary: pd.DataFrame, colors: dict[str, str]) -> str:
-    """P(draft token at depth d accepted | depth d-1 accepted), per method (methods that draft)."""
-    rows = []
-    for r in summary.itertuples():
-        for d, rate in enumerate(r.acceptance_by_depth, start=1):
-            if not math.isnan(rate):
-                rows.append({"method": r.method, "depth": d, "rate": rate})
+def acceptance_by_position(summary: pd.DataFrame, colors: dict[str, str]) -> str:
+    """Per method that drafts: of the steps whose draft reached position k, the share that accepted
+    it there. A falling line is where a drafter's guesses stop being right; its length is how deep
+    the method drafts."""
+    rows = [{"method": r.method, "position": k, "rate": rate}
+            for r in summary.itertuples() if r.method != BASELINE
+            for k, rate in enumerate(r.acceptance_by_position or [], start=1)]
     fig, ax = plt.subplots(figsize=(7.5, 3.4))
     if rows:
         df = pd.DataFrame(rows)
         order = [m for m in colors if m in set(df.method)]
-        sns.lineplot(df, x="depth", y="rate", hue="method", hue_order=order, palette=colors, marker="o", ax=ax)
+        sns.lineplot(df, x="position", y="rate", hue="method", hue_order=order, palette=colors, marker="o", ax=ax)
     else:
-        _no_data(ax, "no method drafted")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # depths are whole numbers
+        _no_data(ax, "no method drafted (or the records predate per-step draft depths)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # positions are whole numbers
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("acceptance rate")
-    ax.set_xlabel("draft depth")
-    _legend(ax, "acceptance-depth", colors)
+    ax.set_xlabel("draft position")
+    _legend(ax, "acceptance-position", colors)
     return figure_svg(fig)
 
 

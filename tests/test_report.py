@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.metrics import acceptance_by_depth, bootstrap_geomean_ci, first_divergence, records_frame, rouge2, summarize
+from harness.metrics import acceptance_by_position, bootstrap_geomean_ci, draft_acceptance_rate, first_divergence, records_frame, rouge2, summarize
 from harness.report import build_report
 
 
@@ -108,16 +108,79 @@ def test_speedup_over_the_common_prefix():
 
 
 def test_metric_edge_cases():
-    assert acceptance_by_depth([1, 1, 1], [0, 3, 3])[0] == 0.0  # never accepts a draft
-    assert math.isnan(acceptance_by_depth([1, 1, 1], [0, 3, 3])[1])
-    assert acceptance_by_depth([1, 3, 2], [0, 3, 3])[:2] == [1.0, 0.5]
-    assert acceptance_by_depth([1], [0]) == [float("nan")] * 8 or all(math.isnan(x) for x in acceptance_by_depth([1], [0]))
+    assert acceptance_by_position([0, 3, 3], [0, 0, 0]) == [0.0, 0.0, 0.0]  # never accepts a draft
+    assert acceptance_by_position([0], [0]) == [] and math.isnan(draft_acceptance_rate([0], [0]))  # never drafts
     assert bootstrap_geomean_ci([2.0]) == (2.0, 2.0)  # a single example
     lo, hi = bootstrap_geomean_ci([1.0, 2.0, 4.0])
     assert 1.0 <= lo <= 2.0 <= hi <= 4.0
     assert first_divergence([1, 2, 3], [1, 2, 3]) is None
     assert first_divergence([1, 2, 3], [1, 5, 3]) == 1 and first_divergence([1, 2], [1, 2, 3]) == 2
     assert rouge2("", "") == 1.0 and rouge2("the cat sat", "the cat sat") == 1.0
+
+
+def _drafting_run(path: Path) -> Path:
+    """Vanilla: 8 tokens in 1.0 s. m: 9 tokens in 0.5 s over 5 passes whose drafts reach depths
+    0 (prefill), 3, 3, 2, 1 and accept 0, 2, 0, 2, 0 of them."""
+    path.mkdir(parents=True, exist_ok=True)
+    base = _turn(list(range(8)), [1] * 8, [0] * 8, "x", 1.0)
+    base.update(draft_depths=[0] * 8, accepted_drafts=[0] * 8)
+    m = _turn(list(range(9)), [1, 3, 1, 3, 1], [0, 5, 5, 3, 1], "x", 0.5)  # a tree: 5 nodes, 3 deep
+    m.update(draft_depths=[0, 3, 3, 2, 1], accepted_drafts=[0, 2, 0, 2, 0])
+    recs = [_record("vanilla", "a", base), _record("m", "a", m)]
+    (path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    manifest = json.loads((make_run(tmp := path.parent / (path.name + "-base")) / "manifest.json").read_text())
+    shutil.rmtree(tmp)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def test_draft_metrics_the_field_reports(tmp_path):
+    from harness.results import read_records
+
+    run = _drafting_run(tmp_path / "run")
+    s = summarize(records_frame(read_records(run / "results.jsonl"))).set_index("method")
+    assert s.loc["m", "draft_acceptance_rate"] == pytest.approx(4 / 9)  # accepted / drafted depth, not nodes
+    assert s.loc["m", "draft_depth_per_step"] == pytest.approx(9 / 5)
+    assert s.loc["m", "accepted_drafts_per_step"] == pytest.approx(4 / 5)
+    # position 1: 2 of the 4 steps that drafted; 2: 2 of the 3 that reached it; 3: 0 of 2
+    assert s.loc["m", "acceptance_by_position"] == pytest.approx([0.5, 2 / 3, 0.0])
+    # drafting 0.01 s and verifying 0.02 s per step: shares of their sum, not of wall time
+    assert s.loc["m", "draft_share"] == pytest.approx(1 / 3) and s.loc["m", "verify_share"] == pytest.approx(2 / 3)
+    # measured 18 tok/s over vanilla's 8; every draft accepted: (5 passes + 9 drafted) / 0.5 s = 28 tok/s
+    assert s.loc["m", "speedup_geomean"] == pytest.approx(2.25)
+    assert s.loc["m", "speedup_bound"] == pytest.approx(3.5)
+    assert s.loc["m", "bound_reached"] == pytest.approx(2.25 / 3.5)
+    assert s.loc["vanilla", "speedup_bound"] == pytest.approx(1.0)  # no draft: its own ceiling
+    assert math.isnan(s.loc["vanilla", "draft_acceptance_rate"]) and s.loc["vanilla", "acceptance_by_position"] == []
+    page = build_report(run).read_text()
+    table = page[page.index('id="drafts-table"'):page.index("</table>", page.index('id="drafts-table"'))]
+    for cell in ("1.80", "0.80", "44%", "50%", "33%", "67%", "2.25x", "3.50x", "64%"):
+        assert f"<td>{cell}</td>" in table, cell
+    assert "<td class=\"l\">vanilla</td>" not in table  # the baseline drafts nothing
+    assert "Acceptance by draft position</figcaption>" in page and 'id="acceptance-position-legend-m"' in page
+
+
+def test_records_without_draft_depths_still_load_check_and_render(tmp_path):
+    """Records written before the per-step depths: the new metrics are missing ("–"), nothing fails;
+    a depth list that does not match the steps is refused in one line."""
+    from base.errors import UserError
+    from harness.results import check_record, read_records
+
+    run = make_run(tmp_path / "run")
+    records = read_records(run / "results.jsonl")
+    assert not any("draft_depths" in t for r in records for t in r["turns"])
+    s = summarize(records_frame(records)).set_index("method")
+    for key in ("draft_acceptance_rate", "draft_depth_per_step", "speedup_bound", "bound_reached"):
+        assert math.isnan(s.loc["medusa", key]), key
+    assert s.loc["medusa", "acceptance_by_position"] == []
+    timed = summarize(records_frame(r for r in records if r["example_id"] != "c")).set_index("method")
+    assert timed.loc["medusa", "draft_share"] == pytest.approx(1 / 3)  # timed before depths were recorded
+    page = build_report(run).read_text()
+    table = page[page.index('id="drafts-table"'):page.index("</table>", page.index('id="drafts-table"'))]
+    assert table.count("<td>–</td>") >= 5 and "medusa" in table
+    bad = dict(records[1], turns=[dict(records[1]["turns"][0], draft_depths=[0])])
+    with pytest.raises(UserError, match="1 draft_depths for 2 steps"):
+        check_record(bad, "results.jsonl:2")
 
 
 def add_third_method_and_divergences(run: Path) -> Path:
@@ -167,12 +230,13 @@ def test_report_opens_with_one_line_answer_pivot_and_verdicts(tmp_path):
     assert headline(s.iloc[:0], []) == "no completed generations yet"
     slow = s.assign(speedup_geomean=s.speedup_geomean.where(s.method == "vanilla", 0.5))
     assert headline(slow, []).startswith("fastest: vanilla; no method beats it here (best: ")
-    # the pivot: one row per category, a speedup and an accepted-length column per method
+    # the pivot: one row per category, one column per method, each cell its speedup and accepted length
     assert page.count('<table class="categories">') == 1
     pivot = page[page.index('<table class="categories">'):]
     pivot = pivot[:pivot.index("</table>")]
     assert pivot.count("<tr><td") == 3 and all(c in pivot for c in ("summarization", "math", "chat"))
-    assert pivot.count(">speedup</th>") == 2 and pivot.count(">acc. length</th>") == 2  # medusa, pld
+    assert pivot.count('<th class="group name">') == 2  # medusa, pld
+    assert pivot.count('<span class="speedup">') == 6 and pivot.count('<span class="mal">') == 6
     # the verdicts: per method, the rows themselves collapsed
     verdicts = page[page.index('<table class="verdicts">'):]
     verdicts = verdicts[:verdicts.index("</table>")]
@@ -372,3 +436,79 @@ def test_report_says_which_methods_took_plain_steps_and_why(tmp_path):
     (run / "manifest.json").write_text(json.dumps(manifest))
     page = build_report(run).read_text()
     assert "<td class=\"l\">drafts</td>" in page and "1.30x" in page
+
+
+EIGHT = ["vanilla", "medusa", "firp", "eagle", "sps", "pld", "lookahead", "self_spec"]
+
+
+def make_eight_method_run(path: Path) -> Path:
+    """Every method of the project over two tasks of three categories each, with the training,
+    fitting and draft-parameter rows a real run of all eight writes (long texts included)."""
+    from methods.core.fitting import fitted
+    from methods.core.training import training_summary
+
+    path.mkdir(parents=True, exist_ok=True)
+    recs = []
+    for task, categories in (("spec_bench", ("summarization", "math_reasoning", "multi-turn_conversation")),
+                             ("mt_bench", ("writing", "roleplay", "extraction"))):
+        for i, category in enumerate(categories):
+            for j, method in enumerate(EIGHT):
+                depth = 0 if method == "vanilla" else 1 + j % 5
+                turn = _turn(list(range(12)), [1] * 12 if method == "vanilla" else [1] + [2] * 5 + [1],
+                             [0] * 12 if method == "vanilla" else [0] + [3 * depth] * 6, "the cat sat down",
+                             1.0 if method == "vanilla" else 0.6 + 0.05 * j)
+                turn["draft_depths"] = [0] + [depth] * (len(turn["accepted"]) - 1)
+                turn["accepted_drafts"] = [a - 1 if a > 1 else 0 for a in turn["accepted"]]
+                recs.append(_record(method, f"{category}-{i}", turn, task=task, category=category,
+                                    reference="the cat sat down"))
+    (path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    meta = {"train_config": {"data": ["/work/shared/data/spec_bench/question.jsonl",
+                                      "/work/shared/data/gsm8k/train.jsonl", "/work/shared/data/xsum/train.jsonl"],
+                             "limit": 3000, "epochs": 3, "max_new_tokens": 96, "self_prompts": 1000,
+                             "summary_prompts": 1000, "max_steps": 1000, "init_from": "runs/firp-maps-broad-layer-12"},
+            "train_sequences": 3761, "train_steps": 1000, "stopped": "step ceiling", "best_step": 950,
+            "val_metric": "teacher-forced accepted length, best 12-node tree",
+            "val_curve": [{"step": 950, "value": 2.07}], "train_time_s": 3600.0}
+    methods = {m: {"draft_parameters": {"parameters": 997_056 * (k % 3), "bytes": 3_988_224 * (k % 3)}}
+               for k, m in enumerate(EIGHT)}
+    for m in ("medusa", "firp", "eagle", "sps"):
+        methods[m]["training"] = training_summary(meta)
+        methods[m]["tree_choice"] = {"draft_size": 12, "processed": 30, "predicted_speedup": 1.61}
+    for m in ("eagle", "sps", "pld", "lookahead"):
+        methods[m]["fitted"] = fitted(0.88, "the 3-token draft of depth 3 at the measured verify cost of 4 rows")
+    manifest = {"config": {"model": "smollm2-135m", "max_new_tokens": 128, "methods": EIGHT}, "dtype": "bfloat16",
+                "status": "complete", "started": "now", "model": {"weight_bytes": 1000}, "methods": methods,
+                "environment": {"device": "cpu", "cpu": "test cpu", "torch_threads": 2, "gpu": None},
+                "tasks": {"spec_bench": {"hash": "h"}, "mt_bench": {"hash": "i"}}}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_report_with_eight_methods_fits_1400_pixels(tmp_path):
+    """All eight methods in a 1400-pixel window: no table runs past the page's column and no
+    scrolling box hides columns at its right (the category pivot and the training table did)."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    out = build_report(make_eight_method_run(tmp_path / "run"))
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(out.as_uri())
+        for sel in ("table.categories", "#training-table", "#drafts-table", "#fitted-table", "table.summary"):
+            assert page.locator(sel).count() == 1, sel
+        assert page.locator("table.categories thead th.group").count() == 7  # one column per method
+        page.evaluate("for (const d of document.querySelectorAll('details')) d.open = true")
+        overflow = page.evaluate("""() => {
+            const right = document.body.getBoundingClientRect().right;
+            const out = [];
+            for (const box of document.querySelectorAll('.scroll'))
+                if (box.scrollWidth > box.clientWidth + 1) out.push(['hidden at the right', box.id || box.firstElementChild.className || box.firstElementChild.id, box.scrollWidth, box.clientWidth]);
+            for (const t of document.querySelectorAll('table'))
+                if (t.getBoundingClientRect().right > right + 1) out.push(['past the page', t.id || t.className, t.getBoundingClientRect().right, right]);
+            if (document.documentElement.scrollWidth > 1400) out.push(['page', document.documentElement.scrollWidth]);
+            return out;
+        }""")
+        page.screenshot(path=str(tmp_path / "eight.png"), full_page=True)
+        browser.close()
+    assert overflow == [], overflow

@@ -133,3 +133,32 @@ def test_caches_grow_before_the_clock_starts_not_inside_a_timed_call(method):
     settings = ShardSettings(24, [], None, 0.0, 1.0, 0)
     record = runner.run_example(decoder, Example("e", "chat", ["hi", "more"], task="t"), Tok(), settings)
     assert record["new_tokens"] == 48 and grown == []
+
+
+def test_records_carry_each_steps_drafted_depth_and_accepted_drafts():
+    """A tree of 3 drafts, 2 deep (two branches under the root, one of them extended), on a model
+    that repeats its last token: copies of the root are right, so the deep branch is accepted
+    whole. Its depth is 2, not its 3 nodes, and 2 drafts are accepted each step."""
+    from methods.core.decoder import Decoder, Draft
+    from methods.core.engine import Engine
+    from methods.core.tree import TreeLayout
+    from tests.conftest import repeating_model
+
+    class TwoDeep(Decoder):
+        name = "two_deep"
+
+        def draft(self, root: int, root_t: torch.Tensor, room: int) -> Draft:
+            if room < 2:
+                return super().draft(root, root_t, room)
+            other = (root + 1) % self.engine.model.config.vocab_size  # a sibling the target rejects
+            tokens = torch.tensor([root, other, root, root], device=self.engine.device)
+            return Draft(tokens, TreeLayout([-1, 0, 0, 2], self.engine))
+
+    engine = Engine(repeating_model(), capacity=64)
+    record = runner.run_example(TwoDeep(engine), Example("e", "chat", ["hi"], task="t"), Tok(),
+                                ShardSettings(10, [], None))
+    turn = record["turns"][0]
+    assert turn["draft_sizes"][1:3] == [3, 3] and turn["draft_depths"][1:3] == [2, 2]
+    assert turn["accepted_drafts"][1:3] == [2, 2] and turn["accepted"][1:3] == [3, 3]
+    assert turn["draft_depths"][0] == turn["accepted_drafts"][0] == 0  # prefill drafts nothing
+    assert len(turn["draft_depths"]) == len(turn["accepted_drafts"]) == len(turn["accepted"])

@@ -106,7 +106,12 @@ class Generation:
     ``accepted[i]`` tokens committed (bonus included; vanilla: 1), ``draft_sizes[i]`` draft
     tokens verified, ``processed[i]`` tokens the pass processed beyond the committed root
     (draft tokens plus Lookahead's window or FIRP's pseudo tokens), ``step_times[i]`` its
-    seconds, split into ``draft_times`` and ``verify_times``. ``host_syncs`` counts the reads
+    seconds, split into ``draft_times`` and ``verify_times``. ``draft_depths[i]`` is the
+    depth of the step's draft (its longest root-to-leaf path: at most that many drafts can
+    be accepted, whatever the tree's width) and ``accepted_drafts[i]`` how many of them
+    verification accepted (before a stop token cuts the step's tokens): the acceptance rate
+    and the per-position rates the field reports are read from these two, since a tree's
+    node count says nothing about how deep it reaches. ``host_syncs`` counts the reads
     of tensor values on the host during the call (``HostSyncs``), prefill included.
     """
 
@@ -117,6 +122,8 @@ class Generation:
     step_times: list[float] = field(default_factory=list)
     draft_times: list[float] = field(default_factory=list)
     verify_times: list[float] = field(default_factory=list)
+    draft_depths: list[int] = field(default_factory=list)
+    accepted_drafts: list[int] = field(default_factory=list)
     stopped_by: str = "length"  # "length" | "eos"
     host_syncs: int = 0
 
@@ -242,7 +249,8 @@ class Decoder:
         root = int(first_t[0])
         self.begin(prompt_ids, out)
         clock.mark()
-        gen = Generation(tokens=[root], accepted=[1], draft_sizes=[0], processed=[0])
+        gen = Generation(tokens=[root], accepted=[1], draft_sizes=[0], processed=[0], draft_depths=[0],
+                         accepted_drafts=[0])
         done = root in stop_set
         root_t = first_t
         while not done and len(gen.tokens) < limit:
@@ -271,6 +279,8 @@ class Decoder:
             gen.accepted.append(len(new))
             gen.draft_sizes.append(layout.draft_size)
             gen.processed.append(draft.processed)
+            gen.draft_depths.append(layout.max_depth)  # a Python int, set when the layout was built
+            gen.accepted_drafts.append(acc.accepted_drafts)
             root, root_t = new[-1], acc.bonus_t
         gen.stopped_by = "eos" if done else "length"
         times = clock.seconds()  # on CUDA: the one synchronisation, after the last step
