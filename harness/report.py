@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from harness.checks import _identity, machine_of, run_metrics, settings_differ
+from harness.claims import Claim, firp_claims
 from harness.metrics import BASELINE, first_divergence, in_run_order, records_frame, summarize
 from harness.results import read_manifest, read_run_divergences, read_run_records
 from base.errors import UserError
@@ -254,6 +255,16 @@ def hardware_summary(manifest: dict[str, Any], records: list[dict[str, Any]]) ->
     return summary
 
 
+def claim_rows(summary: pd.DataFrame, methods: list[str]) -> list[Claim]:
+    """The FIRP paper's claims against this run's whole-run metrics (the "all" row of a run of
+    several tasks): empty unless FIRP ran beside another method."""
+    if summary.empty:
+        return []
+    overall = summary[summary.task == "all"] if (summary.task == "all").any() else summary
+    overall = overall[overall.task == overall.task.iloc[0]]
+    return firp_claims({r["method"]: r for r in overall.to_dict("records")}, methods)
+
+
 def build_report(run_dir: Path, out: Path | None = None) -> Path:
     if out is not None:
         check_writable(out, "-o")
@@ -298,7 +309,7 @@ def build_report(run_dir: Path, out: Path | None = None) -> Path:
                          headline=headline(summary, verdicts), examples=drilldown(frame, records),
                          method_sections=method_sections(run_dir, manifest),
                          training=training_rows(manifest, summary), fitted=fitted_rows(manifest, summary),
-                         drafters=draft_rows(manifest),
+                         drafters=draft_rows(manifest), claims=claim_rows(summary, methods),
                          hardware=hardware_summary(manifest, records),
                          skipped=sum(1 for r in records if r.get("skipped")))
     return write_text(out or run_dir / "report.html", page, "-o")

@@ -101,14 +101,16 @@ def render_report(*, run_dir: str, manifest: dict[str, Any], summary: pd.DataFra
                   colors: dict[str, str], headline: str, examples: list[dict[str, Any]],
                   method_sections: list[dict[str, Any]], skipped: int,
                   training: list[dict[str, Any]] | None = None, hardware: dict[str, Any] | None = None,
-                  fitted: list[dict[str, Any]] | None = None, drafters: list[dict[str, Any]] | None = None) -> str:
+                  fitted: list[dict[str, Any]] | None = None, drafters: list[dict[str, Any]] | None = None,
+                  claims: list[Any] | None = None) -> str:
     """``verdicts``: per-method divergence counts; ``colors``: the palette every chart used, for the swatches;
     ``hardware``: the machine's label and the baseline against the bandwidth limit; ``fitted``: the
-    methods that sized their drafts to the machine, drafting or taking plain steps."""
+    methods that sized their drafts to the machine, drafting or taking plain steps; ``claims``: rows
+    with ``claim``, ``numbers``, ``verdict`` and ``needed`` (the FIRP paper's claims, when FIRP ran)."""
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "jinja"]))
     return env.get_template("report.html.jinja").render(
         divergences=divergences, verdicts=verdicts, colors=colors, headline=headline, training=training or [],
-        fitted=fitted or [], drafters=drafters or [],
+        fitted=fitted or [], drafters=drafters or [], claims=claims or [],
         hardware=hardware or {},
         real_divergences=sum(v["real"] for v in verdicts), method_sections=method_sections, run_dir=run_dir, manifest=manifest,
         rows=summary_rows(summary) if not summary.empty else [], charts=charts,

@@ -183,6 +183,28 @@ def test_records_without_draft_depths_still_load_check_and_render(tmp_path):
         check_record(bad, "results.jsonl:2")
 
 
+def test_claims_section_only_when_firp_runs_beside_another_method(tmp_path):
+    def with_methods(name: str, rename: dict[str, str], keep: set[str]) -> str:
+        run = make_run(tmp_path / name)
+        recs = [json.loads(l) for l in (run / "results.jsonl").read_text().splitlines()]
+        recs = [dict(r, method=rename.get(r["method"], r["method"])) for r in recs]
+        recs = [r for r in recs if r["method"] in keep]
+        (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        manifest = json.loads((run / "manifest.json").read_text())
+        manifest["config"]["methods"] = [m for m in ("vanilla", "firp", "medusa") if m in keep]
+        (run / "manifest.json").write_text(json.dumps(manifest))
+        return build_report(run).read_text()
+
+    assert "Claims of the FIRP paper" not in with_methods("no-firp", {}, {"vanilla", "medusa"})
+    assert "Claims of the FIRP paper" not in with_methods("firp-alone", {"medusa": "firp"}, {"firp"})
+    page = with_methods("firp-vanilla", {"medusa": "firp"}, {"vanilla", "firp"})
+    assert page.count('<section id="claims">') == 1 and page.index('id="claims"') < page.index('id="charts"')
+    table = page[page.index('id="claims-table"'):page.index("</table>", page.index('id="claims-table"'))]
+    assert "does not hold here" in table  # 1.26x, short of 1.9x
+    assert table.count("not measured in this run") >= 5 and "add medusa to --methods" in table
+    assert "add self_spec to --methods" in table and "add lookahead to --methods" in table
+
+
 def add_third_method_and_divergences(run: Path) -> Path:
     """pld beside medusa (three colours to keep apart), and a divergence file with a numerics and a real case."""
     lines = (run / "results.jsonl").read_text().splitlines()
@@ -498,6 +520,7 @@ def test_report_with_eight_methods_fits_1400_pixels(tmp_path):
         for sel in ("table.categories", "#training-table", "#drafts-table", "#fitted-table", "table.summary"):
             assert page.locator(sel).count() == 1, sel
         assert page.locator("table.categories thead th.group").count() == 7  # one column per method
+        assert page.locator("#claims-table tbody tr").count() >= 10  # FIRP beside the seven others
         page.evaluate("for (const d of document.querySelectorAll('details')) d.open = true")
         overflow = page.evaluate("""() => {
             const right = document.body.getBoundingClientRect().right;
