@@ -56,18 +56,21 @@ def split_methods(text: str) -> list[str]:
 
 def parse_method_runs(labels: list[str], method_options: dict[str, dict[str, Any]]) -> list[MethodRun]:
     """Labels like ``firp`` or ``medusa@tree=8x4x2@heads=DIR``; ``--method-option`` values apply to every
-    variant of their method, a variant's own settings override them. All checked before the model loads."""
+    variant of their method, a variant's own settings (a preset included) override them, option by
+    option under either of its names (``eagle@top_k=10`` over ``eagle.topk=4``). All checked before
+    the model loads."""
     runs: list[MethodRun] = []
     for label in labels:
         name, *settings = label.split("@")
         spec = get_spec(name.strip())
-        raw = dict(method_options.get(spec.name, {}))
+        variant: dict[str, str] = {}
         for item in settings:
             key, sep, value = item.partition("=")
             if not sep or not key.strip():
                 raise UserError(f"bad method variant {label!r}: write METHOD@KEY=VALUE[@KEY=VALUE...]")
-            raw[key.strip()] = value.strip()
-        runs.append(MethodRun(label, spec.name, parse_options(spec.options, raw, where=spec.name)))
+            variant[key.strip()] = value.strip()
+        options = parse_options(spec.options, method_options.get(spec.name, {}), variant, where=spec.name)
+        runs.append(MethodRun(label, spec.name, options))
     return runs
 
 

@@ -25,7 +25,7 @@ import torch
 
 from methods.core.engine import Engine, ForwardOutput, Injection
 from methods.core.errors import UserError
-from methods.core.options import NoOptions, parse_options
+from methods.core.options import NoOptions, alias_values, parse_options
 from methods.core.timing import HostSyncs, StepClock
 from methods.core.tree import TreeLayout, chain_layout
 from methods.core.verify import Acceptance, accept_greedy, accept_sampled, target_probs
@@ -197,7 +197,9 @@ class Decoder:
         """The method's configuration, recorded in the results manifest."""
         from dataclasses import asdict
 
-        return {"name": self.name, **asdict(self.options), "draft_parameters": self.draft_parameters()}
+        aliases = alias_values(self.options)  # the same settings as the upstream code names them, where it does
+        return {"name": self.name, **asdict(self.options), **({"aliases": aliases} if aliases else {}),
+                "draft_parameters": self.draft_parameters()}
 
     def draft_parameters(self) -> dict[str, int]:
         """Parameters the method adds beside the target model, and their bytes on disk (0 for a

@@ -36,7 +36,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ from methods.core.decoder import Decoder, Draft
 from methods.core.engine import Engine, ForwardOutput
 from methods.core.errors import UserError, first_line
 from methods.core.fitting import PLAIN_RATE, Backoff, alpha_from_chain, best_prefix, chain_tokens, fitted
-from methods.core.options import option
+from methods.core.options import Alias, Preset, option
 from methods.core.tree import TreeLayout, chain_layout
 from methods.core.verify import Acceptance
 from methods.core.training import training_summary
@@ -134,19 +134,59 @@ def prior_acceptance(config: dict[str, Any]) -> tuple[float, str]:
     return PRIOR_ACCEPTANCE, f"a prior per-level acceptance of {PRIOR_ACCEPTANCE} (no validated chain in config.json)"
 
 
+MAX_TOTAL = 128
+
+
+def _total_from_upstream(total_token: int | str) -> int | str:
+    """Upstream's ``total_token`` counts the root (its ``Model`` keeps ``total_token - 1`` drafts);
+    ``-1`` is its automatic setting, which here is ``total=auto``."""
+    if total_token == AUTO or total_token == -1:
+        return AUTO
+    if not isinstance(total_token, int):
+        raise ValueError(f"expected -1, auto or an integer, got {total_token!r}")
+    return total_token - 1
+
+
+def _total_to_upstream(total: int | str) -> int | str:
+    return -1 if total == AUTO else total + 1 if isinstance(total, int) else total
+
+
+# Upstream's names (SafeAILab/EAGLE, ``EaModel.from_pretrained`` and the ``gen_ea_answer_*`` scripts'
+# flags), so a configuration can be typed as upstream publishes it. Upstream's ``depth`` is ours
+# under another name because our ``depth`` counts levels, and the two would be off by one.
+UPSTREAM_ALIASES = (
+    Alias("upstream_depth", "depth", "depth = upstream_depth + 1",
+          help="upstream's depth: expansion passes after the root's children (upstream drafts depth + 1 levels)",
+          to_ours=lambda v: v + 1, from_ours=lambda v: v - 1, kind=int),
+    Alias("top_k", "topk", "topk = top_k", help="upstream's top_k: the same meaning", kind=int),
+    Alias("total_token", "total", "total = total_token - 1; -1 or auto: auto",
+          help="upstream's total_token: draft tokens verified per step, counting the root",
+          to_ours=_total_from_upstream, from_ours=_total_to_upstream),
+)
+UPSTREAM_PRESETS = {
+    "upstream": Preset({"total_token": 60, "upstream_depth": 5, "top_k": 10},
+                       "upstream's published evaluation setting (the --total-token, --depth and --top-k defaults "
+                       "of SafeAILab/EAGLE's gen_ea_answer_* scripts, snapshot cb7e084)"),
+}
+
+
 @dataclass(frozen=True)
 class EagleOptions:
+    ALIASES: ClassVar[tuple[Alias, ...]] = UPSTREAM_ALIASES
+    PRESETS: ClassVar[dict[str, Preset]] = UPSTREAM_PRESETS
+
     head: str | None = option(None, help="EAGLE head folder, ours or upstream (default: shipped)")
     depth: int = option(5, min=1, max=12, help="draft levels per step (with total=auto: the most)")
     topk: int = option(4, min=1, max=16, help="nodes expanded per level, and children per node")
-    total: int | str = option(AUTO, help="draft tokens verified per step: auto (default: levels and nodes fitted "
-                                         "each step to this machine's measured costs, plain steps where drafting "
-                                         "does not pay) or a number (best by draft confidence, every step; "
-                                         "16 is EAGLE-2's published setting)")
+    total: int | str = option(AUTO, min=1, max=MAX_TOTAL,
+                              help="draft tokens verified per step, the root not counted: auto (default: levels "
+                                   "and nodes fitted each step to this machine's measured costs, plain steps where "
+                                   "drafting does not pay) or a number (best by draft confidence, every step; "
+                                   "16 is EAGLE-2's published setting)")
 
     def validate(self) -> None:
-        if self.total != AUTO and not (isinstance(self.total, int) and 1 <= self.total <= 128):
-            raise ValueError(f"total must be auto or an integer in 1..128, got {self.total!r}")
+        if self.total != AUTO and not (isinstance(self.total, int) and 1 <= self.total <= MAX_TOTAL):
+            raise ValueError(f"total must be auto or an integer in 1..{MAX_TOTAL}, got {self.total!r}")
         if self.head is not None and not Path(self.head).is_dir():
             raise UserError(f"EAGLE head folder {self.head} does not exist")
 
