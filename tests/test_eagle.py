@@ -100,6 +100,78 @@ def test_upstream_checkpoint_layout_loads(tmp_path, bias):
     assert ours.generate(prompt, 12).draft_sizes == upstream.generate(prompt, 12).draft_sizes
 
 
+# An EAGLE-1/2 checkpoint as upstream lays it out, written from upstream's module names, not from our
+# state dict (SafeAILab/EAGLE, eagle/model/cnets1.py, snapshot cb7e084: ``Model`` holds ``embed_tokens``,
+# ``fc = Linear(2 * hidden, hidden, bias=bias)`` applied to ``cat((inputs_embeds, hidden_states))``, and
+# ``layers`` of ``LlamaDecoderLayer``: ``self_attn.{q,k,v,o}_proj`` (q/k/v biased when the config has
+# ``qkv_bias``), ``mlp.{gate,up,down}_proj``, ``post_attention_layernorm``, and no ``input_layernorm``
+# at index 0). Each entry: the upstream key, its shape from the target's config, and the module it
+# must land in on our side.
+def upstream_layout(config, fc_bias: bool, qkv_bias: bool, embed: bool) -> list[tuple[str, tuple[int, ...], object]]:
+    h, inter = config.hidden_size, config.intermediate_size
+    head_dim = h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    attn = lambda m, name: getattr(m.layers[0].self_attn, name)  # noqa: E731
+    mlp = lambda m, name: getattr(m.layers[0].mlp, name)  # noqa: E731
+    rows = [("fc.weight", (h, 2 * h), lambda m: m.fc.weight),
+            ("layers.0.self_attn.q_proj.weight", (q, h), lambda m: attn(m, "q_proj").weight),
+            ("layers.0.self_attn.k_proj.weight", (kv, h), lambda m: attn(m, "k_proj").weight),
+            ("layers.0.self_attn.v_proj.weight", (kv, h), lambda m: attn(m, "v_proj").weight),
+            ("layers.0.self_attn.o_proj.weight", (h, q), lambda m: attn(m, "o_proj").weight),
+            ("layers.0.mlp.gate_proj.weight", (inter, h), lambda m: mlp(m, "gate_proj").weight),
+            ("layers.0.mlp.up_proj.weight", (inter, h), lambda m: mlp(m, "up_proj").weight),
+            ("layers.0.mlp.down_proj.weight", (h, inter), lambda m: mlp(m, "down_proj").weight),
+            ("layers.0.post_attention_layernorm.weight", (h,), lambda m: m.layers[0].post_attention_layernorm.weight)]
+    if fc_bias:
+        rows.append(("fc.bias", (h,), lambda m: m.fc.bias))
+    if qkv_bias:
+        rows += [("layers.0.self_attn.q_proj.bias", (q,), lambda m: attn(m, "q_proj").bias),
+                 ("layers.0.self_attn.k_proj.bias", (kv,), lambda m: attn(m, "k_proj").bias),
+                 ("layers.0.self_attn.v_proj.bias", (kv,), lambda m: attn(m, "v_proj").bias)]
+    if embed:  # upstream's Model owns an embedding, so its saved state dicts may carry it: not ours to use
+        rows.append(("embed_tokens.weight", (config.vocab_size, h), None))
+    return rows
+
+
+@pytest.mark.parametrize("kind,fc_bias,embed,file", [
+    ("llama", True, False, "pytorch_model.bin"),    # upstream's default: bias=True when config.json says nothing
+    ("llama", False, False, "model.safetensors"),   # config.json "bias": false, the safetensors file
+    ("qwen2", True, False, "pytorch_model.bin"),    # q/k/v biases (upstream's qkv_bias)
+    ("llama", False, True, "pytorch_model.bin"),    # a stray embed_tokens: ignored, the target's own is used
+], ids=["fc-bias", "no-fc-bias", "qkv-bias", "embed-tokens"])
+def test_upstream_checkpoint_loads_by_upstream_module_names(tmp_path, kind, fc_bias, embed, file):
+    model = tiny_model(kind)
+    engine = Engine(model)
+    layout = upstream_layout(model.config, fc_bias, qkv_bias=kind == "qwen2", embed=embed)
+    g = torch.Generator().manual_seed(7)
+    planted = {key: torch.randn(shape, generator=g) * 0.05 + i for i, (key, shape, _) in enumerate(layout)}
+    folder = tmp_path / "EAGLE-tiny"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "bias": fc_bias,
+                                                    "num_hidden_layers": 1}))
+    if file == "model.safetensors":
+        save_file(planted, str(folder / file))
+    else:
+        torch.save(planted, folder / file)
+    decoder = EagleDecoder(engine, head=str(folder), depth=3, topk=2, total=5)
+    head = decoder.head
+    for key, _, where in layout:  # every tensor in the module upstream's name says, and nowhere else
+        if where is not None:
+            assert torch.equal(where(head), planted[key]), key
+    used = sum(planted[key].numel() for key, _, where in layout if where is not None)
+    assert sum(p.numel() for p in head.parameters()) == used  # nothing of ours left unloaded
+    assert (head.fc.bias is not None) == fc_bias
+    # fc reads (embedding, feature) in upstream's order: the first half of its columns takes the embedding
+    e, f = torch.randn(1, model.config.hidden_size, generator=g), torch.zeros(1, model.config.hidden_size)
+    w = planted["fc.weight"]
+    expected = e @ w[:, : model.config.hidden_size].T + (planted["fc.bias"] if fc_bias else 0)
+    assert torch.allclose(head.fuse(e, f), expected, atol=1e-5)
+    # the draft embeds tokens with the target's own table, whatever the checkpoint carried
+    assert torch.equal(decoder.draft_engine.embed_tokens.weight, model.model.embed_tokens.weight)
+    prompt = [5, 6, 7, 8]
+    assert decoder.generate(prompt, 8).tokens == VanillaDecoder(engine).generate(prompt, 8).tokens
+
+
 def test_bad_heads_are_one_line_errors(tmp_path):
     engine = Engine(tiny_model("llama"))
     (tmp_path / "empty").mkdir()
