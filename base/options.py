@@ -152,8 +152,8 @@ def describe_options(cls: type) -> list[str]:
         f = fields[alias.field]
         kind = alias.kind or hints[alias.field]
         out.append(f"{alias.name}={alias.from_ours(f.default)} ({_type_name(kind)}"
-                   f"{_range_text(f.metadata, alias.from_ours)}): another name for {alias.field}: "
-                   + (f"{alias.help}; " if alias.help else "") + alias.mapping)
+                   f"{_range_text(f.metadata, alias.from_ours)}): "
+                   + (f"{alias.help}; " if alias.help else "") + f"sets {alias.field}: {alias.mapping}")
     for name, preset in _presets(cls).items():
         given = ", ".join(f"{k}={v}" for k, v in preset.settings.items())
         resolved = _resolve(cls, preset.settings, where=cls.__name__)

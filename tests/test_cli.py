@@ -98,6 +98,21 @@ def test_list_names_everything(capsys):
         assert word in out
 
 
+def test_list_shows_eagle_options_under_both_names(capsys):
+    """Upstream's names beside ours, each with its mapping, and the preset in both."""
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    lines = [line.strip() for line in out.splitlines()]
+    assert any(line.startswith("eagle.depth=5 (int, 1..12)") for line in lines)
+    assert any(line.startswith("eagle.upstream_depth=4 (int, 0..11): upstream's depth")
+               and line.endswith("depth = upstream_depth + 1") for line in lines)
+    assert any(line.startswith("eagle.top_k=4 (int, 1..16)") and line.endswith("topk = top_k") for line in lines)
+    assert any(line.startswith("eagle.total_token=-1 (int | str, 2..129)")
+               and line.endswith("total = total_token - 1; -1 or auto: auto") for line in lines)
+    assert any(line.startswith("eagle.preset=upstream: total_token=60, upstream_depth=5, top_k=10 "
+                               "(= depth=6, topk=10, total=59)") for line in lines)
+
+
 def test_config_mismatch_refuses_to_mix_results(capsys, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

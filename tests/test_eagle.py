@@ -54,6 +54,76 @@ def test_eagle_is_lossless_on_tiny_models(tiny, depth, topk, total, tmp_path):
         assert sum(got.accepted) == len(got.tokens)
 
 
+UPSTREAM_DEFAULT = {"upstream_depth": 5, "top_k": 10, "total_token": 60}  # gen_ea_answer_*'s flags
+
+
+@pytest.mark.parametrize("given,ours", [
+    ({"upstream_depth": "5"}, {"depth": 6}),         # upstream drafts depth + 1 levels
+    ({"upstream_depth": "0"}, {"depth": 1}),
+    ({"top_k": "10"}, {"topk": 10}),
+    ({"total_token": "60"}, {"total": 59}),          # upstream's total_token counts the root
+    ({"total_token": "-1"}, {"total": "auto"}),      # upstream's automatic setting
+    ({"total_token": "auto"}, {"total": "auto"}),
+    ({"preset": "upstream"}, {"depth": 6, "topk": 10, "total": 59}),
+    ({"preset": "upstream", "top_k": "8"}, {"depth": 6, "topk": 8, "total": 59}),
+    ({"depth": "6", "upstream_depth": "5"}, {"depth": 6}),  # both names, the same value
+])
+def test_upstream_names_convert_to_ours(given, ours):
+    from dataclasses import asdict
+
+    from methods.core.options import parse_options
+    from methods.eagle import EagleOptions
+
+    got = asdict(parse_options(EagleOptions, given, where="eagle"))
+    assert {k: got[k] for k in ours} == ours
+
+
+def test_a_variant_overrides_the_run_wide_setting_under_either_name():
+    from harness.config import parse_method_runs
+
+    def opts(label: str, run_wide: dict) -> tuple:
+        o = parse_method_runs([label], {"eagle": run_wide})[0].options
+        return o.depth, o.topk, o.total
+
+    assert opts("eagle@top_k=10", {"topk": "4"}) == (5, 10, "auto")
+    assert opts("eagle@topk=4", {"top_k": "10"}) == (5, 4, "auto")
+    assert opts("eagle@depth=3", {"upstream_depth": "5"}) == (3, 4, "auto")
+    assert opts("eagle@preset=upstream", {"depth": "3", "total": "16"}) == (6, 10, 59)
+    assert opts("eagle@total_token=17", {"preset": "upstream"}) == (6, 10, 16)
+    with pytest.raises(UserError, match="give one of the two names"):
+        parse_method_runs(["eagle@topk=4@top_k=10"], {})
+
+
+def test_recorded_eagle_options_still_load():
+    """The CI baseline's eagle options (recorded before upstream's names existed) parse to the same
+    options and record back unchanged: aliases and presets add nothing to a record."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from methods.core.options import parse_options
+    from methods.eagle import EagleOptions
+
+    for path in sorted((Path(__file__).parent / "baselines").glob("*.json")):
+        recorded = json.loads(path.read_text())["method_options"].get("eagle")
+        if recorded is not None:
+            assert asdict(parse_options(EagleOptions, recorded, where="eagle")) == recorded, path
+
+
+def test_upstream_preset_drafts_upstreams_tree(tiny, tmp_path):
+    """``preset=upstream`` drafts what upstream's total_token=60, depth=5, top_k=10 drafts: 59 tokens
+    besides the root, chosen from top_k + depth x top_k^2 candidates over depth + 1 levels."""
+    engine = Engine(tiny)
+    decoder = EagleDecoder(engine, head=save_head(random_head(engine), tmp_path / "head"), preset="upstream")
+    assert decoder.describe()["aliases"] == UPSTREAM_DEFAULT
+    o = decoder.options
+    assert (o.depth, o.topk, o.total) == (6, 10, 59)
+    vanilla = VanillaDecoder(engine)
+    prompt = [3, 1, 4, 1, 5, 9]
+    got = decoder.generate(prompt, 16)
+    assert got.tokens == vanilla.generate(prompt, 16).tokens
+    assert max(got.draft_sizes) == 59 and max(got.draft_sizes) == UPSTREAM_DEFAULT["total_token"] - 1
+
+
 def test_trained_head_is_accepted(tmp_path, monkeypatch):
     """Train the head on the model's own greedy text (the real trainer); its drafts must then be accepted."""
     from harness.train import toolkit

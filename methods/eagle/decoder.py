@@ -156,11 +156,11 @@ def _total_to_upstream(total: int | str) -> int | str:
 # under another name because our ``depth`` counts levels, and the two would be off by one.
 UPSTREAM_ALIASES = (
     Alias("upstream_depth", "depth", "depth = upstream_depth + 1",
-          help="upstream's depth: expansion passes after the root's children (upstream drafts depth + 1 levels)",
+          help="upstream's depth, expansion passes after the root's children (upstream drafts depth + 1 levels)",
           to_ours=lambda v: v + 1, from_ours=lambda v: v - 1, kind=int),
-    Alias("top_k", "topk", "topk = top_k", help="upstream's top_k: the same meaning", kind=int),
+    Alias("top_k", "topk", "topk = top_k", help="upstream's top_k, the same meaning", kind=int),
     Alias("total_token", "total", "total = total_token - 1; -1 or auto: auto",
-          help="upstream's total_token: draft tokens verified per step, counting the root",
+          help="upstream's total_token, draft tokens verified per step counting the root",
           to_ours=_total_from_upstream, from_ours=_total_to_upstream),
 )
 UPSTREAM_PRESETS = {
