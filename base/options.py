@@ -11,7 +11,7 @@ A dataclass may also accept another project's names for its options (``ALIASES``
 repository's ``top_k`` beside our ``topk``, converted to our meaning where the two count
 differently) and named sets of settings (``PRESETS``, chosen by the ``preset`` key), so a user can
 type a configuration as its authors published it. Both resolve here, before any value reaches the
-dataclass: the dataclass, the manifests and the recorded option dicts only ever hold our names.
+dataclass: the dataclass and the recorded option dicts hold our names only.
 """
 
 from __future__ import annotations
