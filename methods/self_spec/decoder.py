@@ -3,11 +3,20 @@
 The draft model is the target model itself with a set of attention and MLP sublayers
 skipped; verification runs the full model over the drafts in one pass, so the output is
 exactly greedy decoding's. Drafting stops early when the draft's top-1 probability falls
-below a threshold, and the threshold adapts to the running acceptance rate as in the
-paper: too many rejections raise it (shorter, safer drafts), high acceptance lowers it.
+below a threshold, and the threshold adapts to the running acceptance rate: too many
+rejections raise it (shorter, safer drafts), high acceptance lowers it. Two rules do this:
+
+* ``rule=paper``: Draft & Verify's, as upstream's ``exact_self_speculative_generate`` runs it
+  (``paper_update``): the token under the threshold is kept and ends the draft, so every step
+  drafts at least one token; the acceptance is smoothed (beta1 0.5) against alpha 0.9, the
+  threshold stepped by epsilon 0.01 and the step smoothed (beta2 0.9), from 0.8, carried from
+  one prompt to the next; it drafts every step (``policy=always``) as the published method does.
+* ``rule=ours`` (the default): the token under the threshold is dropped (a step may draft
+  nothing), +-0.05 unsmoothed steps clamped to [0.05, 0.99] toward an acceptance of 0.8, from
+  0.6 for every prompt (``ours_update``), under the cost policy below.
 
 On a small model the skipped-layer draft costs a large share of a full step, so drafting
-can cost more than it saves. With ``policy=cost`` (the default) the decoder keeps a running
+can cost more than it saves. With ``policy=cost`` (ours's default) the decoder keeps a running
 efficiency, tokens gained per step over the step's cost in vanilla steps (draft forwards x
 their measured relative cost + the verify pass's measured cost, ``methods.core.cost``),
 and when it falls below 1 it takes plain steps for a while (doubling the pause, up to 256
@@ -66,19 +75,89 @@ def load_skip_set(value: Any) -> dict[str, list[int]]:
         raise UserError(f"bad self_spec skip set {value!r}: expected {shape} with integer layer indices") from None
 
 
+# Each rule's defaults for the options left unset: ours as this harness has always run it; the
+# paper's as upstream's ``exact_self_speculative_generate`` (``th_stop_draft=0.8``,
+# ``auto_parameters=[1, 0.5, 0.9, 1e-2, 0.9]``), drafting every step as the published method does.
+RULE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ours": {"threshold": 0.6, "target_acceptance": 0.8, "epsilon": 0.05, "beta1": 0.9, "beta2": 0.0,
+             "policy": "cost"},
+    "paper": {"threshold": 0.8, "target_acceptance": 0.9, "epsilon": 0.01, "beta1": 0.5, "beta2": 0.9,
+              "policy": "always"},
+}
+
+
 @dataclass(frozen=True)
 class SelfSpecOptions:
     skip: str | None = option(None, help='skip set: a JSON file or {"attention": [...], "mlp": [...]} (default: shipped)')
     max_draft: int = option(8, min=1, max=64, help="most draft tokens per step")
-    threshold: float = option(0.6, min=0.0, max=1.0, help="initial confidence needed to keep drafting")
+    threshold: float | None = option(None, min=0.0, max=1.0,
+                                     help="initial confidence needed to keep drafting (default: ours 0.6, paper 0.8)")
     adaptive: bool = option(True, help="adapt the threshold to the running acceptance rate")
-    target_acceptance: float = option(0.8, min=0.0, max=1.0, help="acceptance rate the adaptation aims for")
-    policy: str = option("cost", choices=("cost", "always"),
-                         help="cost: pause drafting while it costs more than it saves; always: draft every step")
+    target_acceptance: float | None = option(None, min=0.0, max=1.0,
+                                             help="acceptance rate the adaptation aims for, the paper's alpha "
+                                                  "(default: ours 0.8, paper 0.9)")
+    policy: str | None = option(None, choices=("cost", "always"),
+                                help="cost: pause drafting while it costs more than it saves; always: draft every "
+                                     "step (default: ours cost, paper always)")
+    rule: str = option("ours", choices=("ours", "paper"),
+                       help="draft exit and threshold update: ours (the below-threshold token dropped, +-epsilon "
+                            "per step, reset per prompt) or paper (Draft & Verify's: the token kept and ending the "
+                            "draft, smoothed steps, the threshold carried across prompts)")
+    epsilon: float | None = option(None, min=0.0, max=1.0,
+                                   help="threshold step per verify step (default: ours 0.05, paper 0.01)")
+    beta1: float | None = option(None, min=0.0, max=1.0,
+                                 help="smoothing of the acceptance rate, weight of the old value "
+                                      "(default: ours 0.9, paper 0.5)")
+    beta2: float | None = option(None, min=0.0, max=1.0,
+                                 help="smoothing of the threshold step, weight of the old threshold "
+                                      "(default: ours 0 = unsmoothed, paper 0.9)")
+
+    def __post_init__(self) -> None:
+        # options left unset take their rule's value, so the manifest records what ran
+        for key, value in RULE_DEFAULTS.get(self.rule, RULE_DEFAULTS["ours"]).items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
 
     def validate(self) -> None:
         if self.skip is not None:
             load_skip_set(self.skip)
+
+
+def paper_update(threshold: float, matchness: float, accepted: int, drafted: int, max_draft: int, *,
+                 alpha: float, epsilon: float, beta1: float, beta2: float) -> tuple[float, float]:
+    """Draft & Verify's threshold update after one verify step: ``(threshold, matchness)``.
+
+    The acceptance of this step's drafts is smoothed into ``matchness`` (weight ``beta1`` on the
+    old value); below ``alpha`` the threshold is to rise by ``epsilon`` (shorter drafts), at or
+    above it to fall by ``epsilon``, except after a draft that reached ``max_draft``, whose length
+    the threshold did not limit. The threshold then moves only ``1 - beta2`` of the way there, so
+    one bad step does not swing it. No clamp: upstream has none.
+    """
+    matchness = beta1 * matchness + (1 - beta1) * (accepted / drafted)
+    if matchness < alpha:
+        target = threshold + epsilon
+    elif drafted == max_draft:
+        target = threshold
+    else:
+        target = threshold - epsilon
+    return beta2 * threshold + (1 - beta2) * target, matchness
+
+
+def ours_update(threshold: float, rate: float, accepted: int, drafted: int, *, target: float, epsilon: float,
+                beta1: float, beta2: float) -> tuple[float, float]:
+    """This harness's own update: ``(threshold, rate)``.
+
+    Steps ``epsilon`` (unsmoothed at ``beta2=0``), clamped to [0.05, 0.99] so a long run of good
+    or bad steps cannot pin drafting on or off; a step that drafted nothing (every token was under
+    the threshold, which this rule drops) is no evidence of bad drafts, so the threshold falls.
+    """
+    if drafted:
+        rate = beta1 * rate + (1 - beta1) * (accepted / drafted)
+        raise_it = rate < target
+    else:
+        raise_it = False
+    moved = min(0.99, threshold + epsilon) if raise_it else max(0.05, threshold - epsilon)
+    return beta2 * threshold + (1 - beta2) * moved, rate
 
 
 class SelfSpeculativeDecoder(Decoder):
@@ -101,6 +180,9 @@ class SelfSpeculativeDecoder(Decoder):
         # the cost policy's state lives across prompts: what drafting earns on this model and
         # machine is learnt once, not re-probed (at a few wasted draft forwards each) per prompt
         self.efficiency, self.pause, self.backoff, self.forwards = 1.0, 0, 4, 0
+        # the paper's threshold carries across prompts (upstream hands ``th_stop_draft`` from one
+        # call to the next); ours restarts it per prompt in ``begin``
+        self.threshold, self.rate = float(opts.threshold), float(opts.target_acceptance)
         if opts.policy == "cost":
             from methods.core.cost import cost_curve, relative_step_cost
             from methods.core.files import cache_root
@@ -124,7 +206,10 @@ class SelfSpeculativeDecoder(Decoder):
         return self.options.max_draft + 1
 
     def begin(self, prompt_ids: Sequence[int], out: ForwardOutput) -> None:
-        self.threshold, self.rate = self.options.threshold, self.options.target_acceptance
+        if self.options.rule == "paper":
+            self.rate = 0.0  # upstream's ``tmp_matchness`` starts at 0 in every call
+        else:
+            self.threshold, self.rate = self.options.threshold, self.options.target_acceptance
 
     def _worth_another(self, confidence: float, drafted: int) -> bool:
         """Under the cost policy, one more draft forward must be able to pay for itself.
@@ -143,17 +228,21 @@ class SelfSpeculativeDecoder(Decoder):
         engine = self.engine
         drafts: list[int] = []
         token, forwards, confidence = root, 0, 1.0
+        keep_below = self.options.rule == "paper"
         for _ in range(min(self.options.max_draft, room)):
             if drafts and not self._worth_another(confidence, len(drafts)):
                 break
             out = engine.forward([token], skip_attention=self._skip_attn, skip_mlp=self._skip_mlp, commit=True)
             forwards += 1
             p, d = torch.softmax(out.logits[-1], dim=-1).max(dim=-1)
-            if float(p) < self.threshold:
+            below = float(p) < self.threshold
+            if below and not keep_below:
                 break
             confidence *= float(p)
             token = int(d)
             drafts.append(token)
+            if below:  # the paper's rule: the unsure token is verified too, and ends the draft
+                break
         engine.cache.rollback(forwards)  # the verification pass rewrites these positions in every layer
         self.forwards = forwards
         return drafts
@@ -172,13 +261,16 @@ class SelfSpeculativeDecoder(Decoder):
             self._account(draft.layout.n, acc.accepted_drafts + 1)
         if not self.options.adaptive or not self.forwards:
             return  # a plain step (paused, or no room) says nothing about the threshold
-        drafted = draft.layout.draft_size
-        if drafted:
-            self.rate = 0.9 * self.rate + 0.1 * (acc.accepted_drafts / drafted)
-            raise_it = self.rate < self.options.target_acceptance
-        else:  # nothing passed the threshold: no evidence of bad drafts, so probe lower
-            raise_it = False
-        self.threshold = min(0.99, self.threshold + 0.05) if raise_it else max(0.05, self.threshold - 0.05)
+        o, drafted = self.options, draft.layout.draft_size
+        if o.rule == "paper":
+            if drafted:  # the paper's rule always drafts at least one token where there is room
+                self.threshold, self.rate = paper_update(self.threshold, self.rate, acc.accepted_drafts, drafted,
+                                                         o.max_draft, alpha=o.target_acceptance, epsilon=o.epsilon,
+                                                         beta1=o.beta1, beta2=o.beta2)
+        else:
+            self.threshold, self.rate = ours_update(self.threshold, self.rate, acc.accepted_drafts, drafted,
+                                                    target=o.target_acceptance, epsilon=o.epsilon, beta1=o.beta1,
+                                                    beta2=o.beta2)
 
     def _account(self, verified: int, gained: int) -> None:
         """Running tokens-per-cost of drafting steps; below 1 (vanilla's), pause drafting."""
