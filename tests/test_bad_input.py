@@ -168,6 +168,16 @@ RUN: list[Case] = [
     ("pld negative tokens", lambda w: ["--methods", "pld", "--method-option", "pld.num_tokens=-4"], "below the minimum"),
     ("float option nan", lambda w: ["--methods", "self_spec", "--method-option", "self_spec.threshold=nan"],
      "expected a finite number"),
+    ("self_spec rule misspelt", lambda w: ["--methods", "self_spec@rule=papers"], "'papers' is not one of ours, paper"),
+    ("self_spec paper beta above 1", lambda w: ["--methods", "self_spec@rule=paper@beta2=1.5"],
+     "bad value for self_spec.beta2: 1.5 is above the maximum 1.0"),
+    ("lookahead init misspelt", lambda w: ["--methods", "lookahead@init=hao"], "'hao' is not one of ours, upstream"),
+    ("lookahead upstream init with ngram 2", lambda w: ["--methods", "lookahead@init=upstream@ngram=2"],
+     "init=upstream needs ngram >= 3"),
+    ("lookahead upstream init with a tuned file", lambda w: [
+        "--methods", "lookahead@init=upstream", "--method-option",
+        "lookahead.tuned=" + w.file("la.json", '{"window": 1, "ngram": 3, "guesses": 1}')],
+     "init=upstream takes no tuned file"),
     ("temperature nan", lambda w: ["--temperature", "nan"], "expected a finite number"),
     ("zero timing repeats", lambda w: ["--repeats", "0"], "--repeats must be a positive integer, got 0"),
     # model folders and context

@@ -106,6 +106,103 @@ def test_plain_steps_leave_the_adaptive_threshold_alone(tiny, monkeypatch, tmp_p
     assert any(b != a for f, b, a in seen if f > 0)  # drafting steps still adapt it
 
 
+def test_paper_update_against_hand_computed_values():
+    """Upstream's rule, step by step (alpha 0.9, epsilon 0.01, beta1 0.5, beta2 0.9)."""
+    from methods.self_spec.decoder import paper_update
+
+    k = dict(alpha=0.9, epsilon=0.01, beta1=0.5, beta2=0.9)
+    # 2 of 4 accepted from a fresh prompt: matchness 0.5 * 0 + 0.5 * 0.5 = 0.25 < 0.9, so the threshold
+    # heads for 0.81 and moves a tenth of the way: 0.9 * 0.8 + 0.1 * 0.81 = 0.801
+    th, m = paper_update(0.8, 0.0, 2, 4, 8, **k)
+    assert (th, m) == (pytest.approx(0.801), pytest.approx(0.25))
+    # all 4 accepted after matchness 0.9: 0.45 + 0.5 = 0.95 >= 0.9, a short draft: down to 0.79, so 0.799
+    th, m = paper_update(0.8, 0.9, 4, 4, 8, **k)
+    assert (th, m) == (pytest.approx(0.799), pytest.approx(0.95))
+    # the same with a draft that reached max_draft: the threshold did not cut it, so it holds
+    th, m = paper_update(0.8, 0.9, 8, 8, 8, **k)
+    assert (th, m) == (pytest.approx(0.8), pytest.approx(0.95))
+    # no clamp (upstream has none): 0.999 + 0.1 * 0.01 = 1.0, past what ours allows (0.99)
+    assert paper_update(0.999, 0.0, 0, 1, 8, **k)[0] == pytest.approx(1.0)
+    # unsmoothed (beta2 = 0) the threshold takes the whole step
+    assert paper_update(0.5, 0.0, 0, 3, 8, alpha=0.9, epsilon=0.01, beta1=0.5, beta2=0.0)[0] == pytest.approx(0.51)
+
+
+def test_ours_update_against_hand_computed_values():
+    from methods.self_spec.decoder import ours_update
+
+    k = dict(target=0.8, epsilon=0.05, beta1=0.9, beta2=0.0)
+    th, rate = ours_update(0.6, 0.8, 1, 2, **k)  # rate 0.72 + 0.05 = 0.77 < 0.8: up by 0.05
+    assert (th, rate) == (pytest.approx(0.65), pytest.approx(0.77))
+    assert ours_update(0.6, 0.8, 0, 0, **k) == (pytest.approx(0.55), 0.8)  # nothing drafted: down, rate kept
+    assert ours_update(0.98, 0.0, 0, 2, **k)[0] == 0.99 and ours_update(0.07, 1.0, 2, 2, **k)[0] == 0.05  # clamped
+
+
+def test_each_rule_has_its_own_defaults_and_typed_values_win():
+    from methods.core.options import parse_options
+    from methods.self_spec import SelfSpecOptions
+
+    ours = parse_options(SelfSpecOptions, {}, where="self_spec")
+    assert (ours.rule, ours.threshold, ours.target_acceptance, ours.policy) == ("ours", 0.6, 0.8, "cost")
+    assert (ours.epsilon, ours.beta1, ours.beta2) == (0.05, 0.9, 0.0)
+    paper = parse_options(SelfSpecOptions, {"rule": "paper"}, where="self_spec")
+    assert (paper.threshold, paper.target_acceptance, paper.policy) == (0.8, 0.9, "always")
+    assert (paper.epsilon, paper.beta1, paper.beta2) == (0.01, 0.5, 0.9)
+    mixed = parse_options(SelfSpecOptions, {"rule": "paper", "policy": "cost", "epsilon": "0.02"}, where="self_spec")
+    assert (mixed.policy, mixed.epsilon, mixed.threshold) == ("cost", 0.02, 0.8)
+
+
+@pytest.mark.parametrize("skip,threshold,adaptive", [
+    ({"attention": [1], "mlp": [2]}, 0.0, False),
+    ({"attention": [0, 2], "mlp": []}, None, True),
+    ({"attention": [], "mlp": [0, 1, 2]}, 0.95, True),
+])
+def test_paper_rule_is_lossless_on_tiny_models(tiny, skip, threshold, adaptive):
+    engine = Engine(tiny)
+    extra = {} if threshold is None else {"threshold": threshold}
+    decoder = SelfSpeculativeDecoder(engine, skip=skip, adaptive=adaptive, max_draft=5, rule="paper", **extra)
+    vanilla = VanillaDecoder(engine)
+    for seed in range(3):
+        prompt = torch.randint(0, 97, (6,), generator=torch.Generator().manual_seed(seed)).tolist()
+        ref = vanilla.generate(prompt, 25).tokens
+        got = decoder.generate(prompt, 25)
+        assert got.tokens == ref
+        assert sum(got.accepted) == len(got.tokens)
+
+
+def test_paper_rule_keeps_the_unsure_token_and_stops_there(tiny):
+    """At a threshold no draft reaches, the paper's rule still verifies one token per step (the one
+    that fell under it); ours drafts nothing."""
+    engine = Engine(tiny)
+    nothing_skipped = {"attention": [], "mlp": []}
+    prompt = [1, 2, 3]
+    ref = VanillaDecoder(engine).generate(prompt, 20).tokens
+    sizes = {}
+    for rule in ("paper", "ours"):
+        got = SelfSpeculativeDecoder(engine, skip=nothing_skipped, threshold=1.0, adaptive=False, max_draft=4,
+                                     policy="always", rule=rule).generate(prompt, 20)
+        assert got.tokens == ref
+        sizes[rule] = got.draft_sizes[1:-1]
+    assert set(sizes["paper"]) == {1}, sizes
+    assert set(sizes["ours"]) == {0}, sizes
+
+
+def test_paper_threshold_carries_across_prompts_ours_restarts(tiny):
+    engine = Engine(tiny)
+    skip = {"attention": [0, 2], "mlp": []}
+    paper = SelfSpeculativeDecoder(engine, skip=skip, max_draft=4, rule="paper")
+    assert paper.threshold == 0.8 and paper.options.policy == "always"
+    paper.generate([1, 2, 3], 30)
+    after = paper.threshold
+    assert after != 0.8  # it adapted during the prompt
+    paper.begin([4, 5, 6], None)
+    assert paper.threshold == after and paper.rate == 0.0  # the smoothed acceptance restarts, as upstream's
+    ours = SelfSpeculativeDecoder(engine, skip=skip, max_draft=4, policy="always")
+    ours.generate([1, 2, 3], 30)
+    assert ours.threshold != 0.6
+    ours.begin([4, 5, 6], None)
+    assert (ours.threshold, ours.rate) == (0.6, 0.8)
+
+
 def test_load_skip_set_forms(tmp_path):
     f = tmp_path / "s.json"
     f.write_text('{"attention": [3, 1], "mlp": [2]}')

@@ -13,6 +13,14 @@ The lookahead outputs harvest new n-grams (each column's levels plus its new pre
 into the pool; the verification branch accepts the longest matching guess (greedy, so
 lossless). Draft size counts the guess tokens verified; the window tokens count as processed.
 
+That is ``init=ours`` (the default). ``init=upstream`` runs hao-ai-lab/LookaheadDecoding's
+defaults instead: level 0 holds the root in its first column (``upstream_visibility``: W x
+(N-1) nodes with the root, where ours feeds the root beside W x (N-1)), the window starts as
+W+N-3 random prompt tokens (seeded per prompt), a fill phase of N-2 steps builds the levels
+(each step's outputs become a new level, every level losing a column) before any guess is
+verified, and the pool starts empty. The fill runs in decode steps: upstream's first fill
+step rides on its prefill, here the prefill is the one every method shares.
+
 Defaults are smaller than upstream's (LEVEL=5, WINDOW=7, GUESS=7) because on a CPU every
 extra token costs time: W=5, N=4, G=5 feeds 15 + 15 = 30 extra tokens. What pays depends
 on the hardware's verify-cost curve. ``python -m harness tune lookahead`` decodes training
@@ -27,6 +35,8 @@ steps where no shape is predicted to beat vanilla. ``tuned=none`` runs the ``win
 from __future__ import annotations
 
 import json
+import random
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -69,16 +79,72 @@ def lookahead_visibility(window: int, levels: int, guesses: int, ngram: int) -> 
     return vis, off
 
 
+def upstream_visibility(columns: int, levels: int, guesses: int, ngram: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(visible [n, n] bool, position offsets [n]) for upstream's window, n = levels x columns + guesses x (ngram-1).
+
+    Upstream's level 0 holds the root itself in column 0 (``past_tokens[0]`` is one token short
+    of the other levels), so node ``level * columns + col`` is the window token (level, col) and
+    node 0 the root: it sits at position root + col + level and attends to level 0's columns
+    0..col (a causal chain from the root) and its own column's levels 1..level, as upstream's
+    ``j_make_causal_mask_multilevel`` builds it. The guesses are chains from the root, as ours.
+    """
+    g_len = ngram - 1
+    n = levels * columns + guesses * g_len
+    vis = torch.zeros((n, n), dtype=torch.bool)
+    off = torch.zeros(n, dtype=torch.long)
+    for level in range(levels):
+        for col in range(columns):
+            i = level * columns + col
+            off[i] = level + col
+            vis[i, :col + 1] = True
+            vis[i, [lv * columns + col for lv in range(1, level + 1)]] = True
+    base = levels * columns
+    vis[base:, 0] = True
+    for g in range(guesses):
+        for k in range(g_len):
+            i = base + g * g_len + k
+            off[i] = 1 + k
+            vis[i, base + g * g_len: i + 1] = True
+    return vis, off
+
+
+def window_seed(prompt: Sequence[int]) -> int:
+    """A per-prompt seed for upstream's random window: the same prompt draws the same window on
+    every run and in every round, so counters and token ids are reproducible."""
+    return zlib.crc32(",".join(map(str, prompt)).encode())
+
+
 @dataclass(frozen=True)
 class LookaheadOptions:
     window: int = option(5, min=1, max=64, help="Jacobi window width W")
     ngram: int = option(4, min=2, max=16, help="n-gram size N (levels = N - 1)")
     guesses: int = option(5, min=0, max=64, help="cached n-grams verified per step G")
-    seed_from_prompt: bool = option(True, help="fill the n-gram pool from the prompt first")
+    seed_from_prompt: bool | None = option(None, help="fill the n-gram pool from the prompt first "
+                                                      "(default: true with init=ours, false with init=upstream)")
     tuned: str = option("auto", help="auto: the shape of the highest predicted speedup on this machine's measured "
                                      "cost among those `harness tune lookahead` recorded for this model and dtype "
-                                     "(methods/lookahead/tuned/), or plain steps where none beats vanilla; none: "
-                                     "the three options as given, drafting every step; or a tune result JSON file")
+                                     "(methods/lookahead/tuned/), or plain steps where none beats vanilla (with "
+                                     "init=upstream: the three options as given); none: the three options as given, "
+                                     "drafting every step; or a tune result JSON file")
+    init: str = option("ours", choices=("ours", "upstream"),
+                       help="ours: the window from prompt tokens at a stride, guesses from the first step; upstream: "
+                            "hao-ai-lab/LookaheadDecoding's random prompt tokens (seeded per prompt), a fill phase "
+                            "before guesses are used, its window geometry (the root as level 0's first column), "
+                            "an empty pool by default; needs ngram >= 3")
+
+    def __post_init__(self) -> None:
+        # left unset, the pool follows the initialisation: upstream's starts empty (POOL_FROM_PROMPT=0)
+        if self.seed_from_prompt is None:
+            object.__setattr__(self, "seed_from_prompt", self.init != "upstream")
+
+    def validate(self) -> None:
+        if self.init == "upstream":
+            if self.ngram < 3:
+                raise ValueError(f"init=upstream needs ngram >= 3 (upstream's LEVEL: level 0 and at least one "
+                                 f"Jacobi level), got ngram={self.ngram}")
+            if self.tuned not in ("auto", "none"):
+                raise ValueError("init=upstream takes no tuned file (its counts were measured with init=ours); "
+                                 "set window, ngram and guesses instead")
 
 
 TUNED_DIR = Path(__file__).parent / "tuned"
@@ -171,7 +237,8 @@ class LookaheadDecoder(Decoder):
         self.shape_from = "options"
         self.shape_choice: dict[str, Any] | None = None
         self.fitted: dict[str, Any] | None = None
-        path = None if o.tuned == "none" else (
+        # upstream's initialisation runs the shape given: the shipped tables were tuned with ours
+        path = None if o.tuned == "none" or o.init == "upstream" else (
             find_tuned(self.model_name, self.engine.device, self.engine.dtype) if o.tuned == "auto" else Path(o.tuned))
         if path is not None:
             defaults = {f.name: f.default for f in fields(o) if f.name in SHAPE_KEYS}
@@ -187,7 +254,8 @@ class LookaheadDecoder(Decoder):
                 self._fit(rows)
         self.drafting = self.fitted is None or self.fitted["drafting"]
         self._layouts: dict[tuple[int, int], TreeLayout] = {}
-        self._window_rows: dict[int, torch.Tensor] = {}
+        self._upstream_layouts: dict[tuple[int, int, int], TreeLayout] = {}
+        self._window_rows: dict[tuple[int, int], torch.Tensor] = {}
 
     def _fit(self, rows: list[dict[str, Any]]) -> None:
         from methods.core.cost import cost_curve
@@ -212,15 +280,34 @@ class LookaheadDecoder(Decoder):
             self._layouts[key] = TreeLayout(parents, self.engine, max_depth=g_len, visible=vis, positions=off)
         return self._layouts[key]
 
+    def _upstream_layout(self, columns: int, levels: int, guesses: int) -> TreeLayout:
+        """Upstream's geometry: the root as level 0's first column, ``levels`` x ``columns`` nodes in all."""
+        key = (columns, levels, guesses)
+        if key not in self._upstream_layouts:
+            g_len = self.N - 1
+            vis, off = upstream_visibility(columns, levels, guesses, self.N)
+            base = levels * columns
+            parents = [-1] + [-2] * (base - 1)
+            for g in range(guesses):
+                parents += [0] + [base + g * g_len + k for k in range(g_len - 1)]
+            self._upstream_layouts[key] = TreeLayout(parents, self.engine, max_depth=g_len, visible=vis,
+                                                     positions=off)
+        return self._upstream_layouts[key]
+
     def describe(self) -> dict[str, Any]:
         on = self.drafting
         return {**super().describe(), "shape": f"W={self.W} N={self.N} G={self.G}", "shape_from": self.shape_from,
                 "draft_size_max": self.G * (self.N - 1) if on else 0,
-                "processed_max": self.W * (self.N - 1) + self.G * (self.N - 1) if on else 0,
+                "processed_max": self.step_capacity() - 1 if on else 0,
                 **({"fitted": self.fitted, "shape_choice": self.shape_choice} if self.fitted else {})}
 
     def step_capacity(self) -> int:
-        return 1 + self.W * (self.N - 1) + self.G * (self.N - 1)
+        W, N, G = self.W, self.N, self.G
+        if self.options.init == "upstream":
+            # the fill phase's passes are wider (W + N - 2 columns at first) but carry no guesses
+            filling = max(levels * (W + N - 1 - levels) for levels in range(1, N - 1)) if N > 2 else 0
+            return max(filling, (N - 1) * W + G * (N - 1))
+        return 1 + W * (N - 1) + G * (N - 1)
 
     def _add(self, pool: dict[int, list[tuple[int, ...]]], gram: tuple[int, ...]) -> None:
         bucket = pool.setdefault(gram[0], [])
@@ -234,16 +321,26 @@ class LookaheadDecoder(Decoder):
     def begin(self, prompt_ids: Sequence[int], out: ForwardOutput) -> None:
         N, W = self.N, self.W
         self.pool: dict[int, list[tuple[int, ...]]] = {}
+        self.levels: list[list[int]]
         prompt = list(prompt_ids)
         if self.options.seed_from_prompt:
             for i in range(len(prompt) - N + 1):
                 self._add(self.pool, tuple(prompt[i:i + N]))
+        if self.options.init == "upstream":
+            # upstream's ``copy_from``: random prompt tokens, W + N - 3 of them after the root, so that
+            # N - 2 fill steps (each dropping a column) leave W columns; seeded per prompt, where
+            # upstream's own seed line is commented out
+            rng = random.Random(window_seed(prompt))
+            self.levels = [[rng.choice(prompt) for _ in range(W + N - 3)]]
+            return
         # level 0 starts as a slice of the prompt (any tokens work; Jacobi iterations fix them up)
-        self.levels: list[list[int]] = [[prompt[(i * 7) % len(prompt)] for i in range(W)]]
+        self.levels = [[prompt[(i * 7) % len(prompt)] for i in range(W)]]
 
     def draft(self, root: int, root_t: torch.Tensor, room: int) -> Draft:
         if not self.drafting:
             return Draft(root_t, chain_layout(0, self.engine))
+        if self.options.init == "upstream":
+            return self._upstream_draft(root, root_t)
         guesses = self.pool.get(root, [])[-self.G:] if self.G else []
         layout = self._layout(len(self.levels), len(guesses))
         fed = [t for lv in self.levels for t in lv] + [t for g in guesses for t in g]
@@ -251,14 +348,42 @@ class LookaheadDecoder(Decoder):
         last = 1 + (len(self.levels) - 1) * self.W
         return Draft(tokens, layout, host_rows=self._rows(last))
 
-    def _rows(self, start: int) -> torch.Tensor:
+    def _upstream_draft(self, root: int, root_t: torch.Tensor) -> Draft:
+        """Root, level 0's other columns, the Jacobi levels; guesses only once all N - 1 levels exist."""
+        levels = len(self.levels)
+        columns = len(self.levels[0]) + 1
+        full = levels == self.N - 1
+        guesses = self.pool.get(root, [])[-self.G:] if full and self.G else []
+        layout = self._upstream_layout(columns, levels, len(guesses))
+        fed = [t for lv in self.levels for t in lv] + [t for g in guesses for t in g]
+        tokens = torch.cat([root_t, torch.tensor(fed, dtype=torch.long, device=root_t.device)])
+        return Draft(tokens, layout, host_rows=self._rows((levels - 1) * columns, columns), state=root)
+
+    def _rows(self, start: int, width: int | None = None) -> torch.Tensor:
         """The window's last level, whose greedy outputs come back with the acceptance (no extra sync)."""
-        if start not in self._window_rows:
-            self._window_rows[start] = torch.arange(start, start + self.W, device=self.engine.device)
-        return self._window_rows[start]
+        width = self.W if width is None else width
+        if (start, width) not in self._window_rows:
+            self._window_rows[start, width] = torch.arange(start, start + width, device=self.engine.device)
+        return self._window_rows[start, width]
+
+    def _upstream_update(self, root: int, last: list[int]) -> None:
+        """Fill phase: every level drops its first column (now behind the root) and the last level's
+        outputs past its first column become a new level. Full: harvest each column's n-gram (level
+        0's token, the root in column 0, then the levels and the new output), shift one level."""
+        levels = self.levels
+        if len(levels) < self.N - 1:
+            self.levels = [lv[1:] for lv in levels] + [last[1:]]
+            return
+        for c in range(self.W):
+            head = root if c == 0 else levels[0][c - 1]
+            self._add(self.pool, (head, *(levels[lv][c] for lv in range(1, len(levels))), last[c]))
+        self.levels = [levels[1][1:], *levels[2:], list(last)]
 
     def update(self, draft: Draft, out: ForwardOutput, acc: Acceptance) -> None:
         if not self.drafting:
+            return
+        if self.options.init == "upstream":
+            self._upstream_update(draft.state, list(acc.host_rows))
             return
         # lookahead branch: harvest n-grams, then shift the window by one level
         last, n_lv = acc.host_rows, len(self.levels)
