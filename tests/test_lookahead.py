@@ -113,3 +113,104 @@ def test_the_shipped_tuned_shapes_load():
         data = json.loads(path.read_text())
         assert load_shape(path) == (data["window"], data["ngram"], data["guesses"])
         assert data["predicted_speedup"] >= data["default_predicted_speedup"]  # a tune never ships a loss
+
+
+def test_upstream_visibility_structure():
+    """The root is level 0's first column: node level * columns + col, at root + col + level."""
+    from methods.lookahead import upstream_visibility
+
+    vis, off = upstream_visibility(columns=3, levels=3, guesses=2, ngram=4)
+    assert vis.shape == (9 + 6, 9 + 6)
+    assert vis[:, 0].all()
+    node = lambda l, c: l * 3 + c  # noqa: E731
+    assert [off[node(l, c)].item() for l in range(3) for c in range(3)] == [0, 1, 2, 1, 2, 3, 2, 3, 4]
+    # level 0 is a causal chain from the root
+    assert vis[node(0, 2), :3].all() and not vis[node(0, 1), node(0, 2)]
+    # (2, 1) sees level 0's columns 0..1, and its own column's levels 1 and 2 only
+    seen = {i for i in range(9) if vis[node(2, 1), i]}
+    assert seen == {node(0, 0), node(0, 1), node(1, 1), node(2, 1)}
+    g0 = 9  # first guess chain: 9, 10, 11 at root + 1, 2, 3
+    assert vis[g0 + 2, g0] and vis[g0 + 2, g0 + 1] and not vis[g0, g0 + 1] and not vis[g0 + 3, g0]
+    assert off[g0:g0 + 3].tolist() == [1, 2, 3] and not vis[g0, 1:9].any()
+
+
+@pytest.mark.parametrize("window,ngram,guesses", [(3, 3, 2), (5, 4, 5), (2, 5, 3), (1, 3, 1)])
+def test_upstream_init_is_lossless_on_tiny_models(tiny, window, ngram, guesses):
+    engine = Engine(tiny)
+    decoder = LookaheadDecoder(engine, window=window, ngram=ngram, guesses=guesses, init="upstream")
+    vanilla = VanillaDecoder(engine)
+    for seed in range(3):
+        prompt = torch.randint(0, 15, (20,), generator=torch.Generator().manual_seed(seed)).tolist()
+        ref = vanilla.generate(prompt, 30).tokens
+        got = decoder.generate(prompt, 30)
+        assert got.tokens == ref
+        assert sum(got.accepted) == len(got.tokens)
+
+
+def test_upstream_init_fills_the_window_before_guessing(tiny):
+    """Upstream verifies no guess until all N - 1 levels exist (N - 2 fill steps here), even with a
+    pool seeded from a repetitive prompt; ours guesses from the first step. Each fill step's pass
+    carries one column fewer: W + N - 2 columns x levels at first, the root included."""
+    engine = Engine(tiny)
+    prompt = list(range(97))  # every token of the vocabulary starts an n-gram of the prompt: the root too
+    W, N, G = 3, 5, 4
+    ours = LookaheadDecoder(engine, window=W, ngram=N, guesses=G, tuned="none").generate(prompt, 20)
+    up = LookaheadDecoder(engine, window=W, ngram=N, guesses=G, init="upstream", seed_from_prompt=True)
+    got = up.generate(prompt, 20)
+    assert ours.draft_sizes[1] > 0
+    assert got.draft_sizes[1:N - 1] == [0] * (N - 2)
+    widths = [levels * (W + N - 1 - levels) - 1 for levels in range(1, N - 1)]
+    assert got.processed[1:N - 1] == widths == [5, 9, 11]
+    assert got.processed[N - 1] - got.draft_sizes[N - 1] == (N - 1) * W - 1  # full: W x (N-1) with the root
+
+
+def test_upstream_init_starts_from_an_empty_pool_and_a_seeded_random_window(tiny):
+    engine = Engine(tiny)
+    prompt = list(range(20, 40))
+    up = LookaheadDecoder(engine, window=4, ngram=4, guesses=3, init="upstream")
+    assert up.options.seed_from_prompt is False
+    up.begin(prompt, None)
+    first = [list(lv) for lv in up.levels]
+    assert up.pool == {} and len(first) == 1 and len(first[0]) == 4 + 4 - 3
+    assert set(first[0]) <= set(prompt) and first[0] != prompt[:5]
+    up.begin(prompt, None)
+    assert up.levels == first  # seeded per prompt: the same window every time
+    up.begin(prompt[::-1], None)
+    assert up.levels != first
+    ours = LookaheadDecoder(engine, window=4, ngram=4, guesses=3, tuned="none")
+    ours.begin(prompt, None)
+    assert ours.options.seed_from_prompt is True and ours.pool
+
+
+def test_upstream_window_at_its_fixed_point_predicts_the_continuation(tiny, monkeypatch):
+    """With every window token set to the true greedy continuation, the last level's outputs are the
+    next tokens, so the harvested n-gram keyed by the next root is right and the step after accepts a
+    whole guess: N tokens. A wrong position or mask in upstream's geometry breaks this."""
+    engine = Engine(tiny)
+    W, N, G = 3, 4, 2
+    prompt = torch.randint(0, 97, (8,), generator=torch.Generator().manual_seed(5)).tolist()
+    truth = VanillaDecoder(engine).generate(prompt, 20).tokens  # truth[k]: the token at root + k
+    decoder = LookaheadDecoder(engine, window=W, ngram=N, guesses=G, init="upstream")
+    begin = decoder.begin
+
+    def converged(prompt_ids, out):
+        begin(prompt_ids, out)
+        decoder.levels = [truth[1:W]] + [truth[lv:lv + W] for lv in range(1, N - 1)]
+
+    monkeypatch.setattr(decoder, "begin", converged)
+    got = decoder.generate(prompt, 12)
+    assert got.tokens == truth[:12]
+    assert got.draft_sizes[1] == 0 and got.accepted[1] == 1  # empty pool: the root's token only
+    assert decoder.pool  # harvested
+    assert got.accepted[2] == N, got.accepted
+
+
+def test_upstream_init_reads_no_shipped_tuned_shape(tiny):
+    """tuned=auto with init=upstream runs the shape given: the shipped tables were tuned with ours."""
+    from methods.lookahead.decoder import find_tuned
+
+    engine = Engine(tiny)
+    assert find_tuned("smollm2-135m", engine.device, engine.dtype) is not None  # ours would read this one
+    up = LookaheadDecoder(engine, model_name="smollm2-135m", window=7, ngram=5, guesses=7, init="upstream")
+    assert (up.W, up.N, up.G, up.shape_from, up.fitted) == (7, 5, 7, "options", None)
+    assert up.describe()["init"] == "upstream"
