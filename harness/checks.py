@@ -24,6 +24,7 @@ from typing import Any
 from base.errors import UserError
 from base.files import check_writable, read_json, require_shape, write_text
 from methods.core.hardware import machine_label
+from harness.config import complete_options
 from harness.metrics import records_frame, summarize
 from harness.results import read_manifest, read_run_records
 
@@ -157,7 +158,7 @@ def settings_differ(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     out = [f"{k} {a['generation'].get(k)} vs {b['generation'].get(k)}" for k in GENERATION_KEYS
            if a["generation"].get(k) != b["generation"].get(k)]
     for label in sorted(set(a["method_options"]) & set(b["method_options"])):
-        if a["method_options"][label] != b["method_options"][label]:
+        if complete_options(label, a["method_options"][label]) != complete_options(label, b["method_options"][label]):
             out.append(f"options of {label}")
     return out
 

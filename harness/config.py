@@ -74,6 +74,25 @@ def parse_method_runs(labels: list[str], method_options: dict[str, dict[str, Any
     return runs
 
 
+def complete_options(label: str, recorded: dict[str, Any]) -> dict[str, Any]:
+    """A method's recorded options with the ones added since filled in as they would have read then.
+
+    A manifest or baseline written before an option existed (``self_spec.rule``,
+    ``lookahead.init``) lacks its key; that run ran what the option's default (under the other
+    recorded values) runs now, so comparing records by their keys alone would call old runs and
+    baselines different from new ones made with the same settings. Keys already recorded are
+    kept as they are; a record this code cannot parse (an unknown method, an option since
+    removed) is returned unchanged, to compare as it is.
+    """
+    try:
+        spec = get_spec(label.split("@")[0].strip())
+        parsed = asdict(parse_options(spec.options, recorded, where=spec.name))
+    except (UserError, TypeError, ValueError):
+        return recorded
+    missing = {k: v for k, v in parsed.items() if k not in recorded}
+    return {**recorded, **json.loads(json.dumps(missing))} if missing else recorded
+
+
 def ready_methods(model: str, method_options: dict[str, dict[str, Any]] | None = None) -> list[str]:
     """Every registered method whose weights are shipped for ``model`` or given by ``--method-option``.
 

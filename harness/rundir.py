@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from harness.config import MethodRun, RunConfig
+from harness.config import MethodRun, RunConfig, complete_options
 from harness.results import (
     DIVERGENCES_FILE,
     MANIFEST_FILE,
@@ -87,6 +87,8 @@ def _check_compatible(config: RunConfig, out: Path, path: Path, old: dict[str, A
         )
     for run in runs:
         before = old.get("method_options", {}).get(run.label)
+        if before is not None:  # a folder written before an option existed resumes under its default
+            before = complete_options(run.label, before)
         if before is not None and before != jsonable(run.options_dict()):
             diff = sorted(k for k, v in jsonable(run.options_dict()).items() if before.get(k) != v)
             raise UserError(

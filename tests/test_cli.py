@@ -299,3 +299,38 @@ def test_check_compares_counters_only_at_one_repeat(capsys, tmp_path):
     assert main(["check", str(run), "--baseline", str(tmp_path / "b.json")]) == 0
     out = capsys.readouterr().out
     assert "counters not compared: --repeats 2" in out and "draft_size" not in out
+
+
+def test_records_written_before_an_option_existed_still_compare_and_resume():
+    """A manifest or baseline from before ``self_spec.rule``/``lookahead.init`` lacks those keys; it
+    ran what their defaults run now, so ``check``, ``compare`` and resuming accept it, and a setting
+    that really differs is still named."""
+    from dataclasses import asdict
+
+    from base.errors import UserError
+    from harness.checks import settings_differ
+    from harness.config import RunConfig, complete_options, parse_method_runs
+    from harness.rundir import _check_compatible, jsonable
+
+    runs = parse_method_runs(["self_spec", "lookahead", "self_spec@rule=paper"], {})
+    now = {r.label: jsonable(r.options_dict()) for r in runs}
+    added = {"self_spec": ("rule", "epsilon", "beta1", "beta2"), "lookahead": ("init",)}
+    old = {label: {k: v for k, v in now[label].items() if k not in added[label]} for label in added}
+    assert all(old[label] != now[label] and complete_options(label, old[label]) == now[label] for label in added)
+    generation = {"max_new_tokens": 8}
+    assert settings_differ({"generation": generation, "method_options": old},
+                           {"generation": generation, "method_options": now}) == []
+    moved = {**old, "self_spec": {**old["self_spec"], "threshold": 0.5}}
+    assert settings_differ({"generation": generation, "method_options": moved},
+                           {"generation": generation, "method_options": now}) == ["options of self_spec"]
+    config = RunConfig(methods=["self_spec", "lookahead"])
+    manifest = {"config": {"identity": config.identity()}, "method_options": old}
+    _check_compatible(config, Path("out"), Path("out/manifest.json"), manifest, {}, runs[:2])  # resumes
+    with pytest.raises(UserError, match=r"differs in: threshold"):
+        _check_compatible(config, Path("out"), Path("out/manifest.json"), {**manifest, "method_options": moved}, {},
+                          runs[:2])
+    # the committed CI baseline predates both options and still reads as today's shipped defaults
+    baseline = json.loads((Path(__file__).parent / "baselines" / "smollm2-135m-cpu-float32.json").read_text())
+    for label in ("self_spec", "lookahead"):
+        assert complete_options(label, baseline["method_options"][label]) == now[label]
+    assert asdict(runs[2].options)["policy"] == "always"
