@@ -183,9 +183,11 @@ def test_upstream_init_starts_from_an_empty_pool_and_a_seeded_random_window(tiny
 
 
 def test_upstream_window_at_its_fixed_point_predicts_the_continuation(tiny, monkeypatch):
-    """With every window token set to the true greedy continuation, the last level's outputs are the
-    next tokens, so the harvested n-gram keyed by the next root is right and the step after accepts a
-    whole guess: N tokens. A wrong position or mask in upstream's geometry breaks this."""
+    """With every window token set to the true greedy continuation, each window token sees exactly
+    the true sequence before it, at the right positions: its logits are the causal model's at that
+    position (a wrong mask or position changes them even where the argmax survives). So the last
+    level's outputs are the next tokens, the harvested n-gram keyed by the next root is right, and
+    the step after accepts a whole guess: N tokens."""
     engine = Engine(tiny)
     W, N, G = 3, 4, 2
     prompt = torch.randint(0, 97, (8,), generator=torch.Generator().manual_seed(5)).tolist()
@@ -198,7 +200,24 @@ def test_upstream_window_at_its_fixed_point_predicts_the_continuation(tiny, monk
         decoder.levels = [truth[1:W]] + [truth[lv:lv + W] for lv in range(1, N - 1)]
 
     monkeypatch.setattr(decoder, "begin", converged)
+    passes = []
+    update = decoder.update
+
+    def recording(draft, out, acc):
+        passes.append(out.logits.float().clone())
+        update(draft, out, acc)
+
+    monkeypatch.setattr(decoder, "update", recording)
     got = decoder.generate(prompt, 12)
+    full = torch.tensor([prompt + truth[:W + N]])
+    with torch.no_grad():
+        ref = tiny(full, attention_mask=torch.ones_like(full)).logits[0].float()
+    first = passes[0]  # the first decode step: root + the converged window, no guesses yet
+    assert first.shape[0] == (N - 1) * W
+    for level in range(N - 1):
+        for col in range(W):
+            torch.testing.assert_close(first[level * W + col], ref[len(prompt) - 1 + 1 + col + level],
+                                       atol=1e-4, rtol=1e-4, msg=f"window token ({level}, {col})")
     assert got.tokens == truth[:12]
     assert got.draft_sizes[1] == 0 and got.accepted[1] == 1  # empty pool: the root's token only
     assert decoder.pool  # harvested
