@@ -60,6 +60,14 @@ def tiny(request):
 
 
 @pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """Drafters trained on each tiny model's own text, once per session (tests/drafters.py)."""
+    from tests.drafters import TrainedDrafters
+
+    return TrainedDrafters(tmp_path_factory.mktemp("drafters"))
+
+
+@pytest.fixture(scope="session")
 def smollm():
     """The real default model in float32 (converted once into the user cache)."""
     from harness.models import load_model

@@ -16,15 +16,15 @@ from methods.vanilla import VanillaDecoder
     ({"attention": [], "mlp": [0, 1, 2]}, 0.9, True),
 ])
 def test_self_spec_is_lossless_on_tiny_models(tiny, skip, threshold, adaptive):
-    engine = Engine(tiny)
-    decoder = SelfSpeculativeDecoder(engine, skip=skip, threshold=threshold, adaptive=adaptive, max_draft=5)
-    vanilla = VanillaDecoder(engine)
-    for seed in range(3):
-        prompt = torch.randint(0, 97, (6,), generator=torch.Generator().manual_seed(seed)).tolist()
-        ref = vanilla.generate(prompt, 25).tokens
-        got = decoder.generate(prompt, 25)
-        assert got.tokens == ref
-        assert sum(got.accepted) == len(got.tokens)
+    """On the tiny model with a peaked LM head (tests/drafters.py) the skipping draft often picks
+    the full model's token, so drafts are verified and accepted: at least 10% of the steps must
+    take several tokens (a random model's flat distributions would draft nothing)."""
+    from tests.drafters import assert_lossless, confident_model, held_out_prompts
+
+    engine = Engine(confident_model(tiny.config.model_type))
+    decoder = SelfSpeculativeDecoder(engine, skip=skip, threshold=threshold, adaptive=adaptive, max_draft=5,
+                                     policy="always")
+    assert_lossless(decoder, VanillaDecoder(engine), held_out_prompts(3), 25, min_share=0.1)
 
 
 def test_no_skipping_accepts_every_confident_draft(tiny):

@@ -23,22 +23,25 @@ def _draft_folder(tmp_path, kind: str, seed: int = 1) -> str:
 
 @pytest.mark.parametrize("gamma,adaptive", [(1, False), (4, False), (3, True)])
 def test_sps_matches_vanilla_and_assisted_generate(tiny, gamma, adaptive, tmp_path):
-    engine = Engine(tiny)
-    folder = _draft_folder(tmp_path, tiny.config.model_type)
-    decoder = SpsDecoder(engine, draft=folder, gamma=gamma, adaptive=adaptive)
-    vanilla = VanillaDecoder(engine)
+    """The draft is the target with noise on its weights (tests/drafters.py): it agrees often and
+    not always, so accepted and rejected drafts both occur; at least 30% of the steps must take
+    several tokens."""
     from transformers import AutoModelForCausalLM
 
+    from tests.drafters import assert_lossless, held_out_prompts, noisy_copy
+
+    engine = Engine(tiny)
+    folder = noisy_copy(tiny.config.model_type, 0.002, tmp_path / "draft")
+    decoder = SpsDecoder(engine, draft=folder, gamma=gamma, adaptive=adaptive)
+    prompts = held_out_prompts(3)
+    gens = assert_lossless(decoder, VanillaDecoder(engine), prompts, 24, min_share=0.3)
+    assert any(a < d + 1 for g in gens for a, d in zip(g.accepted[1:-1], g.draft_sizes[1:-1])), "no draft was ever rejected"
     assistant = AutoModelForCausalLM.from_pretrained(folder).eval()
-    for seed in range(3):
-        prompt = torch.randint(0, 97, (6,), generator=torch.Generator().manual_seed(seed)).tolist()
-        got = decoder.generate(prompt, 24)
-        assert got.tokens == vanilla.generate(prompt, 24).tokens
-        ref = tiny.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 6, dtype=torch.long),
+    for prompt, got in zip(prompts, gens):
+        ref = tiny.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                             assistant_model=assistant, do_sample=False, max_new_tokens=24, min_new_tokens=24,
-                            pad_token_id=0)[0, 6:].tolist()
+                            pad_token_id=0)[0, len(prompt):].tolist()
         assert got.tokens == ref
-        assert sum(got.accepted) == len(got.tokens)
 
 
 def test_a_draft_that_is_the_target_accepts_everything(tmp_path):
