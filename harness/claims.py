@@ -11,12 +11,14 @@ The rules, so a reader can check a verdict by hand:
 
 * speedup: FIRP's geometric-mean speedup over vanilla holds the claim at 1.9x or more (above
   3x is no counterexample); against a baseline, FIRP's speedup above the baseline's, both
-  paired with vanilla on the same examples;
+  paired with vanilla on the same examples, and not measured where FIRP took plain steps
+  throughout (its cost fit said no draft pays here: that compares two fits, not the methods);
 * drafts: Medusa's draft tokens verified per step over FIRP's, "about 7x" when the ratio is
   at least 7 x (1 - ``ABOUT``);
 * accuracy: FIRP's mean accepted length above Medusa's, and its draft acceptance rate too
   where both runs recorded drafted depths;
-* Rouge-2: FIRP's Rouge-2 against the references at least ``ROUGE_KEPT`` of vanilla's.
+* Rouge-2: FIRP's Rouge-2 against the references at least ``ROUGE_KEPT`` of vanilla's; below
+  it, not measured where every divergence from vanilla is numerics (a low-precision run).
 """
 
 from __future__ import annotations
@@ -77,12 +79,14 @@ def _drafting_variant(label: str) -> str:
     return f"add {base_name(label)}@tree=trained to --methods (the always-drafting published tree)"
 
 
-def firp_claims(metrics: Mapping[str, Mapping[str, float]], methods: Sequence[str]) -> list[Claim]:
+def firp_claims(metrics: Mapping[str, Mapping[str, float]], methods: Sequence[str],
+                divergences: Mapping[str, Mapping[str, int]] | None = None) -> list[Claim]:
     """Every claim of the FIRP paper against this run, in the section's order.
 
     ``metrics``: per method label, its whole-run metrics (``speedup_geomean`` and interval,
     ``draft_size``, ``mean_accepted_length``, ``draft_acceptance_rate``, ``rouge2``); ``methods``:
-    the run's labels in order. Empty unless FIRP ran beside another method.
+    the run's labels in order; ``divergences``: per method label, its divergence verdicts
+    (``divergences`` and ``real`` counts). Empty unless FIRP ran beside another method.
     """
     labels = [m for m in dict.fromkeys([*methods, *metrics]) if m in metrics]
     firp = next((m for m in labels if m == FIRP), next((m for m in labels if base_name(m) == FIRP), None))
@@ -97,7 +101,7 @@ def firp_claims(metrics: Mapping[str, Mapping[str, float]], methods: Sequence[st
     rows += [_accuracy_claim(firp, f, m, metrics[m]) for m in medusas] or [Claim(
         "better per-step draft accuracy than Medusa's heads", _accuracy_numbers(firp, f), UNMEASURED,
         "add medusa to --methods")]
-    rows.append(_rouge_claim(firp, f, metrics.get(VANILLA)))
+    rows.append(_rouge_claim(firp, f, metrics.get(VANILLA), (divergences or {}).get(firp)))
     return rows
 
 
@@ -111,7 +115,9 @@ def _speedup_claims(firp: str, f: Mapping[str, float], labels: Sequence[str],
         return [Claim(claim, f"{firp}: no speedup measured", UNMEASURED,
                       f"a run in which {firp} produces tokens on the examples vanilla ran")]
     speed = _num(f["speedup_geomean"])
-    rows = [Claim(claim, f"{firp}: {_speedup(f)}", HOLDS if speed >= SPEEDUP_LOW else FAILS)]
+    idle = _drafts_nothing(f)  # FIRP's cost fit chose plain steps: what users get, not the method's speed
+    rows = [Claim(claim, f"{firp}: {_speedup(f)}" + (f"; {firp} drafted nothing" if idle else ""),
+                  HOLDS if speed >= SPEEDUP_LOW else FAILS, _drafting_variant(firp) if idle else "")]
     others = [m for m in labels if base_name(m) not in (FIRP, VANILLA)]
     for name in PAPER_BASELINES:  # the paper's baselines are named even when absent
         if not any(base_name(m) == name for m in others):
@@ -124,8 +130,12 @@ def _speedup_claims(firp: str, f: Mapping[str, float], labels: Sequence[str],
                               f"a run in which {m} produces tokens on the examples vanilla ran"))
             continue
         ratio = speed / _num(b["speedup_geomean"])
-        rows.append(Claim(f"faster than {m}", f"{firp} {_speedup(f)} vs {m} {_speedup(b)}: {ratio:.2f}x",
-                          HOLDS if ratio > 1 else FAILS))
+        numbers = f"{firp} {_speedup(f)} vs {m} {_speedup(b)}: {ratio:.2f}x"
+        if idle:  # plain steps against anything compare the two fits, not FIRP's drafting
+            rows.append(Claim(f"faster than {m}", numbers + f"; {firp} drafted nothing", UNMEASURED,
+                              _drafting_variant(firp)))
+            continue
+        rows.append(Claim(f"faster than {m}", numbers, HOLDS if ratio > 1 else FAILS))
     return rows
 
 
@@ -158,7 +168,8 @@ def _accuracy_claim(firp: str, f: Mapping[str, float], medusa: str, m: Mapping[s
     return Claim(claim, numbers, HOLDS if better else FAILS)
 
 
-def _rouge_claim(firp: str, f: Mapping[str, float], vanilla: Mapping[str, float] | None) -> Claim:
+def _rouge_claim(firp: str, f: Mapping[str, float], vanilla: Mapping[str, float] | None,
+                 verdicts: Mapping[str, int] | None = None) -> Claim:
     claim = "Rouge-2 maintained against vanilla"
     if vanilla is None:
         return Claim(claim, f"{firp}: Rouge-2 {_num(f.get('rouge2')):.3f}; vanilla did not run", UNMEASURED,
@@ -167,5 +178,12 @@ def _rouge_claim(firp: str, f: Mapping[str, float], vanilla: Mapping[str, float]
     if not (math.isfinite(fr) and math.isfinite(vr)):
         return Claim(claim, "no task with reference texts", UNMEASURED,
                      "add a task with reference summaries (e.g. xsum) to --tasks")
-    return Claim(claim, f"{firp} {fr:.3f} vs vanilla {vr:.3f} against the references",
-                 HOLDS if fr >= ROUGE_KEPT * vr else FAILS)
+    numbers = f"{firp} {fr:.3f} vs vanilla {vr:.3f} against the references"
+    if fr >= ROUGE_KEPT * vr:
+        return Claim(claim, numbers, HOLDS)
+    if verdicts and verdicts.get("divergences", 0) and not verdicts.get("real", 0):
+        # every output that differs does so by low-precision numerics, which vanilla's batch-1 pass
+        # would meet on another schedule too: the drop is the dtype's, not the method's
+        return Claim(claim, numbers + f"; all {verdicts['divergences']} divergences from vanilla are numerics",
+                     UNMEASURED, "run with --dtype float32, where the outputs are compared exactly")
+    return Claim(claim, numbers, FAILS)

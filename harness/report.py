@@ -255,14 +255,16 @@ def hardware_summary(manifest: dict[str, Any], records: list[dict[str, Any]]) ->
     return summary
 
 
-def claim_rows(summary: pd.DataFrame, methods: list[str]) -> list[Claim]:
+def claim_rows(summary: pd.DataFrame, methods: list[str],
+               verdicts: list[dict[str, Any]] | None = None) -> list[Claim]:
     """The FIRP paper's claims against this run's whole-run metrics (the "all" row of a run of
-    several tasks): empty unless FIRP ran beside another method."""
+    several tasks) and its divergence verdicts: empty unless FIRP ran beside another method."""
     if summary.empty:
         return []
     overall = summary[summary.task == "all"] if (summary.task == "all").any() else summary
     overall = overall[overall.task == overall.task.iloc[0]]
-    return firp_claims({r["method"]: r for r in overall.to_dict("records")}, methods)
+    return firp_claims({r["method"]: r for r in overall.to_dict("records")}, methods,
+                       {v["method"]: v for v in verdicts or []})
 
 
 def build_report(run_dir: Path, out: Path | None = None) -> Path:
@@ -309,7 +311,7 @@ def build_report(run_dir: Path, out: Path | None = None) -> Path:
                          headline=headline(summary, verdicts), examples=drilldown(frame, records),
                          method_sections=method_sections(run_dir, manifest),
                          training=training_rows(manifest, summary), fitted=fitted_rows(manifest, summary),
-                         drafters=draft_rows(manifest), claims=claim_rows(summary, methods),
+                         drafters=draft_rows(manifest), claims=claim_rows(summary, methods, verdicts),
                          hardware=hardware_summary(manifest, records),
                          skipped=sum(1 for r in records if r.get("skipped")))
     return write_text(out or run_dir / "report.html", page, "-o")

@@ -92,3 +92,23 @@ def test_claims_this_run_cannot_decide_say_what_would():
 def test_no_claims_without_firp_beside_another_method():
     assert firp_claims({"firp": m(NAN, 1.5, 2.0)}, ["firp"]) == []
     assert firp_claims({"vanilla": m(1.0), "medusa": m(1.5, 9.0, 1.8)}, ["vanilla", "medusa"]) == []
+
+
+def test_firp_taking_plain_steps_decides_no_comparison_with_a_baseline():
+    """Where FIRP's cost fit chose plain steps, 1.00x against another method's 1.00x compares two
+    fits, not FIRP's drafting: not measured, with the always-drafting variant named."""
+    rows = by_claim(firp_claims({"vanilla": m(1.0, 0.0, 1.0, NAN, 0.15), "firp": m(1.004, 0.0, 1.0, NAN, 0.15),
+                                 "medusa": m(1.001, 0.0, 1.0, NAN, 0.15)}, ["vanilla", "firp", "medusa"]))
+    assert rows["faster than medusa"].verdict == UNMEASURED
+    assert "firp@tree=trained" in rows["faster than medusa"].needed
+    speed = rows["1.9-3x speedup over vanilla"]
+    assert speed.verdict == FAILS and "firp@tree=trained" in speed.needed and "drafted nothing" in speed.numbers
+
+
+def test_a_rouge_drop_from_numerics_alone_is_not_the_method():
+    metrics = {"vanilla": m(1.0, 0.0, 1.0, NAN, 0.056), "firp": m(1.2, 4.0, 1.9, 0.3, 0.049)}
+    numerics = by_claim(firp_claims(metrics, ["vanilla", "firp"], {"firp": {"divergences": 11, "real": 0}}))
+    assert numerics["Rouge-2 maintained against vanilla"].verdict == UNMEASURED
+    assert "float32" in numerics["Rouge-2 maintained against vanilla"].needed
+    real = by_claim(firp_claims(metrics, ["vanilla", "firp"], {"firp": {"divergences": 11, "real": 1}}))
+    assert real["Rouge-2 maintained against vanilla"].verdict == FAILS
