@@ -158,16 +158,14 @@ def test_each_rule_has_its_own_defaults_and_typed_values_win():
     ({"attention": [], "mlp": [0, 1, 2]}, 0.95, True),
 ])
 def test_paper_rule_is_lossless_on_tiny_models(tiny, skip, threshold, adaptive):
-    engine = Engine(tiny)
+    """On the peaked-head tiny model (tests/drafters.py) the paper's drafts are often accepted: at
+    least 5% of the steps must take several tokens."""
+    from tests.drafters import assert_lossless, confident_model, held_out_prompts
+
+    engine = Engine(confident_model(tiny.config.model_type))
     extra = {} if threshold is None else {"threshold": threshold}
     decoder = SelfSpeculativeDecoder(engine, skip=skip, adaptive=adaptive, max_draft=5, rule="paper", **extra)
-    vanilla = VanillaDecoder(engine)
-    for seed in range(3):
-        prompt = torch.randint(0, 97, (6,), generator=torch.Generator().manual_seed(seed)).tolist()
-        ref = vanilla.generate(prompt, 25).tokens
-        got = decoder.generate(prompt, 25)
-        assert got.tokens == ref
-        assert sum(got.accepted) == len(got.tokens)
+    assert_lossless(decoder, VanillaDecoder(engine), held_out_prompts(3), 25, min_share=0.05)
 
 
 def test_paper_rule_keeps_the_unsure_token_and_stops_there(tiny):

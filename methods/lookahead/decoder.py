@@ -53,6 +53,16 @@ from methods.core.tree import TreeLayout, chain_layout
 from methods.core.verify import Acceptance
 
 
+def _guess_chains(vis: torch.Tensor, off: torch.Tensor, base: int, guesses: int, g_len: int) -> None:
+    """The verification branch of both window layouts: ``guesses`` chains of ``g_len`` tokens from
+    node ``base`` on, each a causal chain after the root."""
+    for g in range(guesses):
+        for k in range(g_len):
+            i = base + g * g_len + k
+            off[i] = 1 + k
+            vis[i, base + g * g_len: i + 1] = True
+
+
 def lookahead_visibility(window: int, levels: int, guesses: int, ngram: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(visible [n, n] bool, position offsets [n]) for root + levels x window + guesses x (ngram-1)."""
     g_len = ngram - 1
@@ -71,11 +81,7 @@ def lookahead_visibility(window: int, levels: int, guesses: int, ngram: int) -> 
             vis[i, [la(0, c) for c in range(col + 1)]] = True
             vis[i, [la(lv, col) for lv in range(level + 1)]] = True
     base = 1 + levels * window
-    for g in range(guesses):
-        for k in range(g_len):
-            i = base + g * g_len + k
-            off[i] = 1 + k
-            vis[i, base + g * g_len: i + 1] = True
+    _guess_chains(vis, off, base, guesses, g_len)
     return vis, off
 
 
@@ -100,11 +106,7 @@ def upstream_visibility(columns: int, levels: int, guesses: int, ngram: int) -> 
             vis[i, [lv * columns + col for lv in range(1, level + 1)]] = True
     base = levels * columns
     vis[base:, 0] = True
-    for g in range(guesses):
-        for k in range(g_len):
-            i = base + g * g_len + k
-            off[i] = 1 + k
-            vis[i, base + g * g_len: i + 1] = True
+    _guess_chains(vis, off, base, guesses, g_len)
     return vis, off
 
 
