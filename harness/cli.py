@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--repeats", type=_int, default=d.repeats,
                      help="timed rounds per example and method, interleaved; the round with the median time per "
                           f"token is kept (default: {d.repeats}). Use 3 or more to decide speedups near 1.0 on a noisy machine")
+    run.add_argument("--concurrency", default=None, metavar="N1,N2,...",
+                     help="decode under load: requests in flight, one measurement per level, e.g. 1,4,16 "
+                          "(default: one request at a time); methods that cannot decode batched are refused "
+                          "(`python -m harness list` says which)")
+    run.add_argument("--request-rate", type=_float, default=None, metavar="R",
+                     help="with --concurrency: requests arrive at R per second (seeded Poisson), at most the "
+                          "largest --concurrency level in flight (default: a new request as soon as one finishes)")
     run.add_argument("--costs-from", default=None, metavar="FILE",
                      help="replay the measured costs (verify-cost curve, drafting costs) of a baseline JSON, a run's "
                           "manifest.json or run folder instead of measuring them: `auto` trees and the cost policies "
@@ -249,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness.config import RunConfig
+    from harness.config import RunConfig, parse_concurrency
     from harness.progress import status
     from harness.results import parse_shard
     from harness.session import execute
@@ -268,6 +275,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         shard=parse_shard(args.shard) if args.shard is not None else None, executor=args.executor,
         ray_address=args.ray_address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
         threads_per_worker=args.threads_per_worker, costs_from=args.costs_from,
+        concurrency=parse_concurrency(args.concurrency) if args.concurrency is not None else None,
+        request_rate=args.request_rate,
     )
     out = execute(config)
     print_summary(out)
@@ -347,6 +356,7 @@ def cmd_list(_: argparse.Namespace) -> int:
         extras = [kind for kind in ("train", "tune", "analyze") if getattr(spec, kind)]
         print(f"  {name:<12} {spec.summary}")
         print(f"  {'':<12} needs: {spec.needs}" + (f"; commands: {', '.join(extras)}" if extras else ""))
+        print(f"  {'':<12} under --concurrency: {'yes' if spec.decoder.batchable else 'no (not batched yet)'}")
         print(f"  {'':<12} draft parameters: {_draft_size(spec.decoder)}")
         for line in describe_options(spec.options):
             print(f"  {'':<14}{name}.{line}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -129,6 +130,8 @@ class DecodeSpec:
     repeats: int
     warmup: int
     costs: dict[str, Any] | None = None  # a cost record to use instead of measuring (``--costs-from``)
+    concurrency: tuple[int, ...] | None = None  # requests in flight, one measurement per level; None: one at a time
+    request_rate: float | None = None  # open loop: seeded Poisson arrivals per second; None: closed loop
 
 
 @dataclass
@@ -162,6 +165,12 @@ class RunConfig:
     threads_per_worker: int | None = None  # torch threads per actor (default: this machine's cores // workers)
     chosen_methods: bool = False  # the methods were picked by ready_methods (no --methods): say so
     costs_from: str | None = None  # a baseline, a manifest or a run folder whose measured costs to replay
+    # Load: None is one request at a time. Each level of ``concurrency`` is its own measurement
+    # with that many requests in flight; ``request_rate`` turns the closed loop (a new request as
+    # soon as one finishes) into an open one (seeded Poisson arrivals at R per second, at most
+    # max(concurrency) in flight).
+    concurrency: list[int] | None = None
+    request_rate: float | None = None
 
     @classmethod
     def first_run_or_given(cls, methods: list[str] | None, limit: int | None, max_new_tokens: int | None,
@@ -193,6 +202,12 @@ class RunConfig:
         identity = {k: getattr(self, k) for k in keep}
         if self.repeats != 1:  # a median of rounds is another measurement; absent at 1, so older runs still resume
             identity["repeats"] = self.repeats
+        # Under load a step batches several requests: another measurement. Absent when not given,
+        # so runs made one request at a time keep their identity and still resume.
+        if self.concurrency is not None:
+            identity["concurrency"] = list(self.concurrency)
+        if self.request_rate is not None:
+            identity["request_rate"] = self.request_rate
         costs = self.pinned_costs()
         if costs is not None:  # replayed costs decide what the fitted methods draft
             identity["pinned_costs"] = hashlib.sha256(json.dumps(costs, sort_keys=True).encode()).hexdigest()[:8]
@@ -224,7 +239,54 @@ class RunConfig:
 
     def decode_spec(self, runs: list[MethodRun]) -> DecodeSpec:
         return DecodeSpec(self.model, self.device, self.dtype, tuple(runs), self.max_new_tokens, self.temperature,
-                          self.top_p, self.seed, self.repeats, self.warmup, self.pinned_costs())
+                          self.top_p, self.seed, self.repeats, self.warmup, self.pinned_costs(),
+                          concurrency=tuple(self.concurrency) if self.concurrency is not None else None,
+                          request_rate=self.request_rate)
+
+
+CONCURRENCY_SHAPE = "--concurrency takes positive integers like 1,4,16"
+
+
+def parse_concurrency(text: str) -> list[int]:
+    """``--concurrency 1,4,16`` as its levels. A non-integer is refused here, in the same words as
+    ``check_load`` uses for a level below 1, so every bad ``--concurrency`` reads alike."""
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise UserError(f"{CONCURRENCY_SHAPE}, got {text!r}") from None
+
+
+def check_load(config: RunConfig, runs: list[MethodRun]) -> None:
+    """``--concurrency`` and ``--request-rate``, and that every method of the run can decode batched.
+
+    A method whose drafting cannot yet run in the batched loop says so (``Decoder.batchable``);
+    refusing it here costs a second, where finding out in the engine would cost a model load.
+    """
+    if config.request_rate is not None:
+        rate = config.request_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (math.isfinite(rate) and rate > 0):
+            raise UserError(f"--request-rate must be a positive finite number of requests per second, got {rate}")
+        if config.concurrency is None:
+            raise UserError("--request-rate needs --concurrency, the most requests in flight (e.g. --concurrency 16)")
+    if config.concurrency is None:
+        return
+    levels = config.concurrency
+    if not levels or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in levels):
+        raise UserError(f"{CONCURRENCY_SHAPE}, got {','.join(map(str, levels)) or 'nothing'}")
+    repeated = sorted({n for n in levels if levels.count(n) > 1})
+    if repeated:
+        raise UserError(f"--concurrency lists level {','.join(map(str, repeated))} more than once "
+                        f"({','.join(map(str, levels))}); give each level once")
+    if config.repeats != 1:
+        raise UserError(f"--repeats {config.repeats} is not supported under load (--concurrency); "
+                        "drop --repeats or --concurrency")
+    refused = list(dict.fromkeys(r.name for r in runs if not get_spec(r.name).decoder.batchable))
+    if refused:
+        from methods.registry import available_methods
+
+        can = [m for m in available_methods() if get_spec(m).decoder.batchable]
+        raise UserError(f"--concurrency: {', '.join(refused)} cannot decode batched yet; drop --concurrency or "
+                        f"use methods that can: {', '.join(can) or 'none'}")
 
 
 def validate(config: RunConfig) -> list[MethodRun]:
@@ -261,6 +323,7 @@ def validate(config: RunConfig) -> list[MethodRun]:
     if not config.gpus_per_worker >= 0:
         raise UserError(f"--gpus-per-worker must be >= 0, got {config.gpus_per_worker}")
     runs = parse_method_runs(config.method_labels(), config.method_options)
+    check_load(config, runs)
     named = {r.name for r in runs}
     for method in config.method_options:
         if method not in named:

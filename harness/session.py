@@ -61,6 +61,24 @@ def load_examples(config: RunConfig) -> tuple[list[Example], dict[str, dict[str,
     return examples, info
 
 
+def check_concurrency_fits(config: RunConfig, examples: list[Example]) -> None:
+    """Refuse a load level this process's examples cannot fill, before the model loads.
+
+    With fewer requests than the level, the batch never holds that many, and the measurement
+    would be labelled with a load it never had.
+    """
+    if config.concurrency is None:
+        return
+    count = len(shard_examples(examples, config.shard))
+    level = max(config.concurrency)
+    if level <= count:
+        return
+    shard = f" in shard {config.shard[0]}/{config.shard[1]}" if config.shard else ""
+    limit = f"--limit {config.limit} per task" if config.limit is not None else "no --limit"
+    raise UserError(f"--concurrency {level} is more than the {count} examples selected{shard} ({limit}); "
+                    f"lower the level or select more examples (--limit, --tasks)")
+
+
 def check_fits_context(config: RunConfig, examples: list[Example]) -> None:
     """Refuse, before the weights load, a run in which no generation could happen.
 
@@ -132,9 +150,14 @@ def execute(config: RunConfig) -> Path:
     """
     runs = validate(config)
     examples, task_info = load_examples(config)
+    check_concurrency_fits(config, examples)
     for run in runs:
         get_spec(run.name).decoder.check_ready(config.model, run.options)
     check_fits_context(config, examples)
+    if config.concurrency is not None:
+        # A sequential run recorded under a load identity would later resume as if measured under load.
+        raise UserError("--concurrency: the batched decode loop is not wired into `run` yet; the settings are "
+                        "valid, nothing was decoded (drop --concurrency and --request-rate to run one at a time)")
     out = Path(config.out) if config.out else default_out_dir(config)
     make_out_dir(out)
     results_path = out / shard_name(RESULTS_FILE, config.shard)

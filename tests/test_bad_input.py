@@ -180,6 +180,32 @@ RUN: list[Case] = [
      "init=upstream takes no tuned file"),
     ("temperature nan", lambda w: ["--temperature", "nan"], "expected a finite number"),
     ("zero timing repeats", lambda w: ["--repeats", "0"], "--repeats must be a positive integer, got 0"),
+    # load: --concurrency and --request-rate
+    ("concurrency level zero", lambda w: ["--concurrency", "1,0"],
+     "--concurrency takes positive integers like 1,4,16, got 1,0"),
+    ("concurrency level negative", lambda w: ["--concurrency", "-4"],
+     "--concurrency takes positive integers like 1,4,16, got -4"),
+    ("concurrency level not an integer", lambda w: ["--concurrency", "1,2.5"],
+     "--concurrency takes positive integers like 1,4,16, got '1,2.5'"),
+    ("concurrency with an empty level", lambda w: ["--concurrency", "1,,4"],
+     "--concurrency takes positive integers like 1,4,16, got '1,,4'"),
+    ("concurrency level repeated", lambda w: ["--concurrency", "1,4,4"],
+     "--concurrency lists level 4 more than once (1,4,4)"),
+    ("request rate zero", lambda w: ["--concurrency", "4", "--request-rate", "0"],
+     "--request-rate must be a positive finite number of requests per second, got 0.0"),
+    ("request rate negative", lambda w: ["--concurrency", "4", "--request-rate", "-2"],
+     "--request-rate must be a positive finite number of requests per second, got -2.0"),
+    ("request rate infinite", lambda w: ["--concurrency", "4", "--request-rate", "inf"],
+     "argument --request-rate: expected a finite number, got 'inf'"),
+    ("request rate without concurrency", lambda w: ["--request-rate", "2"], "--request-rate needs --concurrency"),
+    ("concurrency with repeats", lambda w: ["--concurrency", "4", "--repeats", "3"],
+     "--repeats 3 is not supported under load (--concurrency)"),
+    ("concurrency above the examples selected", lambda w: ["--methods", "vanilla", "--concurrency", "1,4",
+                                                          "--tasks", "builtin:math", "--limit", "3"],
+     "--concurrency 4 is more than the 3 examples selected (--limit 3 per task)"),
+    ("concurrency above a shard's examples", lambda w: ["--methods", "vanilla", "--concurrency", "3",
+                                                       "--tasks", "builtin", "--limit", "4", "--shard", "1/2"],
+     "--concurrency 3 is more than the 2 examples selected in shard 1/2 (--limit 4 per task)"),
     # model folders and context
     ("model config without model_type", lambda w: ["--model", w.model("m1", {"hidden_size": 16})], "has no 'model_type'"),
     ("model config of unknown type", lambda w: ["--model", w.model("m2", {"model_type": "gpt2"})], "is of type 'gpt2'"),
@@ -299,6 +325,42 @@ def test_bad_input_table(name, build, expected, capsys, tmp_path):
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
     assert expected in err, err
+
+
+def test_concurrency_refuses_a_method_that_cannot_batch(monkeypatch, capsys, tmp_path):
+    """A decoder with ``batchable = False`` is refused under --concurrency, naming it and the methods that
+    can batch; without --concurrency the same method runs as before."""
+    from harness.config import RunConfig, validate
+    from methods.registry import get_spec
+
+    monkeypatch.setattr(get_spec("pld").decoder, "batchable", False)
+    code, err = run_cli(["run", "--out", str(tmp_path / "out"), "--methods", "pld,lookahead", "--concurrency", "2"],
+                        capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "--concurrency: pld cannot decode batched yet" in err, err
+    can = err.split("methods that can: ")[1].strip().split(", ")
+    assert "pld" not in can and {"vanilla", "lookahead", "medusa"} <= set(can), err
+    assert not (tmp_path / "out").exists()
+    validate(RunConfig(methods=["pld"]))  # one request at a time: not refused
+
+
+@pytest.mark.parametrize("rate", [float("nan"), float("inf"), -1.0, 0])
+def test_request_rate_must_be_positive_and_finite(rate):
+    """The CLI's float parser already refuses nan and inf; a RunConfig built in code meets the same check."""
+    from base.errors import UserError
+    from harness.config import RunConfig, validate
+
+    with pytest.raises(UserError, match="--request-rate must be a positive finite number"):
+        validate(RunConfig(concurrency=[4], request_rate=rate))
+
+
+def test_valid_concurrency_passes_every_check_before_the_model_loads(capsys, tmp_path):
+    """Good load settings get through validation and the example count; the run then stops before
+    loading the model, since `run` does not decode batched yet, and leaves no run folder."""
+    code, err = run_cli(["run", "--out", str(tmp_path / "out"), "--methods", "vanilla,pld", "--tasks", "builtin:math",
+                         "--limit", "4", "--concurrency", "1,4", "--request-rate", "2.5", "--max-new-tokens", "8"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "batched decode loop is not wired" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_table_covers_every_command(tmp_path):

@@ -98,6 +98,28 @@ def test_list_names_everything(capsys):
         assert word in out
 
 
+def test_list_says_which_methods_run_under_concurrency(monkeypatch, capsys):
+    """Each method's entry says whether --concurrency accepts it, read from its decoder's ``batchable``."""
+    from methods.registry import available_methods, get_spec
+
+    def entries() -> dict[str, list[str]]:
+        assert main(["list"]) == 0
+        out, blocks, name = capsys.readouterr().out, {}, None
+        for line in out.split("Tasks:")[0].splitlines()[1:]:
+            if line[2:3].strip():
+                name = line.split()[0]
+            blocks.setdefault(name, []).append(line.strip())
+        return blocks
+
+    blocks = entries()
+    assert set(blocks) == set(available_methods())
+    assert all("under --concurrency: yes" in lines for lines in blocks.values()), blocks
+    monkeypatch.setattr(get_spec("sps").decoder, "batchable", False)
+    blocks = entries()
+    assert "under --concurrency: no (not batched yet)" in blocks["sps"]
+    assert "under --concurrency: yes" in blocks["pld"]
+
+
 def test_list_shows_eagle_options_under_both_names(capsys):
     """Upstream's names beside ours, each with its mapping, and the preset in both."""
     assert main(["list"]) == 0

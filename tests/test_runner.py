@@ -107,6 +107,24 @@ def test_repeats_change_a_runs_identity_only_when_used():
     assert RunConfig(repeats=3).identity_hash() != RunConfig().identity_hash()
 
 
+def test_load_changes_a_runs_identity_only_when_given():
+    """Without --concurrency and --request-rate the identity (and so the run folder's hash) is the one
+    runs had before the flags existed, so they still resume; each flag, when given, makes another run."""
+    assert RunConfig().identity_hash() == "edcac570"  # the default run's hash before load settings existed
+    assert RunConfig(repeats=3, limit=2, seed=1).identity_hash() == "833b4773"
+    assert not {"concurrency", "request_rate"} & set(RunConfig().identity())
+    closed = RunConfig(concurrency=[1, 4])
+    assert closed.identity()["concurrency"] == [1, 4] and "request_rate" not in closed.identity()
+    opened = RunConfig(concurrency=[1, 4], request_rate=2.0)
+    assert opened.identity()["request_rate"] == 2.0
+    hashes = {RunConfig().identity_hash(), closed.identity_hash(), RunConfig(concurrency=[1, 16]).identity_hash(),
+              opened.identity_hash()}
+    assert len(hashes) == 4
+    spec = opened.decode_spec([])
+    assert spec.concurrency == (1, 4) and spec.request_rate == 2.0
+    assert RunConfig().decode_spec([]).concurrency is None
+
+
 @pytest.mark.parametrize("method", ["vanilla", "pld"])
 def test_caches_grow_before_the_clock_starts_not_inside_a_timed_call(method):
     """The runner sizes the cache for the generation before timing it: a cache that grew

@@ -153,6 +153,10 @@ class Decoder:
     name: ClassVar[str] = "?"
     Options: ClassVar[type] = NoOptions
     weights: ClassVar[WeightsLocator | None] = None  # a trained method's weights: shipped, or given by an option
+    # Whether the method decodes in the batched loop that ``--concurrency`` runs (several requests
+    # per target pass). A method whose drafting cannot yet run there sets it False, and the harness
+    # refuses it under --concurrency before the model loads, instead of failing mid-run.
+    batchable: ClassVar[bool] = True
     sampling: Sampling | None = None  # set by ``generate`` for each sequence: None when greedy
 
     def __init__(self, engine: Engine, options: Any = None, *, model_name: str = "", **raw: Any) -> None:
