@@ -116,6 +116,41 @@ def measure(engine: Any, sizes: Sequence[int] = SIZES, context: int = CONTEXT, r
                      load=load.share)
 
 
+BATCH_TOKENS = 512  # the most tokens one batched measurement pass runs, all sequences together
+
+
+@torch.no_grad()
+def measure_batched(engine: Any, batch: int, sizes: Sequence[int] = SIZES, context: int = CONTEXT,
+                    rounds: int = 5) -> CostCurve:
+    """``measure`` for a pass over ``batch`` sequences, each verifying n tokens after ``context``
+    cached ones: T(batch, n) / T(batch, 1). ``one_token_ms`` is then the batch's plain step."""
+    from methods.core.batch import BatchEngine
+    from methods.core.decoder import Draft
+    from methods.core.tree import chain_layout
+
+    sizes = [n for n in sizes if n * batch <= BATCH_TOKENS] or [1]
+    runner = BatchEngine(engine, batch, context + max(sizes) + 1)
+    vocab = engine.config.vocab_size
+    for slot in runner.slots:
+        slot.forward([i % vocab for i in range(context)], commit=True, want_logits=False)
+    drafts = {n: [Draft(torch.arange(n, device=engine.device) % vocab, chain_layout(n - 1, engine))] * batch
+              for n in sizes}
+    slots = list(range(batch))
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    with OtherLoad() as load:
+        for r in range(rounds + 1):
+            for n in sizes:
+                _sync(engine.device)
+                start = time.perf_counter()
+                runner.forward(slots, drafts[n])
+                _sync(engine.device)
+                if r:
+                    times[n].append(time.perf_counter() - start)
+    one = statistics.median(times[sizes[0]])
+    return CostCurve(tuple(sizes), tuple(statistics.median(times[n]) / one for n in sizes), one * 1000,
+                     load=load.share)
+
+
 def _timed_rounds(engine: Any, sizes: Sequence[int], rounds: int, biases: dict[int, Any],
                   times: dict[int, list[float]]) -> None:
     vocab = engine.config.vocab_size
@@ -169,6 +204,7 @@ def loaded(curve: CostCurve) -> bool:
 
 
 _MEMO: dict[str, CostCurve] = {}
+_LOAD: tuple[int, CostCurve, float] | None = None  # (sequences, their curve, drafting-cost scale): ``under_load``
 _PINNED: Mapping[str, Any] | None = None   # costs to use instead of measuring (``recording_costs``)
 _RECORD: dict[str, Any] | None = None      # what was used, while a run's methods set up
 
@@ -189,6 +225,31 @@ def recording_costs(pinned: Mapping[str, Any] | None = None) -> Iterator[dict[st
         yield _RECORD
     finally:
         _PINNED, _RECORD = previous
+
+
+@contextmanager
+def under_load(engine: Any, model_name: str, cache_dir: Path | None, batch: int) -> Iterator[None]:
+    """Within: every cost a method's setup asks for is that of a step serving ``batch`` sequences.
+
+    The verify curve is T(batch, n) / T(batch, 1), measured once per machine and batch size
+    and cached like the one-sequence curve. A method's drafting work (heads, a draft model,
+    skipped-layer passes) runs once per sequence while the verify pass is shared, so a call
+    cost in units of a one-sequence step is scaled by batch x T(1, 1) / T(batch, 1): where
+    the batched pass is cheap per sequence, drafting weighs that much more. At batch 1 this
+    changes nothing."""
+    global _LOAD
+    if batch <= 1:
+        yield
+        return
+    single = _cost_curve(engine, model_name, cache_dir)
+    batched = _cost_curve(engine, model_name, cache_dir, batch)
+    scale = batch * single.one_token_ms / batched.one_token_ms if batched.one_token_ms > 0 else float(batch)
+    previous = _LOAD
+    _LOAD = (batch, batched, scale)
+    try:
+        yield
+    finally:
+        _LOAD = previous
 
 
 def check_cost_record(record: Any, where: str) -> dict[str, Any]:
@@ -214,7 +275,10 @@ def _note_curve(curve: CostCurve) -> CostCurve:
 
 def cost_curve(engine: Any, model_name: str, cache_dir: Path | None) -> CostCurve:
     """The measured curve for this engine's hardware, from memory, the cache folder, or a fresh
-    measurement; inside ``recording_costs`` with a pinned curve, that one."""
+    measurement; inside ``recording_costs`` with a pinned curve, that one; inside ``under_load``,
+    the curve of a pass over that many sequences."""
+    if _LOAD is not None:
+        return _LOAD[1]  # not noted: the run's record keeps the one-sequence curve
     if _PINNED is not None and _PINNED.get("curve"):
         saved = _PINNED["curve"]
         return _note_curve(CostCurve(tuple(saved["sizes"]), tuple(saved["ratios"]),
@@ -223,8 +287,8 @@ def cost_curve(engine: Any, model_name: str, cache_dir: Path | None) -> CostCurv
     return _note_curve(_cost_curve(engine, model_name, cache_dir))
 
 
-def _cost_curve(engine: Any, model_name: str, cache_dir: Path | None) -> CostCurve:
-    key = hardware_key(engine, model_name)
+def _cost_curve(engine: Any, model_name: str, cache_dir: Path | None, batch: int = 1) -> CostCurve:
+    key = hardware_key(engine, model_name) + (f"|batch={batch}" if batch > 1 else "")
     if key in _MEMO:
         return _MEMO[key]
     path = None
@@ -238,7 +302,7 @@ def _cost_curve(engine: Any, model_name: str, cache_dir: Path | None) -> CostCur
             return curve
         except (OSError, ValueError, KeyError):
             pass
-    curve = measure(engine)
+    curve = measure(engine) if batch == 1 else measure_batched(engine, batch)
     curve = CostCurve(curve.sizes, curve.ratios, curve.one_token_ms, key, curve.load)
     _MEMO[key] = curve
     if loaded(curve):
@@ -333,7 +397,7 @@ def _named_cost(name: str, measure: Callable[[], float]) -> float:
     value = float(pinned[name]) if name in pinned else measure()
     if _RECORD is not None:
         _RECORD["calls"][name] = round(value, 6)
-    return value
+    return value * (_LOAD[2] if _LOAD is not None else 1.0)
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ A step, in the spirit of EAGLE/Medusa's phase functions::
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -242,23 +243,12 @@ class Decoder:
     def _decode(self, prompt_ids: Sequence[int], config: GenConfig, limit: int, stop_set: frozenset[int],
                 generator: torch.Generator | None) -> Generation:
         engine = self.engine
-        # what a method that samples its drafts needs: the run's settings and its one generator
-        self.sampling = None if config.greedy else Sampling(config.temperature, config.top_p, generator)
         clock = StepClock(engine.device)
         clock.mark()
-        out = self.prefill(prompt_ids)
-        if config.greedy:
-            first_t = out.logits[-1].argmax().view(1)
-        else:
-            first_t = torch.multinomial(target_probs(out.logits[-1], config.temperature, config.top_p), 1,
-                                        generator=generator)
-        root = int(first_t[0])
-        self.begin(prompt_ids, out)
+        gen, root_t = self.start(prompt_ids, config, generator)
         clock.mark()
-        gen = Generation(tokens=[root], accepted=[1], draft_sizes=[0], processed=[0], draft_depths=[0],
-                         accepted_drafts=[0])
-        done = root in stop_set
-        root_t = first_t
+        done = gen.tokens[0] in stop_set
+        root = gen.tokens[0]
         while not done and len(gen.tokens) < limit:
             draft = self.draft(root, root_t, limit - len(gen.tokens) - 1)
             clock.mark()
@@ -272,25 +262,83 @@ class Decoder:
                 logits_rows=None if draft.all_logits else slice(0, layout.n),
             )
             logits = out.logits[: layout.n] if draft.all_logits else out.logits
-            if config.greedy:
-                acc = accept_greedy(layout, draft.tokens, logits, draft.host_rows)
-            else:
-                acc = accept_sampled(layout, draft.tokens, logits, config.temperature, config.top_p,
-                                     generator, q=draft.q, host_rows=draft.host_rows)
+            acc = self.accept(draft, logits, config, generator)
             engine.cache.keep(acc.nodes, acc.nodes_t)
             self.update(draft, out, acc)
             clock.mark()
-            new, done = truncate_at_stop(acc.tokens, stop_set, limit - len(gen.tokens))
-            gen.tokens.extend(new)
-            gen.accepted.append(len(new))
-            gen.draft_sizes.append(layout.draft_size)
-            gen.processed.append(draft.processed)
-            gen.draft_depths.append(layout.max_depth)  # a Python int, set when the layout was built
-            gen.accepted_drafts.append(acc.accepted_drafts)
-            root, root_t = new[-1], acc.bonus_t
+            done = self.record_step(gen, draft, acc, stop_set, limit)
+            root, root_t = gen.tokens[-1], acc.bonus_t
         gen.stopped_by = "eos" if done else "length"
         times = clock.seconds()  # on CUDA: the one synchronisation, after the last step
         gen.step_times = [times[0]] + [times[i] + times[i + 1] for i in range(1, len(times) - 1, 2)]
         gen.draft_times = [0.0] + times[1::2]
         gen.verify_times = [0.0] + times[2::2]
         return gen
+
+    # -- the loop's phases, shared with the batched loop (``methods.core.batch``) ----------------
+    def start(self, prompt_ids: Sequence[int], config: GenConfig,
+              generator: torch.Generator | None) -> tuple[Generation, torch.Tensor]:
+        """Prefill, the first token (greedy or drawn) and the method's per-sequence state:
+        the new generation and its first token on the device (the first step's root)."""
+        # what a method that samples its drafts needs: the run's settings and its one generator
+        self.sampling = None if config.greedy else Sampling(config.temperature, config.top_p, generator)
+        out = self.prefill(prompt_ids)
+        if config.greedy:
+            first_t = out.logits[-1].argmax().view(1)
+        else:
+            first_t = torch.multinomial(target_probs(out.logits[-1], config.temperature, config.top_p), 1,
+                                        generator=generator)
+        root = int(first_t[0])
+        self.begin(prompt_ids, out)
+        gen = Generation(tokens=[root], accepted=[1], draft_sizes=[0], processed=[0], draft_depths=[0],
+                         accepted_drafts=[0])
+        return gen, first_t
+
+    @staticmethod
+    def accept(draft: Draft, logits: torch.Tensor, config: GenConfig, generator: torch.Generator | None) -> Acceptance:
+        """Which of the draft's tokens the target keeps: greedy, or rejection sampling with ``generator``."""
+        if config.greedy:
+            return accept_greedy(draft.layout, draft.tokens, logits, draft.host_rows)
+        return accept_sampled(draft.layout, draft.tokens, logits, config.temperature, config.top_p,
+                              generator, q=draft.q, host_rows=draft.host_rows)
+
+    @staticmethod
+    def record_step(gen: Generation, draft: Draft, acc: Acceptance, stop_set: frozenset[int], limit: int) -> bool:
+        """The step's tokens, cut at a stop id and at ``limit``, and its counters into ``gen``;
+        whether a stop id ended the sequence."""
+        layout = draft.layout
+        new, done = truncate_at_stop(acc.tokens, stop_set, limit - len(gen.tokens))
+        gen.tokens.extend(new)
+        gen.accepted.append(len(new))
+        gen.draft_sizes.append(layout.draft_size)
+        gen.processed.append(draft.processed)
+        gen.draft_depths.append(layout.max_depth)  # a Python int, set when the layout was built
+        gen.accepted_drafts.append(acc.accepted_drafts)
+        return done
+
+    def under_load(self, batch: int) -> Decoder:
+        """This method with its drafting fitted to steps that serve ``batch`` sequences together
+        (``methods.core.cost.under_load``): the same options, set up again where every cost it
+        reads is the batched one, so a draft size or tree chosen as paying for one sequence is
+        chosen afresh, down to plain steps, where the batch makes verification dear. Itself at
+        batch 1."""
+        if batch <= 1:
+            return self
+        from methods.core.cost import under_load
+        from methods.core.files import cache_root
+
+        with under_load(self.engine, self.model_name, cache_root(), batch):
+            twin = type(self)(self.engine, self.options, model_name=self.model_name)
+        if "label" in self.__dict__:
+            twin.label = self.label
+        return twin
+
+    def fork(self, engine: Engine) -> Decoder:
+        """This decoder, with its weights and settings, for one slot of a batch (``engine`` runs on
+        the slot's view of the batch's cache). Per-sequence state starts anew with each request
+        (``begin``); what a method learns across prompts (acceptance counts, a cost policy) is
+        shared where it is held in place and per slot where it is reassigned. A method whose
+        drafter keeps a cache of its own gives each slot its own (``Engine.fork``)."""
+        twin = copy.copy(self)
+        twin.engine = engine
+        return twin

@@ -15,6 +15,7 @@ comes from the method and not from a faster cache or mask path.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -338,6 +339,17 @@ class Engine:
         self._rope_static = getattr(self.rotary, "rope_type", "default") != "dynamic"
         self._cos = self._sin = None
         self._ensure_rope(capacity)
+
+    def fork(self, cache: KVCache | None = None) -> Engine:
+        """This engine's model and weights on another cache (``cache``, or a new one of the same
+        shape): a sequence of a batch runs on a slot of the batch's cache through the same layer
+        loop, and a slot's draft engine (EAGLE's head, SpS's draft model) gets a cache of its own."""
+        twin = copy.copy(self)
+        twin.cache = cache if cache is not None else KVCache(
+            self.num_layers, self._kv_heads, self._head_dim, dtype=self.dtype, device=self.device,
+            capacity=self.cache.capacity)
+        twin._mask_buf, twin._mask_dirty = None, None
+        return twin
 
     # -- helpers --------------------------------------------------------------------------
     @property

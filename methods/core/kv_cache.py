@@ -41,11 +41,27 @@ class KVCache:
         self.keys = self._alloc(capacity)
         self.values = self._alloc(capacity)
 
-    def _alloc(self, capacity: int) -> torch.Tensor:
+    def _alloc(self, capacity: int, slots: int = 1) -> torch.Tensor:
         heads, dim = self.shape_tail
         return torch.empty(
-            (self.num_layers, 1, heads, capacity, dim), dtype=self.dtype, device=self.device
+            (self.num_layers, slots, heads, capacity, dim), dtype=self.dtype, device=self.device
         )
+
+    @classmethod
+    def batched(cls, like: KVCache, slots: int, capacity: int) -> KVCache:
+        """A cache of ``slots`` sequences, [layers, slots, kv_heads, capacity, head_dim], shaped as ``like``.
+
+        Its slots are handed out as ``view(slot)``: each is a ``KVCache`` of its own (its own
+        length, the same methods), so a decoder runs on one slot exactly as it runs alone, while
+        the batched pass (``methods.core.batch``) reads and writes every slot in one tensor."""
+        cache = cls.__new__(cls)
+        cache.num_layers, cache.shape_tail, cache.dtype, cache.device = like.num_layers, like.shape_tail, like.dtype, like.device
+        cache.length = 0
+        # zeros, not ``empty``: a step reads every slot up to the longest slot's length, masked; a
+        # masked position still enters the product, and uninitialised memory can hold NaN (0 * NaN)
+        cache.keys = cache._alloc(capacity, slots).zero_()
+        cache.values = cache._alloc(capacity, slots).zero_()
+        return cache
 
     @property
     def capacity(self) -> int:
@@ -97,8 +113,31 @@ class KVCache:
         self.values[:, :, :, self.length : end] = self.values.index_select(3, src)
         self.length = end
 
+    def view(self, slot: int) -> SlotCache:
+        """Slot ``slot`` of a cache allocated for several sequences, as a one-sequence cache of its own."""
+        return SlotCache(self, slot)
+
     def rollback(self, n: int) -> None:
         """Forget the last ``n`` committed tokens."""
         if not 0 <= n <= self.length:
             raise ValueError(f"cannot roll back {n} of {self.length} cached tokens")
         self.length -= n
+
+
+class SlotCache(KVCache):
+    """One sequence's slot of a batched cache: views into the batch's tensors, its own length.
+
+    It cannot grow (a view would come apart from the batch): the batch is sized for its
+    longest request before decoding starts (``methods.core.batch.BatchEngine``)."""
+
+    def __init__(self, batch: KVCache, slot: int) -> None:
+        self.num_layers, self.shape_tail, self.dtype, self.device = batch.num_layers, batch.shape_tail, batch.dtype, batch.device
+        self.length = 0
+        self.slot = slot
+        self.keys = batch.keys[:, slot:slot + 1]
+        self.values = batch.values[:, slot:slot + 1]
+
+    def reserve(self, total: int) -> None:
+        if total > self.capacity:
+            raise RuntimeError(f"a batch slot holds {self.capacity} positions, {total} were asked for: "
+                               "size the batch for its longest request")

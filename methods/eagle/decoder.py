@@ -254,6 +254,12 @@ class EagleDecoder(Decoder):
     def step_capacity(self) -> int:
         return self.total + 1
 
+    def fork(self, engine: Engine) -> Decoder:
+        """A slot's decoder drafts on a cache of its own: the draft engine is forked too."""
+        twin = super().fork(engine)
+        twin.draft_engine = self.draft_engine.fork()
+        return twin
+
     def reserve(self, prompt_len: int, limit: int) -> None:
         super().reserve(prompt_len, limit)
         o = self.options

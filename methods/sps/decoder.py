@@ -226,6 +226,12 @@ class SpsDecoder(Decoder):
     def step_capacity(self) -> int:
         return self.max_gamma + 1
 
+    def fork(self, engine: Engine) -> Decoder:
+        """A slot's decoder drafts on a cache of its own: the draft engine is forked too."""
+        twin = super().fork(engine)
+        twin.draft_engine = self.draft_engine.fork()
+        return twin
+
     def begin(self, prompt_ids: Sequence[int], out: ForwardOutput) -> None:
         de = self.draft_engine
         de.reset(capacity=len(prompt_ids) + 2 * self.max_gamma + 512)
