@@ -186,9 +186,17 @@ class BatchEngine:
             k, v = key_buf[slots[0]:slots[1], :, :keys], value_buf[slots[0]:slots[1], :, :keys]
         else:
             k, v = key_buf[slots, :, :keys], value_buf[slots, :, :keys]
-        out = F.scaled_dot_product_attention(qk[:, :, :heads].transpose(1, 2), k, v, attn_mask=mask,
-                                             scale=e._scaling, enable_gqa=heads != kv_heads)
-        return few_rows_linear(out.transpose(1, 2).reshape(batch * n, heads * dim), w.o, w.o_bias, FEW_ROWS_LAYER)
+        # the query heads grouped by their key head: [B, kv_heads, group x n, dim] against the keys as they
+        # are, which CPU kernels run several times faster than the repeated-key form (same values)
+        group = heads // kv_heads
+        if n == 1:
+            q = qk[:, 0, :heads].reshape(batch, kv_heads, group, dim)
+        else:
+            q = qk[:, :, :heads].transpose(1, 2).reshape(batch, kv_heads, group * n, dim)
+            mask = mask.repeat(1, 1, group, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=e._scaling)
+        out = out.view(batch, heads, n, dim).transpose(1, 2)
+        return few_rows_linear(out.reshape(batch * n, heads * dim), w.o, w.o_bias, FEW_ROWS_LAYER)
 
     def keep(self, slots: Sequence[int], accepted: Sequence[Acceptance]) -> None:
         """Each slot keeps its accepted nodes' KV: a leading run in place, every other slot's
@@ -220,12 +228,13 @@ class BatchEngine:
 
 @dataclass
 class Request:
-    """One request of a load run: its prompt, what to generate, and when it arrives (seconds after
-    the run starts; 0 for a closed loop, where a request is sent as soon as a slot is free)."""
+    """One request of a load run: its prompt, what to generate, and when it arrives: seconds after
+    the run starts (an open loop), or None for a closed loop, where the client sends the next
+    request as soon as a slot is free (it arrives when it is admitted)."""
 
     prompt_ids: Sequence[int]
     config: GenConfig
-    arrival: float = 0.0
+    arrival: float | None = None
 
 
 @dataclass
@@ -320,7 +329,7 @@ def serve(decoder: Decoder, requests: Sequence[Request], concurrency: int, *, ad
     forks = [decoder.fork(slot) for slot in batch.slots]
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
-    waiting = deque(sorted(range(len(requests)), key=lambda i: (requests[i].arrival, i)))
+    waiting = deque(sorted(range(len(requests)), key=lambda i: (requests[i].arrival or 0.0, i)))
     live: dict[int, _Live] = {}
     free = list(range(concurrency))
     served: list[Served | None] = [None] * len(requests)
@@ -336,7 +345,7 @@ def serve(decoder: Decoder, requests: Sequence[Request], concurrency: int, *, ad
 
     while waiting or live:
         now = clock() - start
-        while free and waiting and requests[waiting[0]].arrival <= now:
+        while free and waiting and (requests[waiting[0]].arrival or 0.0) <= now:
             index = waiting.popleft()
             slot = free.pop(0)
             request, fork = requests[index], forks[slot]
@@ -350,15 +359,16 @@ def serve(decoder: Decoder, requests: Sequence[Request], concurrency: int, *, ad
             gen, root_t = fork.start(request.prompt_ids, config, generator)
             first = clock() - start
             gen.step_times, gen.draft_times, gen.verify_times = [first - admitted], [0.0], [0.0]
+            arrival = admitted if request.arrival is None else request.arrival
             state = _Live(index, gen, gen.tokens[0], root_t, config, frozenset(config.stop_ids), generator,
-                          request.arrival, admitted, first)
+                          arrival, admitted, first)
             live[slot] = state
             if gen.tokens[0] in state.stop or config.max_new_tokens <= 1:
                 finish(slot, state, gen.tokens[0] in state.stop, first)
             now = clock() - start
         if not live:
             if waiting:
-                time.sleep(max(0.0, requests[waiting[0]].arrival - (clock() - start)))
+                time.sleep(max(0.0, (requests[waiting[0]].arrival or 0.0) - (clock() - start)))
             continue
         slots = sorted(live)
         states = [live[s] for s in slots]
