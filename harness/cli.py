@@ -208,8 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     ana.add_argument("--model", default="smollm2-135m")
     ana.add_argument("--weights", default=None, metavar="DIR", help="the method's weights (default: the shipped ones)")
     ana.add_argument("--compare", default=None, metavar="DIR", help="a second set of maps, e.g. parallel mode")
-    ana.add_argument("--data", nargs="+", default=[], metavar="FILE", help="the training files (validation split)")
-    ana.add_argument("--sequences", type=_int, default=24)
+    ana.add_argument("--data", nargs="+", default=[], metavar="FILE",
+                     help="the files the maps trained on: the analysis answers their rows that training never "
+                          "selected (read from the weights' config.json)")
+    ana.add_argument("--sequences", type=_int, default=24, help="held-out sequences to analyse (default 24)")
     ana.add_argument("--sweep-layers", default=None, metavar="L1,L2,...",
                      help="firp: train maps at each of these prediction layers (a fixed budget each) and measure "
                           "validation accepted length and per-step cost, e.g. 6,8,10,12,14,18")

@@ -44,8 +44,11 @@ def prompt_from_row(row: dict[str, Any]) -> str | None:
     return None
 
 
-def load_prompts(files: Sequence[Path], *, limit: int | None, seed: int, allow_eval: bool = False) -> list[str]:
-    prompts: list[str] = []
+def file_prompts(files: Sequence[Path], *, seed: int, allow_eval: bool = False) -> list[tuple[str, str | None]]:
+    """Every row's prompt with its passage (BoolQ rows; None for the others), shuffled exactly as
+    training shuffles them: the held-out split replays this order to know which prompts training
+    selected, and the passage, because several BoolQ questions share one."""
+    rows: list[tuple[str, str | None]] = []
     for path in files:
         posix = Path(path).resolve().as_posix()
         if not allow_eval and any(posix.endswith(e) for e in EVAL_FILES):
@@ -58,9 +61,19 @@ def load_prompts(files: Sequence[Path], *, limit: int | None, seed: int, allow_e
             if text is None:
                 raise UserError(f"{path}:{lineno}: no prompt field (expected question, passage+question, "
                                 "prompt or turns)")
-            prompts.append(text)
-    random.Random(seed).shuffle(prompts)  # mix the files so every batch and the val split see both
+            passage = row.get("passage") if "question" in row else None
+            rows.append((text, _passage_key(passage) if isinstance(passage, str) else None))
+    random.Random(seed).shuffle(rows)  # mix the files so every batch and the val split see both
+    return rows
+
+
+def load_prompts(files: Sequence[Path], *, limit: int | None, seed: int, allow_eval: bool = False) -> list[str]:
+    prompts = [text for text, _ in file_prompts(files, seed=seed, allow_eval=allow_eval)]
     return prompts[:limit] if limit else prompts
+
+
+def _passage_key(passage: str) -> str:
+    return " ".join(passage.split())
 
 
 @torch.no_grad()
@@ -160,18 +173,23 @@ SUMMARY_TEMPLATES = (
 )
 
 
-def summary_requests(files: Sequence[Path], count: int, *, seed: int) -> list[str]:
-    """``count`` summary requests over distinct passages of the files' rows that have one
-    (BoolQ), each with a seeded choice of ``SUMMARY_TEMPLATES``."""
+def _summary_draw(files: Sequence[Path], count: int, seed: int) -> tuple[list[str], random.Random]:
+    """The passages ``summary_requests`` summarises, and its generator, ready for the template choices."""
     passages: dict[str, None] = {}
     for path in files:
         for _, row in read_jsonl(Path(path)):
             if isinstance(row.get("passage"), str) and row["passage"].strip():
-                passages.setdefault(" ".join(row["passage"].split()))
+                passages.setdefault(_passage_key(row["passage"]))
     if not passages:
         raise UserError("--summary-prompts needs a training file with passages (e.g. boolq/dev.jsonl)")
     rng = random.Random(seed + 2)
-    chosen = rng.sample(sorted(passages), min(count, len(passages)))
+    return rng.sample(sorted(passages), min(count, len(passages))), rng
+
+
+def summary_requests(files: Sequence[Path], count: int, *, seed: int) -> list[str]:
+    """``count`` summary requests over distinct passages of the files' rows that have one
+    (BoolQ), each with a seeded choice of ``SUMMARY_TEMPLATES``."""
+    chosen, rng = _summary_draw(files, count, seed)
     return [rng.choice(SUMMARY_TEMPLATES).format(passage=p) for p in chosen]
 
 
@@ -242,6 +260,12 @@ def distill_cache_path(model_name: str, files: Sequence[Path], settings: dict[st
     return cache_root() / "distill" / f"{Path(model_name).name}-{digest}.pt"
 
 
+def self_prompts_cache(model_name: str, files: Sequence[Path], settings: dict[str, Any]) -> Path:
+    """Where a distillation with these settings keeps the requests the model wrote itself."""
+    path = distill_cache_path(model_name, files, settings)
+    return path.with_name(path.stem + ".self-prompts.json")
+
+
 class AnswerCache:
     """Greedy answers by encoded prompt, shared by every distillation with the same generation
     settings (whatever its files, limit or self-written prompts), so a larger data set reuses
@@ -284,8 +308,7 @@ def self_distilled_sequences(model: Any, tokenizer: Any, model_name: str, files:
                 "max_prompt_tokens": max_prompt_tokens, "dtype": str(model.dtype)}
     if self_prompts:
         settings["self_prompts"] = self_prompts
-    written_cache = distill_cache_path(model_name, files, settings)  # self-written prompts don't depend on summaries
-    written_cache = written_cache.with_name(written_cache.stem + ".self-prompts.json")
+    written_cache = self_prompts_cache(model_name, files, settings)  # self-written prompts don't depend on summaries
     if summary_prompts:
         settings["summary_prompts"] = summary_prompts
     path = distill_cache_path(model_name, files, settings)
@@ -318,3 +341,81 @@ def self_distilled_sequences(model: Any, tokenizer: Any, model_name: str, files:
     tmp.replace(path)
     partial.unlink(missing_ok=True)
     return data
+
+
+def held_out_prompts(files: Sequence[Path], stages: Sequence[dict[str, Any]],
+                     max_prompt_tokens: int = 320) -> tuple[list[str], dict[str, Any]]:
+    """Prompts of ``files`` that no training stage saw, in the first stage's shuffled order, and
+    a record of where they come from.
+
+    Each stage (``methods.core.training.training_stages``) is replayed to find the exact prompts
+    it selected: the first ``limit`` of its files' shuffle, the passages of its summary requests
+    and, where the distillation cache still holds them, the requests the model wrote itself. A
+    candidate is dropped when its text equals a training prompt (rows can repeat) or when it
+    shares a BoolQ passage with one (BoolQ asks several questions about one passage), so the
+    split does not rest on the shuffle's positions alone.
+    """
+    trained: set[str] = set()
+    passages: set[str] = set()
+    written_checked: list[bool] = []
+    for stage in stages:
+        rows = file_prompts(stage["files"], seed=stage["seed"], allow_eval=stage.get("allow_eval", False))
+        chosen = rows[:stage["limit"]] if stage["limit"] else rows
+        trained.update(text for text, _ in chosen)
+        passages.update(passage for _, passage in chosen if passage)
+        if stage.get("summary_prompts"):
+            passages.update(_summary_draw(stage["files"], stage["summary_prompts"], stage["seed"])[0])
+        if stage.get("self_prompts"):
+            settings = {"limit": stage["limit"], "seed": stage["seed"], "max_new_tokens": stage["max_new_tokens"],
+                        "max_prompt_tokens": max_prompt_tokens, "dtype": f"torch.{stage['dtype']}",
+                        "self_prompts": stage["self_prompts"]}
+            cache = self_prompts_cache(stage["model"], stage["recorded_files"], settings)
+            try:
+                trained.update(json.loads(cache.read_text(encoding="utf-8"))["prompts"])
+                written_checked.append(True)
+            except (OSError, ValueError, KeyError, TypeError):
+                written_checked.append(False)
+    pool = file_prompts(files, seed=stages[0]["seed"])
+    held: list[str] = []
+    ranks: list[int] = []
+    same_text = same_passage = 0
+    for rank, (text, passage) in enumerate(pool):
+        if text in trained:
+            same_text += 1
+        elif passage is not None and passage in passages:
+            same_passage += 1
+        else:
+            held.append(text)
+            ranks.append(rank)
+    record = {"files": [str(f) for f in files], "shuffle_seed": stages[0]["seed"], "file_prompts": len(pool),
+              "training_stages": len(stages),
+              "left_out_as_training_prompts": same_text, "left_out_sharing_a_training_passage": same_passage,
+              "self_written_prompts": sum(s.get("self_prompts") or 0 for s in stages),
+              "self_written_checked": all(written_checked) if written_checked else None,
+              "candidates": len(held), "ranks": ranks}
+    return held, record
+
+
+def prompt_sequences(model: Any, tokenizer: Any, model_name: str, prompts: Sequence[str], *, count: int,
+                     max_new_tokens: int, max_prompt_tokens: int = 320,
+                     batch_size: int = 16) -> list[dict[str, Any]]:
+    """The model's greedy answers to the first ``count`` of ``prompts`` that fit ``max_prompt_tokens``
+    (as training distils them), in prompt order, each with ``index``: its position in ``prompts``.
+    Answers the answer cache already holds are reused."""
+    from methods.core.prompts import stop_token_ids
+
+    picked: list[tuple[int, str, tuple[int, ...]]] = []
+    for i, text in enumerate(prompts):
+        if len(picked) == count:
+            break
+        ids = encode_conversation(tokenizer, [{"role": "user", "content": text}])
+        if len(ids) <= max_prompt_tokens:
+            picked.append((i, text, tuple(ids)))
+    answers = AnswerCache(model_name, {"max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens,
+                                       "dtype": str(model.dtype)})
+    data = generate_continuations(model, tokenizer, [text for _, text, _ in picked], max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
+                                  stop_ids=stop_token_ids(tokenizer, model), known=answers.load())
+    answers.add(data)
+    by_prompt = {tuple(d["ids"][:d["prompt_len"]]): d for d in data}
+    return [{**by_prompt[ids], "index": i} for i, _, ids in picked if ids in by_prompt]

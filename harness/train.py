@@ -18,12 +18,13 @@ from methods.registry import get_spec, methods_with
 
 
 def toolkit(device: str = "cpu") -> Toolkit:
-    from harness.distill import load_prompts, self_distilled_sequences
+    from harness.distill import held_out_prompts, load_prompts, prompt_sequences, self_distilled_sequences
     from harness.models import cache_root, check_model_name, load_model, resolve_dtype
 
     return Toolkit(cache_dir=cache_root(), load_model=load_model, training_prompts=load_prompts,
                    training_sequences=self_distilled_sequences, check_model=check_model_name, device=device,
-                   resolve_dtype=lambda name, dev: resolve_dtype(name, torch.device(dev)))
+                   resolve_dtype=lambda name, dev: resolve_dtype(name, torch.device(dev)),
+                   held_out_prompts=held_out_prompts, prompt_sequences=prompt_sequences)
 
 
 def entry_point(kind: str, method: str):

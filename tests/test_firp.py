@@ -4,6 +4,7 @@ decoding is lossless for every option combination."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,6 +188,134 @@ def test_layer_sweep_trains_and_measures_every_layer(tmp_path, monkeypatch):
     chart = html[html.index('id="firp-sweep-chart"'):]
     assert "<svg" in chart[:400] and "prediction layer" in chart  # the sweep as a chart, beside the table
     assert 'id="firp-cosine-chart"' not in html  # no maps analysed here: no cosine chart to draw
+
+
+class _CharTokenizer:
+    """One id per printable ASCII character, no chat template: distinct prompts get distinct ids."""
+
+    chat_template = None
+    eos_token_id = 0
+    pad_token_id = 0
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": [1 if c == "\n" else ord(c) - 30 for c in text]}
+
+
+def _training_files(root) -> list[str]:
+    """A GSM8K-like file (one question twice) and a BoolQ-like one (several questions per passage)."""
+    gsm = root / "gsm8k" / "train.jsonl"
+    boolq = root / "boolq" / "dev.jsonl"
+    gsm.parent.mkdir()
+    boolq.parent.mkdir()
+    questions = [f"What is {i} plus {i + 3}?" for i in range(14)] + ["What is 2 plus 5?"]  # seed 0: one copy in the first 12
+    gsm.write_text("".join(json.dumps({"question": q, "answer": "#### 1"}) + "\n" for q in questions))
+    rows = [{"passage": f"Passage {p}: the {p} fox runs.", "question": f"does the {p} fox run {q}", "answer": True,
+             "title": p} for p in ("red", "blue", "green", "grey", "pink") for q in ("fast", "far", "home")]
+    boolq.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [str(gsm), str(boolq)]
+
+
+def _passage(prompt: str) -> str | None:
+    return prompt.split("\n\nBased on the passage above")[0] if "Based on the passage above" in prompt else None
+
+
+def test_analysis_holds_out_every_prompt_the_maps_trained_on(tmp_path, monkeypatch):
+    """Maps are trained by `harness train firp` on tiny files; `analyze` must then analyse answers to
+    prompts training never handed the model, and none sharing a BoolQ passage with one: the prompts
+    each phase distils are recorded at generation, and the analysed sequences' prompt ids are
+    compared with every training prompt's."""
+    import harness.models
+    from harness import distill
+    from harness.train import toolkit, train
+    from methods.core.prompts import encode_conversation
+    from methods.core.training import TrainConfig
+    from methods.firp import analysis
+
+    monkeypatch.setenv("SPECDEC_HARNESS_CACHE", str(tmp_path / "cache"))
+    model, tok = tiny_model("llama"), _CharTokenizer()
+    model.generation_config.eos_token_id = 0
+    monkeypatch.setattr(harness.models, "load_model", lambda *a, **k: (model, tok))
+    monkeypatch.setattr(harness.models, "check_model_name", lambda name: None)
+    asked: list[list[str]] = []
+    generate = distill.generate_continuations
+    monkeypatch.setattr(distill, "generate_continuations",
+                        lambda m, t, prompts, **kw: asked.append(list(prompts)) or generate(m, t, prompts, **kw))
+    analysed: list[dict] = []
+    analyze_maps = analysis.analyze_maps
+    monkeypatch.setattr(analysis, "analyze_maps", lambda m, maps, data, **kw: analysed.extend(data)
+                        or analyze_maps(m, maps, data, **kw))
+
+    files = _training_files(tmp_path)
+    train(TrainConfig(method="firp", model="tiny", data=files, out=str(tmp_path / "maps"), dtype="float32", limit=12,
+                      max_new_tokens=4, epochs=1, max_steps=1, eval_every=10**9, val_fraction=0.25,
+                      options={"layers": 1, "K": 2, "tree_size": 2, "anchors_per_seq": 4}))
+    (trained,) = asked
+    assert len(trained) == 12
+    asked.clear()
+    result = analysis.analyze({"model": "tiny", "weights": str(tmp_path / "maps"), "data": files, "sequences": 8,
+                               "out": str(tmp_path / "firp_analysis.json")}, toolkit("cpu"))
+
+    (held,) = asked
+    assert len(held) == 8 and result["sequences"] == 8 and len(analysed) == 8
+    assert not set(held) & set(trained)
+    training_ids = {tuple(encode_conversation(tok, [{"role": "user", "content": p}])) for p in trained}
+    assert not {tuple(d["ids"][:d["prompt_len"]]) for d in analysed} & training_ids
+    training_passages = {_passage(p) for p in trained} - {None}
+    assert not {_passage(p) for p in held} & training_passages
+    record = result["held_out"]
+    # 30 prompts: the 12 trained on, the repeated question's later copy and the rows sharing a passage are left out
+    assert record["left_out_as_training_prompts"] == 13 and record["left_out_sharing_a_training_passage"] > 0
+    assert record["candidates"] == 30 - 13 - record["left_out_sharing_a_training_passage"]
+    assert len(record["ranks"]) == 8 and min(record["ranks"]) >= 12 and "no training run" in record["source"]
+    assert json.loads((tmp_path / "firp_analysis.json").read_text())["held_out"] == record
+    from methods.firp.report import section
+
+    assert "no training run of the weights selected" in section(tmp_path)["html"]  # the report says so too
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda meta, files: meta.pop("train_config"), "does not record the data"),
+    (lambda meta, files: meta["train_config"].update(data=files[:1] + ["elsewhere/other.jsonl"]),
+     "trained on elsewhere/other.jsonl; pass it to --data"),
+    (lambda meta, files: meta["train_config"].update(init_from="runs/earlier"), "runs/earlier/config.json does not record"),
+    (lambda meta, files: meta["train_config"].update(limit=None), "every prompt of --data was seen in training"),
+])
+def test_analysis_refuses_weights_whose_training_prompts_it_cannot_tell(tmp_path, edit, expected):
+    """Where the weights' config.json cannot say which prompts they saw, or leaves none unseen, the
+    analysis refuses in one line before the model loads, instead of analysing training data."""
+    from harness.distill import held_out_prompts, load_prompts
+    from methods.core.errors import UserError
+    from methods.core.training import Toolkit
+    from methods.firp.analysis import analyze
+
+    files = _training_files(tmp_path)
+    meta = {"layers": [1, 1], "train_config": {"data": list(files), "limit": 12, "seed": 0, "max_new_tokens": 4}}
+    edit(meta, files)
+    (tmp_path / "maps").mkdir()
+    (tmp_path / "maps" / "config.json").write_text(json.dumps(meta))
+    kit = Toolkit(cache_dir=tmp_path, load_model=lambda *a, **k: pytest.fail("the model loaded before the refusal"),
+                  training_prompts=load_prompts, training_sequences=None, check_model=lambda name: None,
+                  held_out_prompts=held_out_prompts, prompt_sequences=None)
+    with pytest.raises(UserError) as err:
+        analyze({"model": "tiny", "weights": str(tmp_path / "maps"), "data": files, "out": str(tmp_path / "a.json")}, kit)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_held_out_prompts_leave_out_every_training_stage(tmp_path):
+    """Weights continued from an earlier run (``--init-from``) saw that run's prompts too: a start
+    with another seed selects other prompts, and both sets stay out of the held-out split."""
+    from harness.distill import held_out_prompts, load_prompts
+    from methods.core.training import training_stages
+
+    files = _training_files(tmp_path)
+    earlier = {"command": "first", "train_config": {"data": files, "limit": 6, "seed": 5, "max_new_tokens": 4}}
+    meta = {"train_config": {"data": files, "limit": 6, "seed": 0, "init_from": "runs/earlier", "max_new_tokens": 4},
+            "continued_from": earlier}
+    stages = training_stages(meta, tmp_path, [Path(f) for f in files])
+    assert [(s["limit"], s["seed"]) for s in stages] == [(6, 0), (6, 5)]
+    held, record = held_out_prompts([Path(f) for f in files], stages)
+    seen = set(load_prompts(files, limit=6, seed=0)) | set(load_prompts(files, limit=6, seed=5))
+    assert held and not set(held) & seen and record["training_stages"] == 2
 
 
 @pytest.mark.parametrize("mode,input", [("serialized", "prev"), ("parallel", "prev+anchor")])

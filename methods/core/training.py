@@ -30,7 +30,11 @@ class Toolkit:
     * ``training_sequences(model, tokenizer, model_name, files, limit=, seed=, max_new_tokens=)``
       ``-> [{"ids", "prompt_len"}]``: the model's own greedy answers, cached;
     * ``check_model(name)``: fails fast on a model argument that cannot load;
-    * ``resolve_dtype(name, device) -> torch.dtype``: the run's dtype rule (``auto`` included).
+    * ``resolve_dtype(name, device) -> torch.dtype``: the run's dtype rule (``auto`` included);
+    * ``held_out_prompts(files, stages) -> ([str], record)``: prompts of the files that none of
+      ``training_stages`` saw, and where they come from;
+    * ``prompt_sequences(model, tokenizer, model_name, prompts, count=, max_new_tokens=)``
+      ``-> [{"ids", "prompt_len", "index"}]``: the model's greedy answers to given prompts.
     """
 
     cache_dir: Path
@@ -40,6 +44,8 @@ class Toolkit:
     check_model: Callable[[str], None]
     device: str = "cpu"
     resolve_dtype: Callable[[str, Any], torch.dtype] = lambda name, device: getattr(torch, name if name != "auto" else "float32")
+    held_out_prompts: Callable[..., tuple[list[str], dict[str, Any]]] | None = None
+    prompt_sequences: Callable[..., list[dict[str, Any]]] | None = None
 
 
 @dataclass
@@ -92,6 +98,41 @@ def training_summary(meta: dict[str, Any]) -> dict[str, Any] | None:
             "epochs_max": cfg.get("epochs"), "max_steps": cfg.get("max_steps"), "stopped": meta.get("stopped", "budget (fixed epochs)"),
             "best_step": meta.get("best_step"), "val_metric": meta.get("val_metric"),
             "val_best": best, "train_time_s": meta.get("train_time_s"), "command": meta.get("command")}
+
+
+def training_stages(meta: dict[str, Any], folder: Path, files: Sequence[Path]) -> list[dict[str, Any]]:
+    """The data of every run that made a weights folder (its own, then each ``--init-from`` start
+    in turn), from its ``config.json``, with each recorded training file matched to one of ``files``.
+
+    An analysis that wants prompts the weights never saw replays these to exclude them; where the
+    record cannot say what they saw (no ``train_config``, a start whose record is lost, a training
+    file not among ``files``), it refuses rather than guess.
+    """
+    stages: list[dict[str, Any]] = []
+    record: Any = meta
+    where = str(folder)
+    while True:
+        cfg = record.get("train_config") if isinstance(record, dict) else None
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("data"), list) or "seed" not in cfg:
+            raise UserError(f"{where}/config.json does not record the data its weights trained on (train_config); "
+                            "cannot choose prompts they never saw")
+        matched = []
+        for recorded in cfg["data"]:
+            same = [f for f in files if Path(f).resolve() == Path(recorded).resolve()
+                    or Path(f).parts[-2:] == Path(recorded).parts[-2:]]
+            if not same:
+                raise UserError(f"the weights in {where} trained on {recorded}; pass it to --data as well, "
+                                "so that its training prompts can be left out")
+            matched.append(same[0])
+        stages.append({"files": matched, "recorded_files": [Path(f) for f in cfg["data"]], "limit": cfg.get("limit"),
+                       "seed": int(cfg["seed"]), "self_prompts": int(cfg.get("self_prompts") or 0),
+                       "summary_prompts": int(cfg.get("summary_prompts") or 0),
+                       "max_new_tokens": int(cfg.get("max_new_tokens", 96)), "dtype": str(cfg.get("dtype", "bfloat16")),
+                       "model": str(cfg.get("model", "")), "allow_eval": bool(cfg.get("allow_eval_data", False))})
+        if not cfg.get("init_from"):
+            return stages
+        where = str(cfg["init_from"])
+        record = record.get("continued_from")
 
 
 def autocast(device: torch.device) -> Any:

@@ -11,8 +11,10 @@
   measured decoding cost per step against vanilla on held-out prompts: an earlier layer
   gives the pseudo tokens more layers to become real, a later one costs less.
 
-Runs on held-out self-distilled sequences (the trainers' validation split), and writes
-JSON that ``report`` shows when it sits in the run folder as ``firp_analysis.json``.
+The analysis runs on the model's own answers to prompts the maps never trained on: rows of the
+training files that no training run recorded in the weights' ``config.json`` selected (see
+``analyze``). It writes JSON, saying where those prompts come from (``held_out``), that
+``report`` shows when it sits in the run folder as ``firp_analysis.json``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.core.errors import UserError
-from methods.core.training import Toolkit, TrainConfig, split_train_val
+from methods.core.training import Toolkit, TrainConfig, split_train_val, training_stages
 
 
 @torch.no_grad()
@@ -91,8 +93,11 @@ def sweep_layers(model: Any, tokenizer: Any, data: list[dict[str, Any]], base: T
     from methods.firp.train import train as train_firp
     from methods.vanilla import VanillaDecoder
 
-    _, val = split_train_val(list(range(len(data))), base.val_fraction, base.seed)
-    held_out = [data[i]["ids"][:data[i]["prompt_len"]] for i in val[:prompts]]
+    train, val = split_train_val(list(range(len(data))), base.val_fraction, base.seed)  # as train_firp splits
+    trained = {tuple(data[i]["ids"][:data[i]["prompt_len"]]) for i in train}
+    held_out = [p for p in (data[i]["ids"][:data[i]["prompt_len"]] for i in val) if tuple(p) not in trained][:prompts]
+    if not held_out:
+        raise UserError("the layer sweep's validation split has no prompt outside its training split; give more data")
     # one frozen-model pass caches every swept layer's features, instead of a pass per layer
     cached_features(model, data, sorted(set(layers)) + [-1], data_key(base), toolkit.cache_dir)
     rows = []
@@ -126,7 +131,14 @@ def sweep_layers(model: Any, tokenizer: Any, data: list[dict[str, Any]], base: T
 
 
 def analyze(args: dict[str, Any], toolkit: Toolkit) -> dict[str, Any]:
-    """``harness analyze firp``: ``args`` holds model, weights, compare, data, out, sequences, device."""
+    """``harness analyze firp``: ``args`` holds model, weights, compare, data, out, sequences, device.
+
+    The analysed sequences answer prompts the maps never trained on, or their accuracy would
+    measure memory: every training run their ``config.json`` records (``training_stages``) is
+    replayed to leave its prompts out, and the output's ``held_out`` says where the prompts come
+    from. Weights whose record cannot say what they saw are refused before the model loads.
+    """
+    from methods.core.files import read_json
     from methods.firp.decoder import FirpDecoder, load_firp
 
     model_name = args["model"]
@@ -134,20 +146,48 @@ def analyze(args: dict[str, Any], toolkit: Toolkit) -> dict[str, Any]:
     if path is None:
         raise UserError(f"no FIRP weights for {model_name!r}; pass --weights DIR (from `harness train firp`)")
     if not args.get("data"):
-        raise UserError("--data needs the training files the maps were trained on (the validation split is used)")
+        raise UserError("--data needs the files the maps trained on (held-out prompts are their rows training "
+                        "did not select)")
+    count = int(args.get("sequences", 24))
+    if count < 1:
+        raise UserError(f"--sequences must be 1 or more, got {count}")
     toolkit.check_model(model_name)
     files = [Path(f) for f in args["data"]]
     toolkit.training_prompts(files, limit=1, seed=0)  # refuses evaluation files before the model loads
-    model, tok = toolkit.load_model(model_name, device=args.get("device", "cpu"), dtype="bfloat16")
-    data = toolkit.training_sequences(model, tok, model_name, files, limit=1200, seed=0, max_new_tokens=96)
-    _, val = split_train_val(list(range(len(data))), 0.05, 0)
-    held_out = [data[i] for i in val[:int(args.get("sequences", 24))]]
-    model.float()
-    result: dict[str, Any] = {"model": model_name, "sequences": len(held_out)}
     compare = args.get("compare")
-    for name, folder in (("maps", path), ("compare", Path(compare) if compare else None)):
-        if folder is None:
-            continue
+    folders = [("maps", path)] + ([("compare", Path(compare))] if compare else [])
+    stages = []
+    for _, folder in folders:
+        meta = read_json(folder / "config.json", "pass the --out folder of `harness train firp`")
+        stages += training_stages(meta, folder, files)
+    assert toolkit.held_out_prompts is not None, "the harness lends held_out_prompts"
+    prompts, held = toolkit.held_out_prompts(files, stages)
+    if not prompts:
+        raise UserError(f"every prompt of --data was seen in training ({held['file_prompts']} prompts); "
+                        "pass files with rows the maps never trained on")
+    model, tok = toolkit.load_model(model_name, device=args.get("device", "cpu"), dtype="bfloat16")
+    assert toolkit.prompt_sequences is not None, "the harness lends prompt_sequences"
+    held_out = toolkit.prompt_sequences(model, tok, model_name, prompts, count=count,
+                                        max_new_tokens=stages[0]["max_new_tokens"])
+    ranks = held.pop("ranks")
+    held["ranks"] = [ranks[d["index"]] for d in held_out]  # positions in the shuffle of --data
+    runs = "; ".join(f"the first {st['limit'] or 'all'} prompts of {', '.join(Path(f).name for f in st['files'])} "
+                     f"shuffled with seed {st['seed']}" + (f", plus {st['self_prompts']} self-written requests"
+                                                           if st["self_prompts"] else "")
+                     + (f", plus {st['summary_prompts']} summary requests" if st["summary_prompts"] else "")
+                     for st in stages)
+    held["source"] = (f"rows of --data that no training run of the weights selected ({runs}), also leaving out "
+                      "any row equal to a training prompt or sharing a BoolQ passage with one; the first "
+                      f"{len(held_out)} left in the shuffle's order that fit 320 prompt tokens, answered greedily "
+                      f"({stages[0]['max_new_tokens']} tokens at most)")
+    result: dict[str, Any] = {"model": model_name, "sequences": len(held_out), "held_out": held}
+    print(f"{len(held_out)} held-out sequences from prompts the maps never trained on "
+          f"(shuffle ranks {min(held['ranks'], default=0)}-{max(held['ranks'], default=0)})", file=sys.stderr)
+    sweep = args.get("sweep_layers")
+    data = (toolkit.training_sequences(model, tok, model_name, files, limit=1200, seed=0, max_new_tokens=96)
+            if sweep else [])
+    model.float()
+    for name, folder in folders:
         maps, _ = load_firp(folder, model.config.hidden_size)
         maps.to(model.device)
         result[name] = {"weights": str(folder), **analyze_maps(model, maps.eval(), held_out)}
@@ -157,7 +197,6 @@ def analyze(args: dict[str, Any], toolkit: Toolkit) -> dict[str, Any]:
             print(f"  {step}: top-1 {acc['top1']:.1%} top-3 {acc['top3']:.1%}; cosine to the real state "
                   f"{cos[next(iter(cos))]:.2f} at insertion -> {cos['final']:.2f} after the final norm", file=sys.stderr)
     out = Path(args["out"])
-    sweep = args.get("sweep_layers")
     if sweep:
         try:
             layers = [int(x) for x in str(sweep).split(",") if x.strip()]
@@ -175,6 +214,9 @@ def analyze(args: dict[str, Any], toolkit: Toolkit) -> dict[str, Any]:
                            options={"K": 3, "input": args.get("sweep_input") or "anchor",
                                     "tree_size": int(args.get("sweep_tree") or 4)})
         result["layer_sweep"] = {"steps_each": base.max_steps, "input": base.options["input"],
+                                 "held_out": "the sweep's own split: its maps train on the first 1200 shuffled "
+                                             "prompts of --data less 5%; accepted lengths and step costs are "
+                                             "measured on that 5%, timing prompts checked against the training part",
                                  "rows": sweep_layers(model, tok, data, base, layers, toolkit,
                                                       out.parent / "firp-layer-sweep", sweep_dtype)}
     out.parent.mkdir(parents=True, exist_ok=True)
