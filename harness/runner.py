@@ -10,6 +10,10 @@ interleaved and rotated too, and the record kept is the round with the median ti
 token: a whole real run (its tokens, steps and times together), not a blend. On a shared
 machine whose speed drifts by tens of percent over seconds, this is what makes a ratio
 near 1.0 decidable without multiplying the examples.
+
+``run_load`` is the unit of work under load (``--concurrency``): for each level, each method
+serves every example of the shard as one request (its first turn) in one continuous batch
+(``methods.core.batch.serve``), and each request's record says what it generated and when.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ from typing import Any
 
 import zlib
 
-from methods.core.decoder import Decoder, GenConfig
+import numpy as np
+
+from methods.core.batch import LoadRun, Request, Served, serve
+from methods.core.decoder import Decoder, GenConfig, Generation
 from methods.core.prompts import encode_conversation
 from methods.core.timing import timed
 from tasks.base import Example
@@ -152,3 +159,155 @@ def run_shard(
                 if last and on_progress is not None:
                     on_progress()
 
+
+
+LOAD_WARMUP_TOKENS = 8  # a warm-up serve's answers: enough for every step shape to run once
+
+
+def poisson_arrivals(count: int, rate: float | None, seed: int, level: int) -> list[float]:
+    """Seconds after the start at which ``count`` requests arrive: all at 0 for a closed loop
+    (``rate`` None); otherwise a Poisson stream of ``rate`` per second, its first request at 0.
+
+    Seeded from the run seed and the level, so every method at a level serves the same
+    arrivals (equal work), and a rerun serves them again.
+    """
+    if rate is None or count == 0:
+        return [0.0] * count
+    gaps = np.random.default_rng([seed, level]).exponential(1.0 / rate, size=count)
+    return [0.0, *np.cumsum(gaps[:-1]).tolist()]
+
+
+def load_summary(run: LoadRun, request_rate: float | None) -> dict[str, Any]:
+    """What one (method, level) batch did as a whole, carried by each of its records: the report
+    reads a level's throughput and per-step figures from it, not from the records' sums, since
+    the requests overlap in time. Step figures count batched passes only (prefills are apart)."""
+    steps = len(run.batch_sizes)
+    described = run.decoder.describe() if run.decoder is not None else {}
+    return {
+        "wall_time": run.wall_time,
+        "output_tokens": run.output_tokens,
+        "throughput": run.throughput,
+        "requests": len(run.served),
+        "request_rate": request_rate,
+        "steps": steps,
+        "mean_batch": sum(run.batch_sizes) / steps if steps else 0.0,
+        "processed_per_step": sum(run.step_tokens) / steps if steps else 0.0,
+        "accepted_per_step": sum(run.step_accepted) / steps if steps else 0.0,
+        "memory": dict(run.memory),
+        "choice": {k: described[k] for k in ("draft_size", "fitted", "tree") if k in described},
+    }
+
+
+def load_turn(prompt_len: int, served: Served, text: str, closed: bool) -> dict[str, Any]:
+    """A request's turn: ``run_example``'s fields, plus its times under load.
+
+    In a closed loop a request is sent when a slot takes it, so its latency and time to first
+    token count from ``admitted``; in an open loop from its ``arrival``, the wait for a slot
+    included. ``wall_time`` is that latency. Step times are the batched passes the request
+    was part of (each shared with the batch), after its own prefill.
+    """
+    gen: Generation = served.generation
+    sent = served.admitted if closed else served.arrival
+    return {
+        "prompt_tokens": prompt_len,
+        "tokens": gen.tokens,
+        "text": text,
+        "wall_time": served.finished - sent,
+        "accepted": gen.accepted,
+        "draft_sizes": gen.draft_sizes,
+        "processed": gen.processed,
+        "draft_depths": gen.draft_depths,
+        "accepted_drafts": gen.accepted_drafts,
+        "step_times": [round(t, 7) for t in gen.step_times],
+        "draft_time": sum(gen.draft_times) if gen.draft_times else None,
+        "verify_time": sum(gen.verify_times) if gen.verify_times else None,
+        "stopped_by": gen.stopped_by,
+        "host_syncs": None,  # not counted in the batched loop
+        "ttft": served.first_token - sent,
+        "tpot": served.time_per_output_token,
+        "arrival": served.arrival,
+        "admitted": served.admitted,
+        "first_token": served.first_token,
+        "finished": served.finished,
+    }
+
+
+def run_load(
+    examples: Sequence[Example],
+    decoders: Sequence[Decoder],
+    tokenizer: Any,
+    settings: ShardSettings,
+    levels: Sequence[int],
+    request_rate: float | None,
+    emit: Callable[[dict[str, Any]], None],
+    done: Collection[tuple[str, ...]] = (),
+    on_progress: Callable[[], None] | None = None,
+    warmup: int = 1,
+) -> None:
+    """Serve ``examples`` at each concurrency level through every method, emitting one record per
+    (example, method, level) not in ``done``.
+
+    Each example is one request: its first turn (a later turn follows the method's own
+    answer, which under load would make the requests differ between methods; mt_bench's
+    second turn is not sent). Levels run in the order given; within a level the method order
+    rotates by level, as ``run_shard`` rotates it by example. Every method at a level serves
+    the same requests with the same arrivals (``poisson_arrivals``), so its throughput over
+    vanilla's is a speedup on equal work. The decoder is fitted to the level once
+    (``Decoder.under_load``) and warmed up uncounted on a short serve first.
+
+    Resume: a (method, level) whose records are all done is skipped; otherwise its whole
+    batch is served again (the load must be the one measured) and only the records not yet
+    done are emitted. Prompts that cannot fit ``settings.max_context`` are skipped, as
+    ``run_example`` skips them, and recorded as skipped.
+    """
+    prompts = [encode_conversation(tokenizer, [{"role": "user", "content": e.turns[0]}]) for e in examples]
+    too_long = [settings.max_context is not None and len(p) + settings.max_new_tokens > settings.max_context
+                for p in prompts]
+    served_examples = [i for i, skip in enumerate(too_long) if not skip]
+    for li, level in enumerate(levels):
+        arrivals = poisson_arrivals(len(served_examples), request_rate, settings.seed, level)
+        requests = [Request(prompts[i], settings.gen_config(examples[i], 0), arrival)
+                    for i, arrival in zip(served_examples, arrivals)]
+        shift = li % len(decoders)
+        for decoder in [*decoders[shift:], *decoders[:shift]]:
+            label = label_of(decoder)
+            left = [i for i, e in enumerate(examples) if (e.task, e.id, label, level) not in done]
+            if left:
+                records = _serve_level(decoder, examples, prompts, too_long, requests, tokenizer, settings, level,
+                                       request_rate, warmup)
+                for i in left:
+                    emit(records[i])
+            if on_progress is not None:
+                for _ in examples:
+                    on_progress()
+
+
+def _serve_level(decoder: Decoder, examples: Sequence[Example], prompts: Sequence[Sequence[int]],
+                 too_long: Sequence[bool], requests: Sequence[Request], tokenizer: Any, settings: ShardSettings,
+                 level: int, request_rate: float | None, warmup: int) -> list[dict[str, Any]]:
+    """One (method, level) batch: every example's record, in example order."""
+    fitted = decoder.under_load(level)
+    run = None
+    if requests:
+        warm = [Request(r.prompt_ids, GenConfig(min(settings.max_new_tokens, LOAD_WARMUP_TOKENS), r.config.stop_ids,
+                                                r.config.temperature, r.config.top_p, r.config.seed))
+                for r in requests[:level]]
+        for _ in range(warmup):
+            serve(fitted, warm, level, adapt=False)
+        run = serve(fitted, requests, level, adapt=False)
+    load = load_summary(run, request_rate) if run is not None else None
+    served = iter(run.served if run is not None else [])
+    records = []
+    for example, prompt, skip in zip(examples, prompts, too_long):
+        if skip:
+            record = _record(example, decoder, [], skipped=(
+                f"prompt of {len(prompt)} tokens + {settings.max_new_tokens} new exceeds the "
+                f"model context of {settings.max_context}"))
+        else:
+            one = next(served)
+            text = tokenizer.decode(one.generation.tokens, skip_special_tokens=True)
+            record = _record(example, decoder, [load_turn(len(prompt), one, text, request_rate is None)])
+            record["load"] = load
+        record["concurrency"] = level
+        records.append(record)
+    return records
