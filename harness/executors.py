@@ -14,6 +14,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any, Protocol
 
 from harness.config import DecodeSpec, MethodRun, RunConfig
+from harness.results import Key
 from tasks.base import Example
 
 Emit = Callable[[dict[str, Any]], None]
@@ -31,9 +32,11 @@ class Executor(Protocol):
     def summary(self) -> dict[str, Any] | None:
         """The manifest's ``executor`` entry; None where there is nothing to say beyond ``environment``."""
 
-    def run(self, examples: Sequence[Example], done: Collection[tuple[str, str, str]], emit: Emit,
+    def run(self, examples: Sequence[Example], done: Collection[Key], emit: Emit,
             on_progress: Progress | None = None) -> None:
-        """Every (example, method) not in ``done`` exactly once; each record reaches ``emit`` in this process."""
+        """Every (example, method), or under load every (example, method, level), not in ``done``
+        (keys as ``harness.results.record_key`` makes them) exactly once; each record reaches
+        ``emit`` in this process."""
 
     def divergences(self, records: list[dict[str, Any]], examples: Sequence[Example],
                     on_progress: Progress | None = None) -> list[dict[str, Any]]:
@@ -61,11 +64,15 @@ class LocalExecutor:
     def summary(self) -> None:
         return None
 
-    def run(self, examples: Sequence[Example], done: Collection[tuple[str, str, str]], emit: Emit,
+    def run(self, examples: Sequence[Example], done: Collection[Key], emit: Emit,
             on_progress: Progress | None = None) -> None:
-        from harness.runner import label_of, run_shard, warm_up
+        from harness.runner import label_of, run_load, run_shard, warm_up
 
         bench = self.bench
+        if self.spec.concurrency is not None:  # each (method, level) warms up on its own batch
+            run_load(examples, bench.decoders, bench.tokenizer, bench.settings, self.spec.concurrency,
+                     self.spec.request_rate, emit, done, on_progress=on_progress, warmup=self.spec.warmup)
+            return
         labels = [label_of(d) for d in bench.decoders]
         if any((e.task, e.id, label) not in done for e in examples for label in labels):
             warm_up(bench.decoders, examples[0], bench.tokenizer, bench.settings, self.spec.warmup)

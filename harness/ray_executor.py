@@ -8,9 +8,14 @@ free (examples differ in length, so pulling work balances better than a fixed sp
 that example's records back, and is the only process that writes the results file: resume,
 the writer lock and the manifest work as in a local run.
 
-An actor that dies (a lost node, an OOM kill, ``ray.kill``) loses only the example it was
-running: nothing of it was written, so it is queued again for the actors left, and the run
-ends with every example done exactly once. Ray is an optional extra (``pip install -e
+Under load (``--concurrency``) the unit handed out is a share of the examples instead: each
+actor serves its share as its own batch at every level (``run_load``), as a server among
+several would. There are as many shares as workers, fewer where that would leave a share with
+fewer examples than the highest level (its batch would never be that full).
+
+An actor that dies (a lost node, an OOM kill, ``ray.kill``) loses only the example (or share)
+it was running: nothing of it was written, so it is queued again for the actors left, and the
+run ends with every example done exactly once. Ray is an optional extra (``pip install -e
 ".[ray]"``); nothing here imports it until a Ray run starts.
 """
 
@@ -28,6 +33,7 @@ from typing import Any
 
 from harness.config import DecodeSpec
 from harness.progress import status
+from harness.results import Key
 from base.errors import UserError
 from tasks.base import Example
 
@@ -91,7 +97,7 @@ class ShardWorker:
             return {"error": self.error}
         return {**self.bench.describe(), "pid": os.getpid()}
 
-    def run(self, index: int, example: Example, done: Collection[tuple[str, str, str]]) -> list[dict[str, Any]]:
+    def run(self, index: int, example: Example, done: Collection[Key]) -> list[dict[str, Any]]:
         """Every method on one example (``index``: its place in the run, for the method rotation)."""
         from harness.runner import run_shard, warm_up
 
@@ -101,6 +107,17 @@ class ShardWorker:
             self.warmed = True
         records: list[dict[str, Any]] = []
         run_shard([example], bench.decoders, bench.tokenizer, bench.settings, records.append, done, start=index)
+        return records
+
+    def run_load(self, examples: list[Example], done: Collection[Key]) -> list[dict[str, Any]]:
+        """This actor's share of the examples served as its own batch at every level (``run_load``
+        warms each method up at each level itself)."""
+        from harness.runner import run_load
+
+        bench, spec = self.bench, self.spec
+        records: list[dict[str, Any]] = []
+        run_load(examples, bench.decoders, bench.tokenizer, bench.settings, spec.concurrency, spec.request_rate,
+                 records.append, done, warmup=spec.warmup)
         return records
 
     def divergences(self, records: list[dict[str, Any]], examples: list[Example]) -> list[dict[str, Any]]:
@@ -149,6 +166,7 @@ class RayExecutor:
         self.actors = [actor_class.remote(spec, self.threads) for _ in range(self.workers)]
         self.alive = list(self.actors)
         self.requeued = 0
+        self.spec = spec
         self._described: list[dict[str, Any]] = []
 
     def describe(self) -> dict[str, Any]:
@@ -169,30 +187,53 @@ class RayExecutor:
                 "gpus_per_worker": self.gpus,
                 "worker_environments": [d.get("environment") for d in self._described]}
 
-    def run(self, examples: Sequence[Example], done: Collection[tuple[str, str, str]],
+    def run(self, examples: Sequence[Example], done: Collection[Key],
             emit: Callable[[dict[str, Any]], None], on_progress: Callable[[int], Any] | None = None) -> None:
-        """Every (example, method) not in ``done`` exactly once; records reach ``emit`` in this process."""
-        ray = self.ray
+        """Every (example, method), or (example, method, level) under load, not in ``done`` exactly
+        once; records reach ``emit`` in this process."""
         if not self._described:
             self.describe()
         labels = [label for d in self._described[:1] for label in d["methods"]]
-        queue: deque[tuple[int, Example]] = deque()
-        for index, example in enumerate(examples):
-            left = [lb for lb in labels if (example.task, example.id, lb) not in done]
-            if on_progress is not None and len(left) < len(labels):
-                on_progress(len(labels) - len(left))
-            if left:
-                queue.append((index, example))
+        levels = self.spec.concurrency
+        per_example = len(labels) * len(levels or [None])
+
+        def keys(example: Example) -> list[Key]:
+            base = [(example.task, example.id, label) for label in labels]
+            return base if levels is None else [(*k, level) for k in base for level in levels]
+
+        queue: deque[tuple[int, list[Example]]] = deque()
+        if levels is None:
+            items = [(index, [example]) for index, example in enumerate(examples)]
+        else:
+            shares = max(1, min(self.workers, len(examples) // max(levels)))
+            items = [(index, list(examples[index::shares])) for index in range(shares)]
+        for index, part in items:
+            finished = sum(1 for e in part for k in keys(e) if k in done)
+            if on_progress is not None and finished:
+                on_progress(finished)
+            if finished < per_example * len(part):
+                queue.append((index, part))
+        self._schedule(queue, done, keys, emit, on_progress, per_example)
+
+    def _schedule(self, queue: deque[tuple[int, list[Example]]], done: Collection[Key],
+                  keys: Callable[[Example], list[Key]], emit: Callable[[dict[str, Any]], None],
+                  on_progress: Callable[[int], Any] | None, per_example: int) -> None:
+        """Hands each queued item (one example, or a share under load) to a free actor, requeuing
+        the item of an actor that dies."""
+        ray = self.ray
         idle = list(self.alive)
-        in_flight: dict[Any, tuple[Any, tuple[int, Example]]] = {}
+        in_flight: dict[Any, tuple[Any, tuple[int, list[Example]]]] = {}
         while queue or in_flight:
             while queue and idle:
                 actor, item = idle.pop(0), queue.popleft()
-                mine = {k for k in done if k[0] == item[1].task and k[1] == item[1].id}
-                in_flight[actor.run.remote(item[0], item[1], mine)] = (actor, item)
+                index, part = item
+                mine = {k for e in part for k in keys(e) if k in done}
+                ref = (actor.run_load.remote(part, mine) if self.spec.concurrency is not None
+                       else actor.run.remote(index, part[0], mine))
+                in_flight[ref] = (actor, item)
             if not in_flight:
-                raise UserError(f"every Ray worker died; {len(queue)} examples are left: rerun the same command "
-                                "to finish them")
+                left = sum(len(part) for _, part in queue)
+                raise UserError(f"every Ray worker died; {left} examples are left: rerun the same command to finish them")
             (ref,), _ = ray.wait(list(in_flight), num_returns=1)
             actor, item = in_flight.pop(ref)
             try:
@@ -201,8 +242,10 @@ class RayExecutor:
                 self.alive.remove(actor)
                 queue.appendleft(item)
                 self.requeued += 1
-                print(f"warning: a Ray worker died ({_first_line(exc)}); example {item[1].task}/{item[1].id} is "
-                      f"queued again, {len(self.alive)} workers left", file=sys.stderr)
+                what = (f"example {item[1][0].task}/{item[1][0].id}" if self.spec.concurrency is None
+                        else f"a share of {len(item[1])} examples")
+                print(f"warning: a Ray worker died ({_first_line(exc)}); {what} is queued again, "
+                      f"{len(self.alive)} workers left", file=sys.stderr)
                 continue
             except ray.exceptions.RayTaskError as exc:
                 if isinstance(exc.cause, UserError):
@@ -211,7 +254,7 @@ class RayExecutor:
             for record in records:
                 emit(record)
             if on_progress is not None:
-                on_progress(len(labels) - len({k for k in done if k[:2] == (item[1].task, item[1].id)}))
+                on_progress(per_example * len(item[1]) - sum(1 for e in item[1] for k in keys(e) if k in done))
             idle.append(actor)
 
     def divergences(self, records: list[dict[str, Any]], examples: Sequence[Example],

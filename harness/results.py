@@ -1,5 +1,8 @@
 """Results on disk: one JSONL record per (task, example, method), plus ``manifest.json``.
 
+Under load (``run --concurrency``) a record is one (task, example, method, concurrency level):
+``record_key`` adds the level to the key of records that carry one.
+
 Records are appended and flushed one at a time so an interrupted run loses at most the
 record in flight; a truncated last line (a crash mid-write) is detected and cut off on
 resume, with a warning, and that record is simply run again.
@@ -72,12 +75,25 @@ def _part_files(run_dir: Path, base: str) -> list[Path]:
     return paths
 
 
-def record_key(record: dict[str, Any]) -> tuple[str, str, str]:
-    return record["task"], record["example_id"], record["method"]
+Key = tuple[str, ...]  # (task, example id, method), and the concurrency level under load
+
+
+def record_key(record: dict[str, Any]) -> Key:
+    """(task, example id, method), and the concurrency level for a record made under load: the
+    same example and method at two levels are two measurements, each done once."""
+    key = (record["task"], record["example_id"], record["method"])
+    return key if record.get("concurrency") is None else (*key, record["concurrency"])
+
+
+def key_text(key: Key) -> str:
+    """A key in words, for an error message."""
+    level = f" at concurrency {key[3]}" if len(key) > 3 else ""
+    return f"{key[2]} on {key[0]} example {key[1]}{level}"
 
 
 RESULTS_HINT = "fix or delete that line (it will be run again), or rerun with --overwrite"
 _RECORD_SHAPE = {"task": str, "example_id": (str, int), "method": str}
+_RECORD_OPTIONAL = {"concurrency": int, "load": dict}  # records made under load
 _DONE_SHAPE = {"turns": list, "new_tokens": int, "wall_time": (int, float), "target_forwards": int}
 _TURN_SHAPE = {"tokens": list, "text": str, "accepted": list, "draft_sizes": list}
 # per-step lists that records written before they existed lack: typed where present, never required
@@ -86,7 +102,7 @@ _TURN_OPTIONAL = {"draft_depths": list, "accepted_drafts": list}
 
 def check_record(record: Any, where: str) -> dict[str, Any]:
     """A record has the keys and types metrics read; anything else would be a KeyError deep in pandas."""
-    require_shape(record, {**_RECORD_SHAPE, **_DONE_SHAPE}, where, RESULTS_HINT)
+    require_shape(record, {**_RECORD_SHAPE, **_RECORD_OPTIONAL, **_DONE_SHAPE}, where, RESULTS_HINT)
     needed = list(_RECORD_SHAPE) + ([] if record.get("skipped") else list(_DONE_SHAPE))
     missing = [k for k in needed if record.get(k) is None]
     if missing:
@@ -128,8 +144,8 @@ def read_records(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
     for lineno, rec in iter_jsonl(path, RESULTS_HINT):
         key = record_key(check_record(rec, f"{path}:{lineno}"))
         if key in seen:  # two records of one key would pair with each other and skew every metric
-            raise UserError(f"{path}: lines {seen[key]} and {lineno} both hold {key[2]} on {key[0]} example "
-                            f"{key[1]}; delete one of them (two runs wrote to one folder?)")
+            raise UserError(f"{path}: lines {seen[key]} and {lineno} both hold {key_text(key)}; delete one of "
+                            "them (two runs wrote to one folder?)")
         seen[key] = lineno
         records.append(rec)
     return records
@@ -142,7 +158,7 @@ def read_run_records(run_dir: Path) -> list[dict[str, Any]]:
     metrics would count it twice, so that is refused rather than silently de-duplicated.
     """
     records: list[dict[str, Any]] = []
-    seen: dict[tuple[str, str, str], Path] = {}
+    seen: dict[Key, Path] = {}
     for path in _part_files(run_dir, RESULTS_FILE):
         for record in read_records(path):
             key = record_key(record)

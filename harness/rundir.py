@@ -19,6 +19,7 @@ from harness.results import (
     RESULTS_FILE,
     load_manifest_file,
     read_records,
+    Key,
     record_key,
     shard_name,
     shards_in,
@@ -32,7 +33,7 @@ def default_out_dir(config: RunConfig) -> Path:
 
 
 def prepare_out_dir(config: RunConfig, out: Path, task_info: dict[str, dict[str, Any]],
-                    runs: list[MethodRun]) -> tuple[set[tuple[str, str, str]], dict[str, Any]]:
+                    runs: list[MethodRun]) -> tuple[set[Key], dict[str, Any]]:
     """Reopen the run folder (made by ``make_out_dir``, locked by the caller); return the keys already done
     (resume) and this shard's old manifest. Other shards' manifests in the folder are checked too, so a
     shard started with another configuration is refused before it decodes anything."""
