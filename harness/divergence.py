@@ -72,13 +72,18 @@ def find_divergences(records: Sequence[dict[str, Any]], examples: Sequence[Examp
                      on_progress: Callable[[], Any] | None = None) -> list[dict[str, Any]]:
     """First divergence of every method record from vanilla's, with its verdict.
 
+    A record made under load is paired with vanilla's record of the same example at the same
+    concurrency level (the batch a token was computed in is part of its numerics), and its
+    entry carries that level.
+
     ``reference`` builds the float32 engine (default: ``float32_copy(engine)``); it is called at
     most once, and only when ``engine`` is in low precision and a divergence needs judging.
     ``on_progress`` is called once per record judged or passed over (a low-precision run's
     verdicts can take minutes on a CPU).
     """
     by_key = {(e.task, e.id): e for e in examples}
-    vanilla = {(r["task"], r["example_id"]): r for r in records if r["method"] == BASELINE and not r.get("skipped")}
+    vanilla = {(r["task"], r["example_id"], r.get("concurrency")): r for r in records
+               if r["method"] == BASELINE and not r.get("skipped")}
     low_precision = engine.dtype != torch.float32
     ref_engine: list[Any] = []
 
@@ -93,7 +98,7 @@ def find_divergences(records: Sequence[dict[str, Any]], examples: Sequence[Examp
     for rec in records:
         if on_progress is not None:
             on_progress()
-        base = vanilla.get((rec["task"], rec["example_id"]))
+        base = vanilla.get((rec["task"], rec["example_id"], rec.get("concurrency")))
         if rec["method"] == BASELINE or base is None or rec.get("skipped"):
             continue
         example = by_key.get((rec["task"], rec["example_id"]))
@@ -108,6 +113,8 @@ def find_divergences(records: Sequence[dict[str, Any]], examples: Sequence[Examp
                 continue
             entry: dict[str, Any] = {"task": rec["task"], "example_id": rec["example_id"], "method": rec["method"],
                                      "turn": turn_no, "position": pos}
+            if rec.get("concurrency") is not None:
+                entry["concurrency"] = rec["concurrency"]
             if pos < len(ours["tokens"]) and pos < len(theirs["tokens"]):
                 ids = encode_conversation(tokenizer, messages) + theirs["tokens"][:pos]
                 low = _last_logits(engine, ids)

@@ -154,10 +154,6 @@ def execute(config: RunConfig) -> Path:
     for run in runs:
         get_spec(run.name).decoder.check_ready(config.model, run.options)
     check_fits_context(config, examples)
-    if config.concurrency is not None:
-        # A sequential run recorded under a load identity would later resume as if measured under load.
-        raise UserError("--concurrency: the batched decode loop is not wired into `run` yet; the settings are "
-                        "valid, nothing was decoded (drop --concurrency and --request-rate to run one at a time)")
     out = Path(config.out) if config.out else default_out_dir(config)
     make_out_dir(out)
     results_path = out / shard_name(RESULTS_FILE, config.shard)
@@ -200,9 +196,12 @@ def _execute_locked(config: RunConfig, runs: list[MethodRun], examples: list[Exa
         write_manifest(out, manifest, manifest_name)
 
         n_methods = len(runs)
-        todo = len(examples) * n_methods
-        already = sum(1 for e in examples for r in runs if (e.task, e.id, r.label) in done)
-        part = f", shard {config.shard[0]}/{config.shard[1]}" if config.shard else ""
+        levels: list[int | None] = list(config.concurrency) if config.concurrency is not None else [None]
+        todo = len(examples) * n_methods * len(levels)
+        already = sum(1 for e in examples for r in runs for level in levels
+                      if ((e.task, e.id, r.label) if level is None else (e.task, e.id, r.label, level)) in done)
+        part = f" x {len(levels)} concurrency levels" if config.concurrency is not None else ""
+        part += f", shard {config.shard[0]}/{config.shard[1]}" if config.shard else ""
         if config.chosen_methods:
             print(f"No --methods given: comparing every method ready for {config.model}: "
                   f"{', '.join(r.label for r in runs)} ({config.limit} examples per task, {config.max_new_tokens} "
