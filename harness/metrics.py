@@ -35,10 +35,29 @@ those were recorded have none, and show these as missing):
   example (target passes + drafted depth) / wall time over vanilla's tokens/s, geometric mean
   over the examples the speedup uses; ``bound_reached`` = measured speedup / bound, how far a
   method is from its own ceiling (vanilla's bound is its 1.0).
+
+Under load (``run --concurrency``) every metric above is read from the records of the lowest
+level alone (``lowest_level``): one measurement per example and method, as without load. Each
+level as a whole is read by ``load_frame``, per method and level:
+
+* throughput = output tokens / the batch's wall time (prefills and waits included), from the
+  batch's own summary (a record's ``load``); where several batches served the level (shards,
+  Ray workers, a resumed batch served again) their tokens over their summed times;
+* speedup at a level = the method's throughput / vanilla's at the same level: both served the
+  same requests with the same arrivals, so this is equal work, as the batch-1 headline is;
+* TTFT, TPOT and latency (p50, p90, p99) over the level's requests: seconds to the first token
+  (prefill and, in an open loop, the wait for a slot), seconds per output token after the
+  first, and seconds from sending to the last token;
+* accepted and processed tokens per step: tokens committed, and tokens processed (every
+  slot's draft, root and ephemeral tokens), per batched pass over all its sequences;
+* memory: the KV cache the batch held and the peak of the device's allocator (a GPU) or of
+  the process's resident memory (a CPU); the fitted choice: what ``Decoder.under_load``
+  chose at that level (its draft size, tree, and whether it drafted).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -333,3 +352,97 @@ def _answer_accuracy(sub: pd.DataFrame) -> float:
         return float("nan")
     hits = [extract_answer(t) == normalize_number(str(r)) for t, r in zip(numeric.text, numeric.reference)]
     return float(np.mean(hits))
+
+
+CROSSOVER = 1.05  # the speedup under which speculation is said to stop paying
+
+
+def lowest_level(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records the one-request metrics read: all of a run made without load; of a load run,
+    those of its lowest concurrency level, so each example and method counts once."""
+    records = list(records)
+    levels = [r["concurrency"] for r in records if r.get("concurrency") is not None]
+    if not levels:
+        return records
+    low = min(levels)
+    return [r for r in records if r.get("concurrency") in (None, low)]
+
+
+def load_levels(records: Iterable[dict[str, Any]]) -> list[int]:
+    """The concurrency levels a run's records hold, ascending (empty without load)."""
+    return sorted({r["concurrency"] for r in records if r.get("concurrency") is not None})
+
+
+def _percentiles(values: Sequence[float], prefix: str) -> dict[str, float]:
+    arr = np.asarray(values, dtype=float)
+    return {f"{prefix}_p{q}": (float(np.percentile(arr, q)) if len(arr) else float("nan")) for q in (50, 90, 99)}
+
+
+def load_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (method, concurrency level) of a load run (module docstring), in the order the
+    methods first appear, levels ascending; empty for a run made without load."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("concurrency") is not None and not r.get("skipped") and r.get("load"):
+            groups.setdefault((r["method"], r["concurrency"]), []).append(r)
+    rows = []
+    for (method, level), recs in groups.items():
+        batches = list({json.dumps(r["load"], sort_keys=True): r["load"] for r in recs}.values())
+        tokens = sum(b["output_tokens"] for b in batches)
+        seconds = sum(b["wall_time"] for b in batches)
+        steps = sum(b["steps"] for b in batches)
+        turns = [t for r in recs for t in r["turns"]]
+        memory = [b.get("memory") or {} for b in batches]
+        peak = [m.get("peak_device_bytes", m.get("peak_rss_bytes")) for m in memory]
+        rows.append({
+            "method": method, "concurrency": level, "requests": len(recs), "batches": len(batches),
+            "output_tokens": tokens, "wall_time": seconds,
+            "throughput": tokens / seconds if seconds > 0 else float("nan"),
+            "mean_batch": sum(b["mean_batch"] * b["steps"] for b in batches) / steps if steps else float("nan"),
+            "accepted_per_step": (sum(b["accepted_per_step"] * b["steps"] for b in batches) / steps
+                                  if steps else float("nan")),
+            "processed_per_step": (sum(b["processed_per_step"] * b["steps"] for b in batches) / steps
+                                   if steps else float("nan")),
+            **_percentiles([t["ttft"] for t in turns if t.get("ttft") is not None], "ttft"),
+            **_percentiles([t["tpot"] for t in turns if t.get("tpot") is not None], "tpot"),
+            **_percentiles([t["wall_time"] for t in turns], "latency"),
+            "peak_memory_bytes": max((p for p in peak if p is not None), default=float("nan")),
+            "kv_cache_bytes": max((m.get("kv_cache_bytes", 0) for m in memory), default=float("nan")),
+            "choice": batches[-1].get("choice") or {},
+        })
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    methods = list(dict.fromkeys(frame.method))
+    frame = frame.assign(_m=frame.method.map(methods.index)).sort_values(["_m", "concurrency"]).drop(columns="_m")
+    base = frame[frame.method == BASELINE].set_index("concurrency").throughput
+    frame["speedup"] = [t / base[c] if c in base.index and base[c] > 0 else float("nan")
+                        for t, c in zip(frame.throughput, frame.concurrency)]
+    return frame.reset_index(drop=True)
+
+
+def crossovers(load: pd.DataFrame, threshold: float = CROSSOVER) -> dict[str, int | None]:
+    """Per method but vanilla: the lowest level at which its speedup falls under ``threshold``
+    (where speculation stops paying), None where it stays above at every level measured."""
+    out: dict[str, int | None] = {}
+    for method, sub in load.groupby("method", sort=False):
+        if method == BASELINE:
+            continue
+        under = sub[sub.speedup < threshold].concurrency
+        out[method] = int(under.min()) if len(under) else None
+    return out
+
+
+def choice_text(choice: dict[str, Any]) -> str:
+    """What a fitted method chose at a level, in a few words: plain steps, or its draft size or tree."""
+    if not choice:
+        return "-"
+    fit = choice.get("fitted")
+    if isinstance(fit, dict) and not fit.get("drafting", True):
+        return "plain steps"
+    parts = []
+    if choice.get("tree") is not None:
+        parts.append(f"tree {choice['tree']}")
+    if choice.get("draft_size") is not None:
+        parts.append(f"draft {choice['draft_size']}")
+    return ", ".join(parts) or "-"
