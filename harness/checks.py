@@ -25,7 +25,7 @@ from base.errors import UserError
 from base.files import check_writable, read_json, require_shape, write_text
 from methods.core.hardware import machine_label
 from harness.config import complete_options
-from harness.metrics import records_frame, summarize
+from harness.metrics import lowest_level, records_frame, summarize
 from harness.results import read_manifest, read_run_records
 
 # /3: token ids, counters, the cost record and the choices it led to, per-example speedups, the machine.
@@ -46,7 +46,7 @@ def run_metrics(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 def _run_metrics(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
     manifest = read_manifest(run_dir)
-    frame = records_frame(read_run_records(run_dir))
+    frame = records_frame(lowest_level(read_run_records(run_dir)))
     if frame.empty:
         raise UserError(f"{run_dir} has no completed generations; finish the run first")
     rows = summarize(frame, by=("method", "task")).to_dict("records")

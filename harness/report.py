@@ -12,7 +12,8 @@ import pandas as pd
 
 from harness.checks import _identity, machine_of, run_metrics, settings_differ
 from harness.claims import Claim, firp_claims
-from harness.metrics import BASELINE, first_divergence, in_run_order, records_frame, summarize
+from harness.metrics import (BASELINE, CROSSOVER, choice_text, crossovers, first_divergence, in_run_order, load_frame, load_levels,
+                             lowest_level, records_frame, summarize)
 from harness.results import read_manifest, read_run_divergences, read_run_records
 from base.errors import UserError
 from base.files import check_writable, write_text
@@ -267,11 +268,39 @@ def claim_rows(summary: pd.DataFrame, methods: list[str],
                        {v["method"]: v for v in verdicts or []})
 
 
+def load_section(records: list[dict[str, Any]], methods: list[str], colors: dict[str, str]) -> dict[str, Any] | None:
+    """The "Under load" section of a run of more than one concurrency level: per method and level
+    the table behind two charts, speedup against concurrency (each method's crossover under
+    ``CROSSOVER`` marked) and throughput against median time per output token. None for a run
+    without load or of one level (the other sections already say all of one level)."""
+    levels = load_levels(records)
+    if len(levels) < 2:
+        return None
+    frame = load_frame(records)
+    if frame.empty:
+        return None
+    order = {m: i for i, m in enumerate([*methods, *frame.method])}
+    frame = frame.assign(_m=frame.method.map(order)).sort_values(["_m", "concurrency"], kind="stable")
+    frame = frame.drop(columns="_m").reset_index(drop=True)
+    frame["choice_text"] = frame.choice.map(choice_text)
+    crossover = crossovers(frame)
+    return {
+        "frame": frame, "crossover": crossover, "threshold": CROSSOVER, "levels": levels, "lowest": levels[0],
+        "falls": [{"method": m, "level": level} for m, level in crossover.items()],
+        "charts": {
+            "Speedup against concurrency (ring: where it first falls under "
+            f"{CROSSOVER:.2f}x)": plots.speedup_vs_concurrency(frame, crossover, colors, CROSSOVER),
+            "Throughput against time per output token (labels: concurrency)": plots.throughput_vs_tpot(frame, colors),
+        },
+    }
+
+
 def build_report(run_dir: Path, out: Path | None = None) -> Path:
     if out is not None:
         check_writable(out, "-o")
     manifest = read_manifest(run_dir)
-    records = read_run_records(run_dir)
+    every = read_run_records(run_dir)
+    records = lowest_level(every)  # what every section but "Under load" reads
     frame = records_frame(records)
     weight_bytes = manifest.get("model", {}).get("weight_bytes")
     if frame.empty:
@@ -313,6 +342,7 @@ def build_report(run_dir: Path, out: Path | None = None) -> Path:
                          training=training_rows(manifest, summary), fitted=fitted_rows(manifest, summary),
                          drafters=draft_rows(manifest), claims=claim_rows(summary, methods, verdicts),
                          hardware=hardware_summary(manifest, records),
+                         load=load_section(every, methods, colors),
                          skipped=sum(1 for r in records if r.get("skipped")))
     return write_text(out or run_dir / "report.html", page, "-o")
 

@@ -10,7 +10,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from harness.metrics import in_run_order, records_frame, summarize
+from harness.metrics import in_run_order, lowest_level, records_frame, summarize
 from harness.results import read_run_divergences, read_run_records
 
 
@@ -26,7 +26,8 @@ def _fmt(value: float, spec: str) -> str:
 def print_summary(run_dir: Path, console: Console | None = None) -> None:
     if console is None:  # a pipe or CI log would otherwise get rich's 80-column fallback
         console = Console() if sys.stdout.isatty() else Console(width=100)
-    records = read_run_records(run_dir)
+    every = read_run_records(run_dir)
+    records = lowest_level(every)
     frame = records_frame(records)
     skipped = sum(1 for r in records if r.get("skipped"))
     if frame.empty:

@@ -96,21 +96,58 @@ def draft_rows(summary: pd.DataFrame) -> list[dict[str, str]]:
     return rows
 
 
+def _bytes(value: Any) -> str:
+    if _isnan(value):
+        return "–"
+    return f"{value / 1e9:.2f} GB" if value >= 1e9 else f"{value / 1e6:.1f} MB"
+
+
+def _ms(values: list[Any]) -> str:
+    """Seconds as milliseconds, p50 / p90 / p99 in one cell."""
+    return " / ".join(fmt(1000 * v if not _isnan(v) else v, ".1f") for v in values)
+
+
+def load_rows(load: pd.DataFrame, crossover: dict[str, int | None]) -> list[dict[str, Any]]:
+    """The "Under load" table: per method and level, throughput, speedup over vanilla at that level,
+    request times, per-step work, memory and what the fitted method chose; ``crossover`` marks
+    the row where a method first falls under the threshold."""
+    rows = []
+    for r in load.itertuples():
+        rows.append({
+            "method": r.method, "level": r.concurrency, "requests": r.requests,
+            "throughput": fmt(r.throughput, ".1f"),
+            "speedup": fmt(r.speedup, ".2f", "x") if r.method != BASELINE else "1.00x",
+            "ttft": _ms([r.ttft_p50, r.ttft_p90, r.ttft_p99]),
+            "tpot": _ms([r.tpot_p50, r.tpot_p90, r.tpot_p99]),
+            "latency": _ms([r.latency_p50, r.latency_p90, r.latency_p99]),
+            "batch": fmt(r.mean_batch, ".1f"),
+            "accepted": fmt(r.accepted_per_step, ".2f"),
+            "processed": fmt(r.processed_per_step, ".1f"),
+            "peak": _bytes(r.peak_memory_bytes), "kv": _bytes(r.kv_cache_bytes),
+            "choice": r.choice_text,
+            "crossover": crossover.get(r.method) == r.concurrency,
+        })
+    return rows
+
+
 def render_report(*, run_dir: str, manifest: dict[str, Any], summary: pd.DataFrame, charts: dict[str, str],
                   categories: dict[str, Any], divergences: list[dict[str, Any]], verdicts: list[dict[str, Any]],
                   colors: dict[str, str], headline: str, examples: list[dict[str, Any]],
                   method_sections: list[dict[str, Any]], skipped: int,
                   training: list[dict[str, Any]] | None = None, hardware: dict[str, Any] | None = None,
                   fitted: list[dict[str, Any]] | None = None, drafters: list[dict[str, Any]] | None = None,
-                  claims: list[Any] | None = None) -> str:
+                  claims: list[Any] | None = None, load: dict[str, Any] | None = None) -> str:
     """``verdicts``: per-method divergence counts; ``colors``: the palette every chart used, for the swatches;
     ``hardware``: the machine's label and the baseline against the bandwidth limit; ``fitted``: the
     methods that sized their drafts to the machine, drafting or taking plain steps; ``claims``: rows
-    with ``claim``, ``numbers``, ``verdict`` and ``needed`` (the FIRP paper's claims, when FIRP ran)."""
+    with ``claim``, ``numbers``, ``verdict`` and ``needed`` (the FIRP paper's claims, when FIRP ran);
+    ``load``: the "Under load" section of a run of several concurrency levels (``frame``, the
+    ``crossover`` level per method, its ``threshold``, ``charts``, the ``levels`` and ``lowest``)."""
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "jinja"]))
     return env.get_template("report.html.jinja").render(
         divergences=divergences, verdicts=verdicts, colors=colors, headline=headline, training=training or [],
         fitted=fitted or [], drafters=drafters or [], claims=claims or [],
+        load=({**load, "rows": load_rows(load["frame"], load["crossover"])} if load else None),
         hardware=hardware or {},
         real_divergences=sum(v["real"] for v in verdicts), method_sections=method_sections, run_dir=run_dir, manifest=manifest,
         rows=summary_rows(summary) if not summary.empty else [], charts=charts,

@@ -184,3 +184,53 @@ def speedup_vs_cost(summary: pd.DataFrame, colors: dict[str, str]) -> str:
     ax.set_ylabel("speedup vs vanilla (geomean)")
     _legend(ax, "speedup-cost", colors)
     return figure_svg(fig)
+
+
+def speedup_vs_concurrency(load: pd.DataFrame, crossover: dict[str, int | None], colors: dict[str, str],
+                           threshold: float) -> str:
+    """Per method, its throughput over vanilla's at each concurrency level; a ring marks the level
+    where it first falls under ``threshold`` (where speculation stops paying), and the dotted
+    line is that threshold."""
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    df = load[load.method != BASELINE].dropna(subset=["speedup"])
+    if len(df):
+        for method, sub in df.groupby("method", sort=False):
+            line, = ax.plot(sub.concurrency, sub.speedup, marker="o", color=colors.get(method), label=method)
+            line.set_gid(f"speedup-concurrency-series-{slug(method)}")
+            level = crossover.get(method)
+            if level is not None:
+                at = sub[sub.concurrency == level].speedup.iloc[0]
+                ring = ax.scatter([level], [at], s=220, facecolors="none", edgecolors=colors.get(method), linewidths=2)
+                ring.set_gid(f"speedup-concurrency-crossover-{slug(method)}")
+    else:
+        _no_data(ax, "no speedup to show (vanilla alone)")
+    ax.axhline(1.0, color=colors.get(BASELINE, BASELINE_COLOR), linewidth=1.0, linestyle="--")
+    ax.axhline(threshold, color=colors.get(BASELINE, BASELINE_COLOR), linewidth=0.8, linestyle=":")
+    levels = sorted(set(load.concurrency))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(levels, [str(level) for level in levels])
+    ax.minorticks_off()
+    ax.set_xlabel("concurrency (requests in flight)")
+    ax.set_ylabel("speedup vs vanilla (throughput)")
+    _legend(ax, "speedup-concurrency", colors)
+    return figure_svg(fig)
+
+
+def throughput_vs_tpot(load: pd.DataFrame, colors: dict[str, str]) -> str:
+    """The latency-throughput curve: per method, each level's output tokens per second against its
+    median time per output token, the points joined in level order and labelled with the level.
+    Further up is more work done, further left is faster for each request."""
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    df = load.dropna(subset=["throughput", "tpot_p50"])
+    if len(df):
+        for method, sub in df.groupby("method", sort=False):
+            line, = ax.plot(1000 * sub.tpot_p50, sub.throughput, marker="o", color=colors.get(method), label=method)
+            line.set_gid(f"throughput-tpot-series-{slug(method)}")
+            for x, y, level in zip(1000 * sub.tpot_p50, sub.throughput, sub.concurrency):
+                ax.annotate(str(level), (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+    else:
+        _no_data(ax, "no load levels")
+    ax.set_xlabel("median time per output token (ms)")
+    ax.set_ylabel("output tokens / s")
+    _legend(ax, "throughput-tpot", colors)
+    return figure_svg(fig)
