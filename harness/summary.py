@@ -10,7 +10,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from harness.metrics import in_run_order, lowest_level, records_frame, summarize
+from harness.metrics import (CROSSOVER, choice_text, crossovers, in_run_order, load_frame, load_levels, lowest_level,
+                             records_frame, summarize)
 from harness.results import read_run_divergences, read_run_records
 
 
@@ -62,9 +63,44 @@ def print_summary(run_dir: Path, console: Console | None = None) -> None:
                   "verified per step; proc./step: tokens each target pass processes beyond the committed one "
                   "(drafts plus e.g. Lookahead's window or FIRP's pseudo tokens), the cost of a step. len. differs: "
                   "examples whose output length differs from vanilla's.")
+    if len(load_levels(every)) > 1:
+        print_load(every, methods, console)
     print_divergences(run_dir, console)
     if skipped:
         console.print(f"[yellow]{skipped} generation(s) skipped (prompt too long for the model context).[/]")
+
+
+LOAD_HEADERS = ["method", "conc.", "tokens\n/s", "speedup", "TTFT\np50 ms", "TPOT\np50 ms", "latency\np90 ms",
+                "acc.\n/step", "proc.\n/step", "fitted\nchoice"]
+
+
+def print_load(records: list[dict], methods: list[str], console: Console) -> None:
+    """The load sweep per method and level (``harness.metrics.load_frame``), and where each method
+    first falls under ``CROSSOVER`` times vanilla's throughput."""
+    frame = load_frame(records)
+    if frame.empty:
+        return
+    order = {m: i for i, m in enumerate([*methods, *frame.method])}
+    frame = frame.assign(_m=frame.method.map(order)).sort_values(["_m", "concurrency"], kind="stable")
+    table = Table(title="Under load (each example one request: its first turn)", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
+    for col in LOAD_HEADERS:
+        text = col in ("method", "fitted\nchoice")
+        table.add_column(col, justify="left" if text else "right", overflow="fold", no_wrap=not text)
+    previous = None
+    for r in frame.itertuples():
+        if previous is not None and r.method != previous:
+            table.add_section()
+        previous = r.method
+        table.add_row(str(r.method), str(r.concurrency), _fmt(r.throughput, ".1f"),
+                      _fmt(r.speedup, ".2f") + ("x" if not math.isnan(r.speedup) else ""),
+                      _fmt(1000 * r.ttft_p50, ".1f"), _fmt(1000 * r.tpot_p50, ".1f"), _fmt(1000 * r.latency_p90, ".1f"),
+                      _fmt(r.accepted_per_step, ".2f"), _fmt(r.processed_per_step, ".1f"), choice_text(r.choice))
+    console.print(table)
+    falls = [f"{m} at {level}" if level is not None else f"{m} never" for m, level in crossovers(frame).items()]
+    console.print(f"tokens/s: output tokens over the batch's wall time; speedup: over vanilla's tokens/s at the same "
+                  f"level on the same requests. acc./proc. per step: tokens committed / processed by one batched "
+                  f"pass. Under {CROSSOVER:.2f}x from concurrency: {', '.join(falls) or '-'}.")
 
 
 def print_divergences(run_dir: Path, console: Console) -> None:
