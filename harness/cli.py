@@ -118,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: one request at a time); methods that cannot decode batched are refused "
                           "(`python -m harness list` says which)")
     run.add_argument("--request-rate", type=_float, default=None, metavar="R",
-                     help="with --concurrency: requests arrive at R per second (seeded Poisson), at most the "
-                          "largest --concurrency level in flight (default: a new request as soon as one finishes)")
+                     help="with --concurrency: requests arrive at R per second (seeded Poisson, the same arrivals "
+                          "for every method), at most the level in flight (default: a new request as soon as one "
+                          "finishes)")
     run.add_argument("--costs-from", default=None, metavar="FILE",
                      help="replay the measured costs (verify-cost curve, drafting costs) of a baseline JSON, a run's "
                           "manifest.json or run folder instead of measuring them: `auto` trees and the cost policies "

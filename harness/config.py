@@ -168,7 +168,7 @@ class RunConfig:
     # Load: None is one request at a time. Each level of ``concurrency`` is its own measurement
     # with that many requests in flight; ``request_rate`` turns the closed loop (a new request as
     # soon as one finishes) into an open one (seeded Poisson arrivals at R per second, at most
-    # max(concurrency) in flight).
+    # the level in flight).
     concurrency: list[int] | None = None
     request_rate: float | None = None
 

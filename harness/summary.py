@@ -118,5 +118,6 @@ def print_divergences(run_dir: Path, console: Console) -> None:
     for d in real:
         where = (f"float32 gap {d['reference_gap']:.4f} > twice the low-precision error {d['error']:.4f}"
                  if d.get("error") is not None else f"gap {d.get('chosen_gap', float('nan')):.4f}")
-        console.print(f"[bold red]REAL DISCREPANCY: {d['method']} on {d['task']}/{d['example_id']} at token "
+        level = f" at concurrency {d['concurrency']}" if d.get("concurrency") is not None else ""
+        console.print(f"[bold red]REAL DISCREPANCY: {d['method']}{level} on {d['task']}/{d['example_id']} at token "
                       f"{d['position']} (turn {d['turn']}): {where}; greedy output should equal vanilla's[/]")

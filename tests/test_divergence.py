@@ -112,3 +112,18 @@ def test_prefix_outputs_are_length_only():
     found = find_divergences([rec("vanilla", van), rec("short", van[:5])], [EXAMPLE], engine, TOK,
                              reference=lambda: (_ for _ in ()).throw(AssertionError("no reference needed")))
     assert found[0]["verdict"] == "length"
+
+
+def test_load_records_pair_with_vanilla_at_the_same_level():
+    """Under load, vanilla's tokens may differ between levels (a batched product rounds otherwise):
+    a method's record is judged against vanilla's at its own level, and its entry names the level."""
+    from types import SimpleNamespace
+
+    def at(method, tokens, level):
+        return {**rec(method, tokens), "concurrency": level}
+
+    records = [at("vanilla", [1, 2, 3, 4], 1), at("vanilla", [1, 2, 3], 2),
+               at("m", [1, 2, 3, 4], 1), at("m", [1, 2, 3], 2), at("n", [1, 2, 3, 4], 2)]
+    engine = SimpleNamespace(dtype=torch.float32)  # prefix-only divergences: no logits are recomputed
+    found = find_divergences(records, [EXAMPLE], engine, TOK)
+    assert [(d["method"], d["concurrency"], d["verdict"]) for d in found] == [("n", 2, "length")]
