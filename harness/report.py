@@ -12,8 +12,8 @@ import pandas as pd
 
 from harness.checks import _identity, machine_of, run_metrics, settings_differ
 from harness.claims import Claim, firp_claims
-from harness.metrics import (BASELINE, CROSSOVER, choice_text, crossovers, first_divergence, in_run_order, load_frame, load_levels,
-                             lowest_level, records_frame, summarize)
+from harness.metrics import (BASELINE, CROSSOVER, choice_text, crossovers, first_divergence, in_run_order, load_frame,
+                             load_levels, lowest_level, records_frame, summarize)
 from harness.results import read_manifest, read_run_divergences, read_run_records
 from base.errors import UserError
 from base.files import check_writable, write_text
