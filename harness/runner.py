@@ -164,15 +164,16 @@ def run_shard(
 LOAD_WARMUP_TOKENS = 8  # a warm-up serve's answers: enough for every step shape to run once
 
 
-def poisson_arrivals(count: int, rate: float | None, seed: int, level: int) -> list[float]:
-    """Seconds after the start at which ``count`` requests arrive: all at 0 for a closed loop
-    (``rate`` None); otherwise a Poisson stream of ``rate`` per second, its first request at 0.
+def poisson_arrivals(count: int, rate: float | None, seed: int, level: int) -> list[float | None]:
+    """Seconds after the start at which ``count`` requests arrive: None for a closed loop (``rate``
+    None: a request arrives when a slot takes it); otherwise a Poisson stream of ``rate`` per
+    second, its first request at 0.
 
     Seeded from the run seed and the level, so every method at a level serves the same
     arrivals (equal work), and a rerun serves them again.
     """
     if rate is None or count == 0:
-        return [0.0] * count
+        return [None] * count
     gaps = np.random.default_rng([seed, level]).exponential(1.0 / rate, size=count)
     return [0.0, *np.cumsum(gaps[:-1]).tolist()]
 
@@ -198,21 +199,19 @@ def load_summary(run: LoadRun, request_rate: float | None) -> dict[str, Any]:
     }
 
 
-def load_turn(prompt_len: int, served: Served, text: str, closed: bool) -> dict[str, Any]:
+def load_turn(prompt_len: int, served: Served, text: str) -> dict[str, Any]:
     """A request's turn: ``run_example``'s fields, plus its times under load.
 
-    In a closed loop a request is sent when a slot takes it, so its latency and time to first
-    token count from ``admitted``; in an open loop from its ``arrival``, the wait for a slot
-    included. ``wall_time`` is that latency. Step times are the batched passes the request
-    was part of (each shared with the batch), after its own prefill.
+    ``wall_time`` is the request's latency: from its arrival (in a closed loop, when a slot took
+    it; in an open loop, the wait for a slot included) to its last token. Step times are the
+    batched passes the request was part of (each shared with the batch), after its own prefill.
     """
     gen: Generation = served.generation
-    sent = served.admitted if closed else served.arrival
     return {
         "prompt_tokens": prompt_len,
         "tokens": gen.tokens,
         "text": text,
-        "wall_time": served.finished - sent,
+        "wall_time": served.latency,
         "accepted": gen.accepted,
         "draft_sizes": gen.draft_sizes,
         "processed": gen.processed,
@@ -223,7 +222,7 @@ def load_turn(prompt_len: int, served: Served, text: str, closed: bool) -> dict[
         "verify_time": sum(gen.verify_times) if gen.verify_times else None,
         "stopped_by": gen.stopped_by,
         "host_syncs": None,  # not counted in the batched loop
-        "ttft": served.first_token - sent,
+        "ttft": served.time_to_first_token,
         "tpot": served.time_per_output_token,
         "arrival": served.arrival,
         "admitted": served.admitted,
@@ -306,7 +305,7 @@ def _serve_level(decoder: Decoder, examples: Sequence[Example], prompts: Sequenc
         else:
             one = next(served)
             text = tokenizer.decode(one.generation.tokens, skip_special_tokens=True)
-            record = _record(example, decoder, [load_turn(len(prompt), one, text, request_rate is None)])
+            record = _record(example, decoder, [load_turn(len(prompt), one, text)])
             record["load"] = load
         record["concurrency"] = level
         records.append(record)

@@ -63,9 +63,8 @@ def test_a_load_run_records_each_example_method_and_level_once(load_run, capsys)
         assert not r["skipped"] and len(r["turns"]) == 1  # one request: the first turn
         turn = r["turns"][0]
         assert all(isinstance(turn[k], float) for k in TURN_TIMES)
-        assert turn["arrival"] == 0.0  # a closed loop: every request waits from the start
-        assert turn["arrival"] <= turn["admitted"] <= turn["first_token"] <= turn["finished"]
-        # sent when a slot takes it: latency and time to first token count from admission
+        # a closed loop: a request is sent when a slot takes it, and its times count from there
+        assert turn["arrival"] == turn["admitted"] <= turn["first_token"] <= turn["finished"]
         assert r["wall_time"] == turn["wall_time"] == pytest.approx(turn["finished"] - turn["admitted"])
         assert turn["ttft"] == pytest.approx(turn["first_token"] - turn["admitted"])
         assert sum(turn["accepted"]) == len(turn["tokens"]) == r["new_tokens"]
@@ -181,7 +180,7 @@ def test_open_loop_arrivals_are_seeded_per_level_and_the_same_for_every_method()
     assert first[0] == 0.0 and first == runner.poisson_arrivals(200, 50.0, 0, 2)
     assert first != runner.poisson_arrivals(200, 50.0, 0, 4) and first != runner.poisson_arrivals(200, 50.0, 1, 2)
     assert 0.015 < first[-1] / 199 < 0.025  # exponential gaps of mean 1/50 s
-    assert runner.poisson_arrivals(3, None, 0, 2) == [0.0, 0.0, 0.0]
+    assert runner.poisson_arrivals(3, None, 0, 2) == [None, None, None]  # closed: each arrives when admitted
 
     engine = Engine(tiny_model("llama"), capacity=64)
     decoders = [VanillaDecoder(engine), PromptLookupDecoder(engine, policy="fixed")]
