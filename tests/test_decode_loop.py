@@ -250,3 +250,37 @@ def test_biased_acceptance_fails_the_distribution_test(sampling_setup, method, m
                         lambda p_parent, rejected, duplicate, q: (p_parent >= 0.1).float())
     counts, _, _ = _sample(decoders[method])
     assert _chi_square_p(counts, joint) < ALPHA
+
+
+def _sample_under_load(decoder: Decoder, concurrency: int = 4) -> tuple[Counter, int]:
+    """``_sample`` with the samples served ``concurrency`` at a time (``methods.core.batch.serve``):
+    each request draws from its own seeded generator while its steps share batched passes."""
+    from methods.core.batch import Request, serve
+
+    run = serve(decoder, [Request(PROMPT, GenConfig(NEW, temperature=TEMPERATURE, seed=seed))
+                          for seed in range(SAMPLES)], concurrency, adapt=False)
+    gens = [s.generation for s in run.served]
+    assert max(run.batch_sizes) == concurrency
+    return Counter(tuple(g.tokens[:NEW]) for g in gens), sum(any(a > 1 for a in g.accepted[1:]) for g in gens)
+
+
+@pytest.mark.parametrize("method", ["vanilla", "pld", "lookahead", "medusa", "firp", "self_spec", "eagle", "sps"])
+def test_sampling_under_load_keeps_the_target_distribution(sampling_setup, method):
+    engine, joint, decoders = sampling_setup
+    counts, multi = _sample_under_load(decoders[method])
+    p = _chi_square_p(counts, joint)
+    assert p > ALPHA, f"{method} at concurrency 4: chi-square p = {p:.2g}"
+    if method != "vanilla":
+        assert multi > SAMPLES // 20, f"{method} accepted a draft in only {multi} of {SAMPLES} samples"
+
+
+@pytest.mark.parametrize("method", ["pld", "medusa", "sps"])
+def test_biased_acceptance_under_load_fails_the_distribution_test(sampling_setup, method, monkeypatch):
+    """The negative control at concurrency 4: the batched loop verifies with the same rule."""
+    import methods.core.verify as verify
+
+    engine, joint, decoders = sampling_setup
+    monkeypatch.setattr(verify, "acceptance_probs",
+                        lambda p_parent, rejected, duplicate, q: (p_parent >= 0.1).float())
+    counts, _ = _sample_under_load(decoders[method])
+    assert _chi_square_p(counts, joint) < ALPHA
