@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: on a CUDA machine, in about six minutes, everything that needs a GPU.
+# The GPU check: on a CUDA machine, in about ten minutes, everything that needs a GPU.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR
 #
@@ -9,7 +9,8 @@
 #    default model's shape and of a 1B Llama's shape (target: ratio >= 1.0);
 # 3. every method end to end on a few prompts with random weights (speed and memory only);
 # 4. peak GPU memory over many generations (it must not grow);
-# 5. the roofline: the device's copy bandwidth, a decode step's limit and vanilla's step beside it.
+# 5. the roofline: the device's copy bandwidth, a decode step's limit and vanilla's step beside it;
+# 6. the load sweep: every method's throughput and speedup at concurrency 1, 4 and 16.
 # Models are built from configs (no downloads, no GGUF). The log goes to OUTDIR/gpu_check.log.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
@@ -41,6 +42,11 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, record failures, ke
   for shape in smollm2-135m llama-1b; do
     step "roofline, $shape shape" 90 python benchmarks/roofline.py --device cuda --model "random:$shape" \
       --dtypes bfloat16 --methods vanilla,pld,lookahead --prompts 2 --new 32
+  done
+  for shape in smollm2-135m llama-1b; do
+    step "load sweep, $shape shape, bf16" 150 python benchmarks/load.py --device cuda --dtype bfloat16 \
+      --model "random:$shape" --methods vanilla,pld,lookahead,medusa,firp,self_spec --levels 1,4,16 \
+      --requests 16 --new 32
   done
   echo; [ $status -eq 0 ] && echo "GPU CHECK PASSED" || echo "GPU CHECK FAILED"
   exit $status
