@@ -53,6 +53,28 @@ def label_of(decoder: Decoder) -> str:
     return getattr(decoder, "label", None) or decoder.name
 
 
+def generation_turn(gen: Generation, prompt_len: int, text: str, wall_time: float,
+                    host_syncs: int | None) -> dict[str, Any]:
+    """A turn's record from its generation: the per-step lists and times every metric reads, the same
+    for a request decoded alone and one served under load."""
+    return {
+        "prompt_tokens": prompt_len,
+        "tokens": gen.tokens,
+        "text": text,
+        "wall_time": wall_time,
+        "accepted": gen.accepted,
+        "draft_sizes": gen.draft_sizes,
+        "processed": gen.processed,
+        "draft_depths": gen.draft_depths,
+        "accepted_drafts": gen.accepted_drafts,
+        "step_times": [round(t, 7) for t in gen.step_times],
+        "draft_time": sum(gen.draft_times) if gen.draft_times else None,
+        "verify_time": sum(gen.verify_times) if gen.verify_times else None,
+        "stopped_by": gen.stopped_by,
+        "host_syncs": host_syncs,
+    }
+
+
 def run_example(decoder: Decoder, example: Example, tokenizer: Any, settings: ShardSettings) -> dict[str, Any]:
     """Decode every turn of ``example``; later turns follow this method's own earlier answers."""
     device = decoder.engine.device
@@ -70,22 +92,7 @@ def run_example(decoder: Decoder, example: Example, tokenizer: Any, settings: Sh
         gen, seconds = timed(lambda: decoder.generate(prompt_ids, config), device)
         text = tokenizer.decode(gen.tokens, skip_special_tokens=True)
         messages.append({"role": "assistant", "content": text})
-        turns.append({
-            "prompt_tokens": len(prompt_ids),
-            "tokens": gen.tokens,
-            "text": text,
-            "wall_time": seconds,
-            "accepted": gen.accepted,
-            "draft_sizes": gen.draft_sizes,
-            "processed": gen.processed,
-            "draft_depths": gen.draft_depths,
-            "accepted_drafts": gen.accepted_drafts,
-            "step_times": [round(t, 7) for t in gen.step_times],
-            "draft_time": sum(gen.draft_times) if gen.draft_times else None,
-            "verify_time": sum(gen.verify_times) if gen.verify_times else None,
-            "stopped_by": gen.stopped_by,
-            "host_syncs": gen.host_syncs,
-        })
+        turns.append(generation_turn(gen, len(prompt_ids), text, seconds, gen.host_syncs))
     return _record(example, decoder, turns)
 
 
@@ -208,20 +215,7 @@ def load_turn(prompt_len: int, served: Served, text: str) -> dict[str, Any]:
     """
     gen: Generation = served.generation
     return {
-        "prompt_tokens": prompt_len,
-        "tokens": gen.tokens,
-        "text": text,
-        "wall_time": served.latency,
-        "accepted": gen.accepted,
-        "draft_sizes": gen.draft_sizes,
-        "processed": gen.processed,
-        "draft_depths": gen.draft_depths,
-        "accepted_drafts": gen.accepted_drafts,
-        "step_times": [round(t, 7) for t in gen.step_times],
-        "draft_time": sum(gen.draft_times) if gen.draft_times else None,
-        "verify_time": sum(gen.verify_times) if gen.verify_times else None,
-        "stopped_by": gen.stopped_by,
-        "host_syncs": None,  # not counted in the batched loop
+        **generation_turn(gen, prompt_len, text, served.latency, None),  # host syncs: not counted in the batched loop
         "ttft": served.time_to_first_token,
         "tpot": served.time_per_output_token,
         "arrival": served.arrival,

@@ -159,3 +159,27 @@ def test_concurrency_below_one_is_refused(level):
 
     with pytest.raises(ValueError, match="concurrency"):
         serve(VanillaDecoder(Engine(tiny_model("llama"))), [Request([1, 2], GenConfig(2))], level)
+
+
+def test_under_load_fits_methods_to_the_batched_costs(monkeypatch):
+    """Inside ``under_load`` a method's setup reads the batched curve and its drafting costs scaled
+    by batch x T(1, 1) / T(batch, 1); outside, the one-sequence ones. A PLD set up under a batch
+    whose extra tokens cost 20x drafts nothing."""
+    import methods.core.cost as cost
+    from methods.pld import PromptLookupDecoder
+    from tests.conftest import tiny_model
+
+    single = cost.CostCurve((1, 2, 4, 8, 16), (1.0, 1.0, 1.0, 1.0, 1.0), 10.0)
+    batched = cost.CostCurve((1, 2, 4, 8, 16), (1.0, 20.0, 40.0, 80.0, 160.0), 20.0)
+    monkeypatch.setattr(cost, "_cost_curve", lambda engine, name, folder, batch=1: batched if batch > 1 else single)
+    monkeypatch.setattr(cost, "_PINNED", None)
+    engine = Engine(tiny_model("llama"))
+    with cost.under_load(engine, "", None, 4):
+        assert cost.cost_curve(engine, "", None) is batched
+        assert cost._named_cost("probe", lambda: 0.5) == pytest.approx(0.5 * 4 * 10.0 / 20.0)
+    assert cost.cost_curve(engine, "", None) is single and cost._named_cost("probe", lambda: 0.5) == 0.5
+    pld = PromptLookupDecoder(engine)
+    assert pld.under_load(1) is pld
+    loaded = pld.under_load(4)
+    assert loaded is not pld and loaded.verify_cost is batched and pld.verify_cost is single
+    assert loaded.draft_length() == 0 < pld.draft_length()
