@@ -163,23 +163,48 @@ def test_concurrency_below_one_is_refused(level):
 
 def test_under_load_fits_methods_to_the_batched_costs(monkeypatch):
     """Inside ``under_load`` a method's setup reads the batched curve and its drafting costs scaled
-    by batch x T(1, 1) / T(batch, 1); outside, the one-sequence ones. A PLD set up under a batch
-    whose extra tokens cost 20x drafts nothing."""
+    by batch x T(1, 1) / T(batch, 1), both from the batched measurement; outside, the
+    one-sequence ones. PLD prices one sequence's draft by what it costs the whole batch: under
+    a batch where all sequences drafting is cheap but one sequence's draft widens everyone's
+    pass, it drafts nothing, where the uniform curve would have it draft."""
     import methods.core.cost as cost
     from methods.pld import PromptLookupDecoder
     from tests.conftest import tiny_model
 
-    single = cost.CostCurve((1, 2, 4, 8, 16), (1.0, 1.0, 1.0, 1.0, 1.0), 10.0)
-    batched = cost.CostCurve((1, 2, 4, 8, 16), (1.0, 20.0, 40.0, 80.0, 160.0), 20.0)
+    sizes = (1, 2, 4, 8, 16)
+    single = cost.CostCurve(sizes, (1.0, 1.0, 1.0, 1.0, 1.0), 10.0)
+    batched = cost.CostCurve(sizes, (1.0, 1.1, 1.2, 1.4, 1.8), 20.0, lone=(1.0, 1.5, 2.0, 3.0, 5.0), single_ms=8.0)
     monkeypatch.setattr(cost, "_cost_curve", lambda engine, name, folder, batch=1: batched if batch > 1 else single)
     monkeypatch.setattr(cost, "_PINNED", None)
     engine = Engine(tiny_model("llama"))
     with cost.under_load(engine, "", None, 4):
         assert cost.cost_curve(engine, "", None) is batched
-        assert cost._named_cost("probe", lambda: 0.5) == pytest.approx(0.5 * 4 * 10.0 / 20.0)
+        assert cost._named_cost("probe", lambda: 0.5) == pytest.approx(0.5 * 4 * 8.0 / 20.0)
+        assert list(cost.slot_cost_curve(engine, "", None).ratios) == pytest.approx([1.0, 3.0, 5.0, 9.0, 17.0])
     assert cost.cost_curve(engine, "", None) is single and cost._named_cost("probe", lambda: 0.5) == 0.5
+    assert cost.slot_cost_curve(engine, "", None) is single
     pld = PromptLookupDecoder(engine)
     assert pld.under_load(1) is pld
     loaded = pld.under_load(4)
-    assert loaded is not pld and loaded.verify_cost is batched and pld.verify_cost is single
+    assert loaded is not pld and loaded.verify_cost(2) == pytest.approx(3.0) and pld.verify_cost is single
     assert loaded.draft_length() == 0 < pld.draft_length()
+    uniform = PromptLookupDecoder(engine)
+    uniform.verify_cost = batched  # priced as if every sequence drafted alike, it would draft
+    assert uniform.draft_length() > 0
+
+
+def test_measure_batched_times_one_sequence_drafting_and_alone_in_the_same_rounds():
+    """The batched curve carries, from the same rounds, one sequence's draft in a batch of plain
+    ones (``lone``, 1 at one token) and one sequence alone; ratios are taken within a round."""
+    import methods.core.cost as cost
+    from tests.conftest import tiny_model
+
+    engine = Engine(tiny_model("llama"))
+    curve = cost.measure_batched(engine, 3, sizes=(1, 2, 4), rounds=2)
+    assert curve.sizes == (1, 2, 4) and curve.ratios[0] == 1.0 and curve.lone is not None
+    assert len(curve.lone) == 3 and curve.lone[0] == 1.0 and curve.single_ms and curve.single_ms > 0
+    again = cost.CostCurve.from_dict(curve.as_dict(), curve.key)
+    assert again.lone == pytest.approx(curve.lone, abs=1e-3) and again.single_ms == pytest.approx(curve.single_ms, abs=1e-3)
+    # a round the machine ran slow moves both sizes: the ratio within rounds cancels it
+    times = {1: [1.0, 1.0, 4.0], 2: [1.5, 6.0, 6.0]}
+    assert cost._round_ratios(times, 1, [1, 2]) == [1.0, 1.5]

@@ -9,8 +9,9 @@ stream of requests with at most ``concurrency`` of them decoding together:
   so the method's own hooks (prefill, ``draft``, ``update``, its drafter's passes) run on the
   slot exactly as they run alone;
 * every step, each slot drafts, and one target pass (``BatchEngine.forward``) verifies all
-  the slots' drafts together: the drafts are padded to the step's largest, each slot keeps
-  its own positions and tree mask over its own cached length, and padding is masked away;
+  the slots' drafts together: the products run over the slots' real tokens packed one after
+  another, the attention over the drafts padded to the step's largest, each slot with its
+  own positions and tree mask over its own cached length, and padding masked away;
 * each slot accepts its own number of tokens; their KV is kept in one gather over the
   batch (``BatchEngine.keep``);
 * a finished request leaves its slot and the next waiting one is prefilled into it, so the
@@ -117,29 +118,70 @@ class BatchEngine:
         h = e.embed_tokens(tokens)
         keys = max(past_list) + n
         masks: dict[int | None, torch.Tensor] = {}
-        rope = e._rope(pos)
         write = (slot_idx[:, None].expand(batch, n), past[:, None] + torch.arange(n, device=device))
+        real, starts = self._packing(current, n)
+        x, rope, write = self._packed(h, real, e._rope(pos), write)
         for li, weights in enumerate(e._weights):
             if li in by_layer:
+                h = self._unpacked(x, real, batch, n)
                 h, pos, vis, n = self._inject(h, pos, vis, current, past, by_layer[li])
                 keys = max(past_list) + n
                 masks.clear()
-                rope = e._rope(pos)
                 write = (slot_idx[:, None].expand(batch, n), past[:, None] + torch.arange(n, device=device))
+                real, starts = self._packing(current, n)
+                x, rope, write = self._packed(h, real, e._rope(pos), write)
             window = e._windows[li]
             if window not in masks:
                 masks[window] = self._mask(vis, past, pos, keys, window)
-            x = h.reshape(batch * n, -1)
             x = x + self._attention(li, weights, weights.attn_norm(x), rope, masks[window], write, keys,
-                                    (lo, hi) if contiguous else slot_idx, batch, n)
+                                    (lo, hi) if contiguous else slot_idx, batch, n, real)
             x = x + e._mlp(weights, weights.mlp_norm(x))
-            h = x.view(batch, n, -1)
-        hidden = e._final_norm(h)
+        hidden = e._final_norm(x)
         want = [current[i] if d.all_logits else counts[i] for i, d in enumerate(drafts)]
-        rows = torch.cat([torch.arange(w, device=device) + i * n for i, w in enumerate(want)])
-        logits = e.lm_head(hidden.reshape(batch * n, -1).index_select(0, rows)).float()
-        return [ForwardOutput(logits=part, hidden=hidden[i, :current[i]])
+        if want == current:
+            picked = hidden
+        else:
+            rows = torch.cat([torch.arange(w, device=device) + starts[i] for i, w in enumerate(want)])
+            picked = hidden.index_select(0, rows)
+        logits = e.lm_head(picked).float()
+        return [ForwardOutput(logits=part, hidden=hidden[starts[i]:starts[i] + current[i]])
                 for i, part in enumerate(logits.split(want))]
+
+    def _packing(self, current: Sequence[int], n: int) -> tuple[torch.Tensor | None, list[int]]:
+        """The padded rows [B x n] that hold real tokens (None: every row does) and where each
+        slot's rows start among the packed ones. Why pack: the products are most of a pass,
+        and over the real rows alone a slot that drafts nothing costs no padding; only the
+        attention sees the padded [B, n] layout."""
+        starts, total = [], 0
+        for c in current:
+            starts.append(total)
+            total += c
+        if total == len(current) * n:
+            return None, starts
+        device = self.engine.device
+        real = torch.cat([torch.arange(c, device=device) + i * n for i, c in enumerate(current)])
+        return real, starts
+
+    @staticmethod
+    def _packed(h: torch.Tensor, real: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
+                write: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """The hidden states, RoPE tables and cache write places of the real rows, in packed order."""
+        flat = h.reshape(-1, h.shape[-1])
+        cos, sin = (t.reshape(-1, t.shape[-1]) for t in rope)
+        w0, w1 = write[0].reshape(-1), write[1].reshape(-1)
+        if real is None:
+            return flat, (cos, sin), (w0, w1)
+        return flat.index_select(0, real), (cos[real], sin[real]), (w0[real], w1[real])
+
+    @staticmethod
+    def _unpacked(x: torch.Tensor, real: torch.Tensor | None, batch: int, n: int) -> torch.Tensor:
+        """Packed rows back in the padded [B, n, hidden] layout (padding rows zero)."""
+        if real is None:
+            return x.view(batch, n, -1)
+        h = x.new_zeros(batch * n, x.shape[-1])
+        h.index_copy_(0, real, x)
+        return h.view(batch, n, -1)
 
     def _inject(self, h: torch.Tensor, pos: torch.Tensor, vis: torch.Tensor, current: list[int],
                 past: torch.Tensor, injections: list[tuple[int, Injection]]
@@ -170,33 +212,41 @@ class BatchEngine:
 
     def _attention(self, li: int, w: Any, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                    mask: torch.Tensor, write: tuple[torch.Tensor, torch.Tensor], keys: int,
-                   slots: tuple[int, int] | torch.Tensor, batch: int, n: int) -> torch.Tensor:
-        """The engine's attention for every slot at once: the new keys and values written at each
-        slot's own positions, one SDPA call over the slots' caches with the step's mask."""
+                   slots: tuple[int, int] | torch.Tensor, batch: int, n: int,
+                   real: torch.Tensor | None) -> torch.Tensor:
+        """The engine's attention for every slot at once over the packed rows ``x``: the new keys and
+        values written at each row's own slot and position, one SDPA call over the slots' caches
+        with the step's mask (queries padded to [B, n]; padding rows are computed and dropped)."""
         e = self.engine
         heads, kv_heads, dim = e._heads, e._kv_heads, e._head_dim
         qkv = few_rows_linear(x, w.qkv, w.qkv_bias, FEW_ROWS_LAYER)
-        qk = qkv[:, : (heads + kv_heads) * dim].view(batch, n, heads + kv_heads, dim)
+        rows = qkv.shape[0]
+        qk = qkv[:, : (heads + kv_heads) * dim].view(rows, heads + kv_heads, dim)
         cos, sin = rope
-        qk = qk * cos[:, :, None] + _rotate_half(qk) * sin[:, :, None]
+        qk = qk * cos[:, None] + _rotate_half(qk) * sin[:, None]
         key_buf, value_buf = self.cache.keys[li], self.cache.values[li]   # [slots, kv_heads, T, dim]
-        key_buf[write[0], :, write[1]] = qk[:, :, heads:]
-        value_buf[write[0], :, write[1]] = qkv[:, (heads + kv_heads) * dim:].view(batch, n, kv_heads, dim)
+        key_buf[write[0], :, write[1]] = qk[:, heads:]
+        value_buf[write[0], :, write[1]] = qkv[:, (heads + kv_heads) * dim:].view(rows, kv_heads, dim)
         if isinstance(slots, tuple):
             k, v = key_buf[slots[0]:slots[1], :, :keys], value_buf[slots[0]:slots[1], :, :keys]
         else:
             k, v = key_buf[slots, :, :keys], value_buf[slots, :, :keys]
+        q = qk[:, :heads]
+        if real is not None:
+            q = q.new_zeros(batch * n, heads, dim).index_copy_(0, real, q)
         # the query heads grouped by their key head: [B, kv_heads, group x n, dim] against the keys as they
         # are, which CPU kernels run several times faster than the repeated-key form (same values)
         group = heads // kv_heads
         if n == 1:
-            q = qk[:, 0, :heads].reshape(batch, kv_heads, group, dim)
+            q = q.reshape(batch, kv_heads, group, dim)
         else:
-            q = qk[:, :, :heads].transpose(1, 2).reshape(batch, kv_heads, group * n, dim)
+            q = q.view(batch, n, heads, dim).transpose(1, 2).reshape(batch, kv_heads, group * n, dim)
             mask = mask.repeat(1, 1, group, 1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=e._scaling)
-        out = out.view(batch, heads, n, dim).transpose(1, 2)
-        return few_rows_linear(out.reshape(batch * n, heads * dim), w.o, w.o_bias, FEW_ROWS_LAYER)
+        out = out.view(batch, heads, n, dim).transpose(1, 2).reshape(batch * n, heads * dim)
+        if real is not None:
+            out = out.index_select(0, real)
+        return few_rows_linear(out, w.o, w.o_bias, FEW_ROWS_LAYER)
 
     def keep(self, slots: Sequence[int], accepted: Sequence[Acceptance]) -> None:
         """Each slot keeps its accepted nodes' KV: a leading run in place, every other slot's

@@ -17,6 +17,7 @@ candidate's cost; the report puts the prediction beside the measured speedup.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 
 SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
-ENGINE_COST_VERSION = 5  # bump when the engine's pass or the measurement changes, so cached curves re-measure
+ENGINE_COST_VERSION = 6  # bump when the engine's pass or the measurement changes, so cached curves re-measure
 CONTEXT = 256
 
 
@@ -62,6 +63,10 @@ class CostCurve:
     one_token_ms: float = 0.0
     key: str = ""
     load: float | None = None  # share of the cores other processes kept busy while it was measured
+    # a batched curve only: T(B; one sequence n, the others 1) / T(B, 1) at ``sizes``, and one
+    # sequence's plain pass alone in ms, both timed in the same rounds as the curve
+    lone: tuple[float, ...] | None = None
+    single_ms: float | None = None
 
     def __call__(self, n: float) -> float:
         xs, ys = self.sizes, self.smoothed()
@@ -81,7 +86,26 @@ class CostCurve:
         return {"sizes": list(self.sizes), "ratios": [round(r, 4) for r in self.ratios],
                 "monotone": [round(r, 4) for r in self.smoothed()],
                 "one_token_ms": round(self.one_token_ms, 3), "key": self.key,
-                **({"load": round(self.load, 2)} if self.load is not None else {})}
+                **({"load": round(self.load, 2)} if self.load is not None else {}),
+                **({"lone": [round(r, 4) for r in self.lone]} if self.lone is not None else {}),
+                **({"single_ms": round(self.single_ms, 3)} if self.single_ms is not None else {})}
+
+    @classmethod
+    def from_dict(cls, saved: Mapping[str, Any], key: str) -> CostCurve:
+        lone = saved.get("lone")
+        return cls(tuple(saved["sizes"]), tuple(saved["ratios"]), float(saved.get("one_token_ms", 0.0)), key,
+                   saved.get("load"), tuple(lone) if lone is not None else None, saved.get("single_ms"))
+
+    def per_slot(self, batch: int) -> CostCurve:
+        """What one sequence's n tokens cost the batch, in units of its own plain step: the
+        pass grows from T(B, 1) to T_lone(n) for all B sequences while only this one gains,
+        so a draft's cost is 1 + B x (lone(n) - 1). An online policy that drafts for one
+        sequence at a time (PLD) prices its drafts with it; a tree every sequence drafts
+        alike is priced by the curve itself."""
+        if self.lone is None or batch <= 1:
+            return self
+        return CostCurve(self.sizes, tuple(1.0 + batch * max(0.0, r - 1.0) for r in self.lone), self.one_token_ms,
+                         self.key + "|per-slot", self.load)
 
 
 def _sync(device: torch.device) -> None:
@@ -111,9 +135,15 @@ def measure(engine: Any, sizes: Sequence[int] = SIZES, context: int = CONTEXT, r
     times: dict[int, list[float]] = {n: [] for n in sizes}
     with OtherLoad() as load:
         _timed_rounds(engine, sizes, rounds, biases, times)
-    one = statistics.median(times[sizes[0]])
-    return CostCurve(tuple(sizes), tuple(statistics.median(times[n]) / one for n in sizes), one * 1000,
-                     load=load.share)
+    return CostCurve(tuple(sizes), tuple(_round_ratios(times, sizes[0], sizes)),
+                     statistics.median(times[sizes[0]]) * 1000, load=load.share)
+
+
+def _round_ratios(times: Mapping[Any, list[float]], base: Any, keys: Sequence[Any]) -> list[float]:
+    """Each key's time over ``base``'s in the same round, the median over rounds. Why not the ratio
+    of medians: a machine whose speed drifts over seconds moves whole rounds, and a ratio
+    within a round cancels that, where medians taken apart can land in different stretches."""
+    return [statistics.median(t / b for t, b in zip(times[k], times[base])) for k in keys]
 
 
 BATCH_TOKENS = 512  # the most tokens one batched measurement pass runs, all sequences together
@@ -123,32 +153,48 @@ BATCH_TOKENS = 512  # the most tokens one batched measurement pass runs, all seq
 def measure_batched(engine: Any, batch: int, sizes: Sequence[int] = SIZES, context: int = CONTEXT,
                     rounds: int = 5) -> CostCurve:
     """``measure`` for a pass over ``batch`` sequences, each verifying n tokens after ``context``
-    cached ones: T(batch, n) / T(batch, 1). ``one_token_ms`` is then the batch's plain step."""
+    cached ones: T(batch, n) / T(batch, 1). ``one_token_ms`` is then the batch's plain step.
+    In the same rounds: ``lone``, the pass where one sequence verifies n and the others one
+    token each (what one sequence's draft costs the batch), and ``single_ms``, one sequence's
+    plain pass alone, so the batch's cost per sequence is compared within one stretch of the
+    machine's speed."""
     from methods.core.batch import BatchEngine
     from methods.core.decoder import Draft
     from methods.core.tree import chain_layout
 
-    sizes = [n for n in sizes if n * batch <= BATCH_TOKENS] or [1]
-    runner = BatchEngine(engine, batch, context + max(sizes) + 1)
+    uniform = [n for n in sizes if n * batch <= BATCH_TOKENS] or [1]
+    lone_sizes = list(sizes)
+    runner = BatchEngine(engine, batch, context + max(max(uniform), max(lone_sizes)) + 1)
     vocab = engine.config.vocab_size
     for slot in runner.slots:
         slot.forward([i % vocab for i in range(context)], commit=True, want_logits=False)
-    drafts = {n: [Draft(torch.arange(n, device=engine.device) % vocab, chain_layout(n - 1, engine))] * batch
-              for n in sizes}
+
+    def chain(n: int) -> Draft:
+        return Draft(torch.arange(n, device=engine.device) % vocab, chain_layout(n - 1, engine))
+
     slots = list(range(batch))
-    times: dict[int, list[float]] = {n: [] for n in sizes}
+    plain = chain(1)
+    passes: dict[Any, Callable[[], Any]] = {("all", n): (lambda d=[chain(n)] * batch: runner.forward(slots, d))
+                                            for n in uniform}
+    passes.update({("lone", n): (lambda d=[chain(n)] + [plain] * (batch - 1): runner.forward(slots, d))
+                   for n in lone_sizes if n > 1})
+    passes["single"] = lambda: runner.forward([0], [plain])
+    times: dict[Any, list[float]] = {k: [] for k in passes}
     with OtherLoad() as load:
         for r in range(rounds + 1):
-            for n in sizes:
+            for k, fn in passes.items():
                 _sync(engine.device)
                 start = time.perf_counter()
-                runner.forward(slots, drafts[n])
+                fn()
                 _sync(engine.device)
-                if r:
-                    times[n].append(time.perf_counter() - start)
-    one = statistics.median(times[sizes[0]])
-    return CostCurve(tuple(sizes), tuple(statistics.median(times[n]) / one for n in sizes), one * 1000,
-                     load=load.share)
+                if r:  # round 0 warms every shape up
+                    times[k].append(time.perf_counter() - start)
+    base = ("all", uniform[0])
+    times[("lone", 1)] = times[base]
+    return CostCurve(tuple(uniform), tuple(_round_ratios(times, base, [("all", n) for n in uniform])),
+                     statistics.median(times[base]) * 1000, load=load.share,
+                     lone=tuple(_round_ratios(times, base, [("lone", n) for n in lone_sizes])),
+                     single_ms=statistics.median(times["single"]) * 1000)
 
 
 def _timed_rounds(engine: Any, sizes: Sequence[int], rounds: int, biases: dict[int, Any],
@@ -234,16 +280,17 @@ def under_load(engine: Any, model_name: str, cache_dir: Path | None, batch: int)
     The verify curve is T(batch, n) / T(batch, 1), measured once per machine and batch size
     and cached like the one-sequence curve. A method's drafting work (heads, a draft model,
     skipped-layer passes) runs once per sequence while the verify pass is shared, so a call
-    cost in units of a one-sequence step is scaled by batch x T(1, 1) / T(batch, 1): where
-    the batched pass is cheap per sequence, drafting weighs that much more. At batch 1 this
-    changes nothing."""
+    cost in units of a one-sequence step is scaled by batch x T(1, 1) / T(batch, 1) (both timed
+    in the same rounds): where the batched pass is cheap per sequence, drafting weighs that
+    much more. ``slot_cost_curve`` prices one sequence's own draft. At batch 1 this changes
+    nothing."""
     global _LOAD
     if batch <= 1:
         yield
         return
-    single = _cost_curve(engine, model_name, cache_dir)
     batched = _cost_curve(engine, model_name, cache_dir, batch)
-    scale = batch * single.one_token_ms / batched.one_token_ms if batched.one_token_ms > 0 else float(batch)
+    single = batched.single_ms or _cost_curve(engine, model_name, cache_dir).one_token_ms
+    scale = batch * single / batched.one_token_ms if batched.one_token_ms > 0 else float(batch)
     previous = _LOAD
     _LOAD = (batch, batched, scale)
     try:
@@ -287,6 +334,14 @@ def cost_curve(engine: Any, model_name: str, cache_dir: Path | None) -> CostCurv
     return _note_curve(_cost_curve(engine, model_name, cache_dir))
 
 
+def slot_cost_curve(engine: Any, model_name: str, cache_dir: Path | None) -> CostCurve:
+    """The cost of one sequence's own draft: ``cost_curve`` alone; inside ``under_load``, what that
+    draft costs the whole batch per unit of the sequence's plain step (``CostCurve.per_slot``)."""
+    if _LOAD is not None:
+        return _LOAD[1].per_slot(_LOAD[0])
+    return cost_curve(engine, model_name, cache_dir)
+
+
 def _cost_curve(engine: Any, model_name: str, cache_dir: Path | None, batch: int = 1) -> CostCurve:
     key = hardware_key(engine, model_name) + (f"|batch={batch}" if batch > 1 else "")
     if key in _MEMO:
@@ -295,15 +350,13 @@ def _cost_curve(engine: Any, model_name: str, cache_dir: Path | None, batch: int
     if cache_dir is not None:
         path = Path(cache_dir) / "cost" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
         try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            curve = CostCurve(tuple(saved["sizes"]), tuple(saved["ratios"]), saved.get("one_token_ms", 0.0), key,
-                              saved.get("load"))
+            curve = CostCurve.from_dict(json.loads(path.read_text(encoding="utf-8")), key)
             _MEMO[key] = curve
             return curve
         except (OSError, ValueError, KeyError):
             pass
     curve = measure(engine) if batch == 1 else measure_batched(engine, batch)
-    curve = CostCurve(curve.sizes, curve.ratios, curve.one_token_ms, key, curve.load)
+    curve = dataclasses.replace(curve, key=key)
     _MEMO[key] = curve
     if loaded(curve):
         print(f"warning: other processes kept {curve.load:.0%} of the cores busy while the verify-cost "

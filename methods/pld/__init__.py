@@ -16,6 +16,11 @@ length beats a plain step (L = 0: one token for one pass) it takes plain steps, 
 draft after 4, 8, ... 256 of them so the counts can recover. The counts start from an
 optimistic prior, so a long draft is tried before it is given up, and carry across
 prompts. ``policy=fixed`` always takes ``num_tokens``, as transformers' PLD does.
+
+Under load a match is one sequence's: its draft widens the pass every sequence in the batch
+waits on while only it gains, so there t is what that draft costs the batch per unit of the
+sequence's own plain step (``methods.core.cost.slot_cost_curve``), and a draft must win back
+the others' time as well.
 """
 
 from __future__ import annotations
@@ -86,10 +91,10 @@ class PromptLookupDecoder(Decoder):
         self.verify_cost: Callable[[float], float] | None = None
         self.backoff = Backoff()
         if self.options.policy == "cost":
-            from methods.core.cost import cost_curve
+            from methods.core.cost import slot_cost_curve
             from methods.core.files import cache_root
 
-            self.verify_cost = cost_curve(self.engine, self.model_name, cache_root())
+            self.verify_cost = slot_cost_curve(self.engine, self.model_name, cache_root())
 
     def draft_length(self) -> int:
         if self.verify_cost is None:
