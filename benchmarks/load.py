@@ -6,10 +6,12 @@
 
 At each level the same requests (the first turn of each selected example, repeated in order
 where there are fewer examples than requests) go through ``methods.core.batch.serve`` with
-that many in flight (a closed loop), method by method, the order rotating from level to
-level; each (method, level) gets an uncounted warm-up first. With ``--rounds R`` every
-(method, level) is served R times, the order rotating each round, and the median round kept:
-a machine whose speed drifts over seconds then shifts every method alike. Speedup at a level is the
+that many in flight (a closed loop). The requests are cut into chunks (``--chunk``, default
+one batch: as many requests as the level) and the methods take turns chunk by chunk, the
+order rotating, so a machine whose speed drifts over seconds shifts every method alike; a
+method's throughput is its output tokens over its serving time, summed over its chunks.
+Each (method, level) gets an uncounted warm-up first. With ``--rounds R`` all of it runs R
+times and the median round is kept. Speedup at a level is the
 method's output tokens per second over vanilla's at the same level on the same requests.
 Each method's drafting is refitted to the level's batch (``Decoder.under_load``) unless
 ``--fixed``. It prints one table per level, then for every method the first level where its
@@ -72,6 +74,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="examples per task")
     ap.add_argument("--max-prompt", type=int, default=400, help="longest prompt, in tokens, to send")
     ap.add_argument("--fixed", action="store_true", help="keep each method's batch-1 drafting at every level")
+    ap.add_argument("--chunk", type=int, default=0,
+                    help="requests per serve, methods alternating chunk by chunk (default: the level)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="serves per (method, level), the method order rotating each round; the median kept")
     args = ap.parse_args()
@@ -104,25 +108,32 @@ def main() -> None:
           f"drafting {'fixed at batch 1' if args.fixed else 'refitted per level'}")
     results: dict[tuple[str, int], dict[str, float]] = {}
     for li, level in enumerate(levels):
+        fitted = {name: decoder if args.fixed else decoder.under_load(level) for name, decoder in decoders.items()}
+        for name, decoder in fitted.items():  # uncounted: every shape of the level's passes once
+            serve(decoder, [Request(p, GenConfig(8)) for p in prompts[:level]], level, adapt=False)
+        size = args.chunk or level
+        chunks = [prompts[i:i + size] for i in range(0, len(prompts), size)]
         rounds: dict[str, list[dict[str, float]]] = {}
         for r in range(args.rounds):
-            shift = (li + r) % len(names)
-            for name in names[shift:] + names[:shift]:
-                if name not in decoders:
-                    continue
-                decoder = decoders[name]
-                warm = [Request(p, GenConfig(8)) for p in prompts[:level]]
-                serve(decoder, warm, level, adapt=not args.fixed)
-                run = serve(decoder, [Request(p, config) for p in prompts], level, adapt=not args.fixed)
-                gens = [s.generation for s in run.served]
+            runs: dict[str, list] = {name: [] for name in fitted}
+            for c, chunk in enumerate(chunks):  # methods alternate chunk by chunk, the order rotating
+                shift = (li + r + c) % len(names)
+                for name in names[shift:] + names[:shift]:
+                    if name in fitted:
+                        runs[name].append(serve(fitted[name], [Request(p, config) for p in chunk], level,
+                                                adapt=False))
+            for name, parts in runs.items():
+                served = [s for run in parts for s in run.served]
+                gens = [s.generation for s in served]
                 steps = sum(len(g.accepted) - 1 for g in gens)
                 rounds.setdefault(name, []).append({
-                    "throughput": run.throughput,
+                    "throughput": sum(run.output_tokens for run in parts) / sum(run.wall_time for run in parts),
                     "accepted": sum(len(g.tokens) - 1 for g in gens) / max(1, steps),
-                    "processed": sum(run.step_tokens) / max(1, sum(run.batch_sizes)),
-                    "tpot": statistics.median(s.time_per_output_token for s in run.served) * 1000,
-                    "ttft": statistics.median(s.time_to_first_token for s in run.served) * 1000,
-                    "draft": (run.decoder.describe() if run.decoder is not None else {}).get("draft_size", "-"),
+                    "processed": sum(sum(run.step_tokens) for run in parts)
+                                 / max(1, sum(sum(run.batch_sizes) for run in parts)),
+                    "tpot": statistics.median(s.time_per_output_token for s in served) * 1000,
+                    "ttft": statistics.median(s.time_to_first_token for s in served) * 1000,
+                    "draft": fitted[name].describe().get("draft_size", "-"),
                 })
         for name, runs in rounds.items():  # the round with the median throughput (the lower middle)
             results[name, level] = sorted(runs, key=lambda x: x["throughput"])[(len(runs) - 1) // 2]
