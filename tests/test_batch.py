@@ -208,20 +208,3 @@ def test_measure_batched_times_one_sequence_drafting_and_alone_in_the_same_round
     # a round the machine ran slow moves both sizes: the ratio within rounds cancels it
     times = {1: [1.0, 1.0, 4.0], 2: [1.5, 6.0, 6.0]}
     assert cost._round_ratios(times, 1, [1, 2]) == [1.0, 1.5]
-
-
-def test_under_load_a_fitted_draft_must_beat_a_plain_step_by_the_tie_tolerance(monkeypatch):
-    """A static fit predicted 1.02x drafts alone and takes plain steps under load, saying why."""
-    import methods.core.cost as cost
-    from methods.core.fitting import fitted
-    from tests.conftest import tiny_model
-
-    assert fitted(1.02, "the 1-node tree")["drafting"]
-    batched = cost.CostCurve((1, 2), (1.0, 1.5), 20.0, lone=(1.0, 1.5), single_ms=10.0)
-    engine = Engine(tiny_model("llama"))
-    monkeypatch.setattr(cost, "_cost_curve", lambda engine, name, folder, batch=1: batched)
-    with cost.under_load(engine, "", None, 4):
-        record = fitted(1.02, "the 1-node tree")
-        assert not record["drafting"] and "a tie" in record["reason"]
-        assert fitted(1.04, "the 1-node tree")["drafting"]
-    assert fitted(1.02, "the 1-node tree")["drafting"]

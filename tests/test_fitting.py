@@ -76,6 +76,9 @@ def test_fitted_record_says_whether_and_why():
     assert plain["drafting"] is False and plain["best_predicted_speedup"] == 0.88
     assert "plain steps" in plain["reason"] and "0.88x" in plain["reason"]
     assert fitted(1.2, "γ = 2")["drafting"] is True
+    tie = fitted(1.02, "the 1-node tree")  # within the tie tolerance of a plain step: the plain step
+    assert tie["drafting"] is False and "a tie" in tie["reason"] and "1.02x" in tie["reason"]
+    assert fitted(1.04, "the 1-node tree")["drafting"] is True
 
 
 def test_backoff_probes_after_doubling_waits_and_resets_when_drafting_pays():

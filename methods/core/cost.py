@@ -334,12 +334,6 @@ def cost_curve(engine: Any, model_name: str, cache_dir: Path | None) -> CostCurv
     return _note_curve(_cost_curve(engine, model_name, cache_dir))
 
 
-def load_margin() -> float:
-    """How far above a plain step a fitted draft must be predicted to be taken: ``TIE_TOLERANCE``
-    inside ``under_load``, 0 alone (``methods.core.fitting.fitted`` says why)."""
-    return TIE_TOLERANCE if _LOAD is not None else 0.0
-
-
 def slot_cost_curve(engine: Any, model_name: str, cache_dir: Path | None) -> CostCurve:
     """The cost of one sequence's own draft: ``cost_curve`` alone; inside ``under_load``, what that
     draft costs the whole batch per unit of the sequence's plain step (``CostCurve.per_slot``)."""

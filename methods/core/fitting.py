@@ -83,19 +83,19 @@ def fitted(best_predicted_speedup: float, best: str, *, basis: str = "this machi
     """The record a fitted method puts in ``describe()``: whether it drafts, the best
     predicted speedup over vanilla and why, for the manifest and the report.
 
-    Under load (``methods.core.cost.under_load``) a draft must be predicted ``LOAD_MARGIN``
-    above a plain step: a prediction that close is a tie (``cost.TIE_TOLERANCE``), and a tie
-    goes to the shallowest choice, the plain step. Why only there: a wrong draft in a batch
-    slows every sequence in it, the batched curve moves more between measurements, and a
-    trainer's accepted length, from its own held-out split, overstates other tasks; at batch 1
-    the choice stays as it was made and recorded."""
-    from methods.core.cost import load_margin
+    A draft must be predicted ``TIE_TOLERANCE`` above a plain step: a prediction that close is
+    a tie (``methods.core.cost.TIE_TOLERANCE``: curves measured minutes apart differ by that
+    much), and a tie goes to the shallowest choice, which is the plain step. A trainer's
+    accepted length comes from its own held-out split and overstates other tasks, so a draft
+    predicted at 1.01x loses more often than it wins, and under load it slows every sequence
+    in the batch."""
+    from methods.core.cost import TIE_TOLERANCE
 
-    drafting = best_predicted_speedup >= PLAIN_RATE + load_margin()
+    drafting = best_predicted_speedup >= PLAIN_RATE + TIE_TOLERANCE
     if drafting:
         reason = f"{best} is predicted at {best_predicted_speedup:.2f}x vanilla from {basis}"
     elif best_predicted_speedup >= PLAIN_RATE:
-        reason = (f"under load no draft is predicted {load_margin():.0%} above a plain step from {basis} (best: "
+        reason = (f"no draft is predicted {TIE_TOLERANCE:.0%} above a plain step from {basis} (best: "
                   f"{best}, {best_predicted_speedup:.2f}x vanilla, a tie), so it takes plain steps as vanilla does")
     else:
         reason = (f"no draft is predicted to beat a plain step from {basis} (best: {best}, "
