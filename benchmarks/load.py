@@ -8,12 +8,14 @@ At each level the same requests (the first turn of each selected example, repeat
 where there are fewer examples than requests) go through ``methods.core.batch.serve`` with
 that many in flight (a closed loop). The requests are cut into chunks (``--chunk``, default
 one batch: as many requests as the level) and the methods take turns chunk by chunk, the
-order rotating, so a machine whose speed drifts over seconds shifts every method alike; a
-method's throughput is its output tokens over its serving time, summed over its chunks.
-Each (method, level) gets an uncounted warm-up first. With ``--rounds R`` all of it runs R
-times and the median round is kept. Speedup at a level is the
-method's output tokens per second over vanilla's at the same level on the same requests.
-Each method's drafting is refitted to the level's batch (``Decoder.under_load``) unless
+order rotating, so a machine whose speed drifts over seconds shifts every method alike; each
+slot's decoder goes on from one chunk to the next (``serve(slots_from=...)``), as a server's
+slots do. A method's throughput is its output tokens over its serving time, summed over its
+chunks; its speedup is the geometric mean, over chunks, of its throughput over vanilla's on
+the same chunk, served a few seconds apart, which cancels more of the drift than a ratio of
+sums: equal work, since both served the same requests. Each (method, level) gets an
+uncounted warm-up first. With ``--rounds R`` all of it runs R times and the round with the
+median speedup is kept. Each method's drafting is refitted to the level's batch (``Decoder.under_load``) unless
 ``--fixed``. It prints one table per level, then for every method the first level where its
 speedup falls under 1.05x, and vanilla's throughput at each level over its throughput at
 the first.
@@ -22,6 +24,7 @@ the first.
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import statistics
 import sys
@@ -119,11 +122,14 @@ def main() -> None:
             for c, chunk in enumerate(chunks):  # methods alternate chunk by chunk, the order rotating
                 shift = (li + r + c) % len(names)
                 for name in names[shift:] + names[:shift]:
-                    if name in fitted:
+                    if name in fitted:  # each slot's decoder goes on from the chunk before, as a server's would
                         runs[name].append(serve(fitted[name], [Request(p, config) for p in chunk], level,
-                                                adapt=False))
+                                                adapt=False, slots_from=runs[name][-1] if runs[name] else None))
             for name, parts in runs.items():
                 served = [s for run in parts for s in run.served]
+                # speedup: per chunk over vanilla's serve of the same chunk (close in time), geometric mean
+                paired = [math.log(run.throughput / base.throughput)
+                          for run, base in zip(parts, runs["vanilla"]) if run.throughput and base.throughput]
                 gens = [s.generation for s in served]
                 steps = sum(len(g.accepted) - 1 for g in gens)
                 rounds.setdefault(name, []).append({
@@ -134,9 +140,10 @@ def main() -> None:
                     "tpot": statistics.median(s.time_per_output_token for s in served) * 1000,
                     "ttft": statistics.median(s.time_to_first_token for s in served) * 1000,
                     "draft": fitted[name].describe().get("draft_size", "-"),
+                    "speedup": math.exp(statistics.fmean(paired)) if paired else float("nan"),
                 })
-        for name, runs in rounds.items():  # the round with the median throughput (the lower middle)
-            results[name, level] = sorted(runs, key=lambda x: x["throughput"])[(len(runs) - 1) // 2]
+        for name, runs in rounds.items():  # the round with the median speedup (the lower middle)
+            results[name, level] = sorted(runs, key=lambda x: (x["speedup"], x["throughput"]))[(len(runs) - 1) // 2]
         base = results["vanilla", level]["throughput"]
         print(f"\nconcurrency {level}")
         print(f"{'method':<11}{'tok/s':>9}{'speedup':>9}{'acc/step':>10}{'tok/seq/pass':>14}{'TPOT ms':>9}"
@@ -144,15 +151,14 @@ def main() -> None:
         for name in names:
             if (name, level) in results:
                 r = results[name, level]
-                print(f"{name:<11}{r['throughput']:>9.1f}{r['throughput'] / base:>9.2f}{r['accepted']:>10.2f}"
+                print(f"{name:<11}{r['throughput']:>9.1f}{r['speedup']:>9.2f}{r['accepted']:>10.2f}"
                       f"{r['processed']:>14.2f}{r['tpot']:>9.1f}{r['ttft']:>9.0f}  {r['draft']}")
     print("\nwhere speculation stops paying (first level under "
           f"{PAYS}x vanilla; lowest speedup over all levels):")
     for name in names:
         if name == "vanilla" or name not in decoders:
             continue
-        speedups = [(level, results[name, level]["throughput"] / results["vanilla", level]["throughput"])
-                    for level in levels]
+        speedups = [(level, results[name, level]["speedup"]) for level in levels]
         under = next((level for level, s in speedups if s < PAYS), None)
         print(f"  {name:<11}{'never' if under is None else f'at {under}':>10}   lowest {min(s for _, s in speedups):.2f}x")
     first = results["vanilla", levels[0]]["throughput"]

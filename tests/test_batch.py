@@ -115,6 +115,27 @@ def test_stop_ids_and_one_token_requests_leave_their_slots():
         assert s.arrival <= s.admitted <= s.first_token <= s.finished
 
 
+def test_slots_from_continues_each_slots_decoder():
+    """A serve given an earlier run continues its slots' decoders, what each learned included,
+    and still gives batch-1 token ids; without it every slot starts from the decoder."""
+    from tests.conftest import tiny_model
+
+    engine = Engine(tiny_model("llama"))
+    vanilla = VanillaDecoder(engine)
+    ps = prompts()
+    first = serve(vanilla, [Request(p, GenConfig(6)) for p in ps[:2]], 2, adapt=False)
+    for i, fork in enumerate(first.forks):
+        fork.learned = i  # what a slot's decoder learned over its requests
+    second = serve(vanilla, [Request(p, GenConfig(6)) for p in ps[2:]], 2, slots_from=first)
+    assert [getattr(f, "learned", None) for f in second.forks] == [0, 1]
+    assert second.decoder is first.decoder
+    assert [s.generation.tokens for s in second.served] == [vanilla.generate(p, 6).tokens for p in ps[2:]]
+    fresh = serve(vanilla, [Request(p, GenConfig(6)) for p in ps[:2]], 2, adapt=False)
+    assert [getattr(f, "learned", None) for f in fresh.forks] == [None, None]
+    other = serve(vanilla, [Request(p, GenConfig(6)) for p in ps], 3, adapt=False, slots_from=first)
+    assert [getattr(f, "learned", None) for f in other.forks] == [None, None, None]  # another level: anew
+
+
 def test_open_loop_requests_wait_for_their_arrival():
     from tests.conftest import tiny_model
 

@@ -326,6 +326,7 @@ class LoadRun:
     step_times: list[float] = field(default_factory=list)
     memory: dict[str, int] = field(default_factory=dict)
     decoder: Decoder | None = None  # the decoder that ran: fitted to this concurrency where ``adapt``
+    forks: list[Decoder] = field(default_factory=list)  # each slot's decoder, as the run left it
 
     @property
     def output_tokens(self) -> int:
@@ -359,7 +360,7 @@ def capacity_for(decoder: Decoder, requests: Sequence[Request]) -> int:
 
 
 def serve(decoder: Decoder, requests: Sequence[Request], concurrency: int, *, adapt: bool = True,
-          clock: Callable[[], float] = time.perf_counter) -> LoadRun:
+          clock: Callable[[], float] = time.perf_counter, slots_from: LoadRun | None = None) -> LoadRun:
     """Decode ``requests`` with at most ``concurrency`` in flight (continuous batching).
 
     Requests take slots in order of arrival; a free slot takes the next request that has
@@ -367,23 +368,29 @@ def serve(decoder: Decoder, requests: Sequence[Request], concurrency: int, *, ad
     token ids are those ``decoder.generate`` gives it alone (greedy; sampled with the same
     seed), up to the numerics of a batched product. With ``adapt`` the method's drafting is
     fitted to passes over ``concurrency`` sequences first (``Decoder.under_load``); the
-    decoder that ran is ``LoadRun.decoder``."""
+    decoder that ran is ``LoadRun.decoder``. ``slots_from``, an earlier run of the same decoder
+    at the same concurrency, continues its slots' decoders (what each learned across its
+    requests: a cost policy's pauses, running rates), as a server's slots outlive one stretch
+    of requests; ``adapt`` is then ignored."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     if not requests:
         return LoadRun([], 0.0, concurrency)
     engine = decoder.engine
-    if adapt:
+    carried = slots_from.forks if slots_from is not None and len(slots_from.forks) == concurrency else None
+    if carried is not None:
+        decoder = slots_from.decoder or decoder  # type: ignore[union-attr]
+    elif adapt:
         decoder = decoder.under_load(concurrency)
     batch = BatchEngine(engine, concurrency, capacity_for(decoder, requests))
-    forks = [decoder.fork(slot) for slot in batch.slots]
+    forks = [(carried[i] if carried else decoder).fork(slot) for i, slot in enumerate(batch.slots)]
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
     waiting = deque(sorted(range(len(requests)), key=lambda i: (requests[i].arrival or 0.0, i)))
     live: dict[int, _Live] = {}
     free = list(range(concurrency))
     served: list[Served | None] = [None] * len(requests)
-    run = LoadRun([], 0.0, concurrency, decoder=decoder)
+    run = LoadRun([], 0.0, concurrency, decoder=decoder, forks=forks)
     start = clock()
 
     def finish(slot: int, state: _Live, done: bool, now: float) -> None:
