@@ -44,7 +44,10 @@ level as a whole is read by ``load_frame``, per method and level:
   batch's own summary (a record's ``load``); where several batches served the level (shards,
   Ray workers, a resumed batch served again) their tokens over their summed times;
 * speedup at a level = the method's throughput / vanilla's at the same level: both served the
-  same requests with the same arrivals, so this is equal work, as the batch-1 headline is;
+  same requests with the same arrivals, so this is equal work, as the batch-1 headline is.
+  Where the methods took turns chunk by chunk (a closed loop, ``harness.runner.run_load``),
+  it is the geometric mean over chunks of the method's throughput over vanilla's on the same
+  chunk, which cancels the machine's drift between chunks;
 * TTFT, TPOT and latency (p50, p90, p99) over the level's requests: seconds to the first token
   (prefill and, in an open loop, the wait for a slot), seconds per output token after the
   first, and seconds from sending to the last token;
@@ -418,7 +421,26 @@ def load_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     base = frame[frame.method == BASELINE].set_index("concurrency").throughput
     frame["speedup"] = [t / base[c] if c in base.index and base[c] > 0 else float("nan")
                         for t, c in zip(frame.throughput, frame.concurrency)]
+    paired = _chunk_speedups(groups)
+    frame["speedup"] = [paired.get((m, c), s) for m, c, s in zip(frame.method, frame.concurrency, frame.speedup)]
     return frame.reset_index(drop=True)
+
+
+def _chunk_speedups(groups: dict[tuple[str, int], list[dict[str, Any]]]) -> dict[tuple[str, int], float]:
+    """Per (method, level) whose batches are chunks (``load.chunk``) that vanilla served too: the
+    geometric mean over chunks of the method's throughput over vanilla's on the same chunk.
+    The methods took turns chunk by chunk, so each pair ran seconds apart, and the ratio
+    within a pair cancels the machine's drift that a ratio of whole-run sums keeps."""
+    def chunks(recs: list[dict[str, Any]]) -> dict[str, float]:
+        return {r["load"]["chunk"]: r["load"]["throughput"] for r in recs if r["load"].get("chunk") is not None}
+
+    out: dict[tuple[str, int], float] = {}
+    for (method, level), recs in groups.items():
+        mine, base = chunks(recs), chunks(groups.get((BASELINE, level), []))
+        logs = [math.log(t / base[k]) for k, t in mine.items() if k in base and t > 0 and base[k] > 0]
+        if logs and len(logs) == len(mine):
+            out[method, level] = math.exp(sum(logs) / len(logs))
+    return out
 
 
 def crossovers(load: pd.DataFrame, threshold: float = CROSSOVER) -> dict[str, int | None]:

@@ -12,8 +12,9 @@ machine whose speed drifts by tens of percent over seconds, this is what makes a
 near 1.0 decidable without multiplying the examples.
 
 ``run_load`` is the unit of work under load (``--concurrency``): for each level, each method
-serves every example of the shard as one request (its first turn) in one continuous batch
-(``methods.core.batch.serve``), and each request's record says what it generated and when.
+serves every example of the shard as one request (its first turn) in continuous batches
+(``methods.core.batch.serve``), the methods alternating batch by batch, and each request's
+record says what it generated and when.
 """
 
 from __future__ import annotations
@@ -242,15 +243,22 @@ def run_load(
 
     Each example is one request: its first turn (a later turn follows the method's own
     answer, which under load would make the requests differ between methods; mt_bench's
-    second turn is not sent). Levels run in the order given; within a level the method order
-    rotates by level, as ``run_shard`` rotates it by example. Every method at a level serves
-    the same requests with the same arrivals (``poisson_arrivals``), so its throughput over
-    vanilla's is a speedup on equal work. The decoder is fitted to the level once
-    (``Decoder.under_load``) and warmed up uncounted on a short serve first.
+    second turn is not sent). Every method at a level serves the same requests with the same
+    arrivals (``poisson_arrivals``), so its throughput over vanilla's is a speedup on equal
+    work. Each decoder is fitted to the level once (``Decoder.under_load``) and warmed up
+    uncounted on a short serve first (``_fit_level``).
 
-    Resume: a (method, level) whose records are all done is skipped; otherwise its whole
-    batch is served again (the load must be the one measured) and only the records not yet
-    done are emitted. Prompts that cannot fit ``settings.max_context`` are skipped, as
+    In a closed loop the requests are cut into chunks of one batch (``level`` requests) and
+    the methods take turns chunk by chunk, the order rotating with the level and the chunk,
+    as ``run_shard`` interleaves them example by example: a machine whose speed drifts over
+    seconds then shifts every method alike, and ``harness.metrics.load_frame`` pairs each
+    chunk with vanilla's. Each slot's decoder goes on from chunk to chunk
+    (``serve(slots_from=...)``). A record carries its chunk's summary (``load``). An open
+    loop's arrivals span the whole stream, so there each method serves it as one batch.
+
+    Resume: a (method, level) whose records are all done is skipped; otherwise all its chunks
+    are served again (the load must be the one measured) and only the records not yet done
+    are emitted. Prompts that cannot fit ``settings.max_context`` are skipped, as
     ``run_example`` skips them, and recorded as skipped.
     """
     prompts = [encode_conversation(tokenizer, [{"role": "user", "content": e.turns[0]}]) for e in examples]
@@ -262,45 +270,68 @@ def run_load(
         requests = [Request(prompts[i], settings.gen_config(examples[i], 0), arrival)
                     for i, arrival in zip(served_examples, arrivals)]
         shift = li % len(decoders)
-        for decoder in [*decoders[shift:], *decoders[:shift]]:
+        pending = [d for d in [*decoders[shift:], *decoders[:shift]]
+                   if any((e.task, e.id, label_of(d), level) not in done for e in examples)]
+        fitted = {label_of(d): _fit_level(d, requests, settings, level, warmup) for d in pending}
+        size = len(requests) if request_rate is not None else level
+        chunks = [list(range(i, i + size)) for i in range(0, len(requests), size)]
+        runs: dict[str, list[LoadRun]] = {label: [] for label in fitted}
+        for c, chunk in enumerate(chunks):
+            turn = c % max(1, len(pending))
+            for decoder in [*pending[turn:], *pending[:turn]]:
+                label = label_of(decoder)
+                before = runs[label][-1] if runs[label] else None
+                runs[label].append(serve(fitted[label], [requests[k] for k in chunk], level, adapt=False,
+                                         slots_from=before))
+        for decoder in pending:
             label = label_of(decoder)
-            left = [i for i, e in enumerate(examples) if (e.task, e.id, label, level) not in done]
-            if left:
-                records = _serve_level(decoder, examples, prompts, too_long, requests, tokenizer, settings, level,
-                                       request_rate, warmup)
-                for i in left:
+            records = _level_records(decoder, examples, prompts, too_long, served_examples, chunks, runs[label],
+                                     tokenizer, settings, level, request_rate)
+            for i, e in enumerate(examples):
+                if (e.task, e.id, label, level) not in done:
                     emit(records[i])
-            if on_progress is not None:
+        if on_progress is not None:
+            for _ in decoders:
                 for _ in examples:
                     on_progress()
 
 
-def _serve_level(decoder: Decoder, examples: Sequence[Example], prompts: Sequence[Sequence[int]],
-                 too_long: Sequence[bool], requests: Sequence[Request], tokenizer: Any, settings: ShardSettings,
-                 level: int, request_rate: float | None, warmup: int) -> list[dict[str, Any]]:
-    """One (method, level) batch: every example's record, in example order."""
+def _fit_level(decoder: Decoder, requests: Sequence[Request], settings: ShardSettings, level: int,
+               warmup: int) -> Decoder:
+    """The decoder fitted to ``level`` sequences, warmed up uncounted on a short serve."""
     fitted = decoder.under_load(level)
-    run = None
     if requests:
         warm = [Request(r.prompt_ids, GenConfig(min(settings.max_new_tokens, LOAD_WARMUP_TOKENS), r.config.stop_ids,
                                                 r.config.temperature, r.config.top_p, r.config.seed))
                 for r in requests[:level]]
         for _ in range(warmup):
             serve(fitted, warm, level, adapt=False)
-        run = serve(fitted, requests, level, adapt=False)
-    load = load_summary(run, request_rate) if run is not None else None
-    served = iter(run.served if run is not None else [])
+    return fitted
+
+
+def _level_records(decoder: Decoder, examples: Sequence[Example], prompts: Sequence[Sequence[int]],
+                   too_long: Sequence[bool], served_examples: Sequence[int], chunks: Sequence[Sequence[int]],
+                   runs: Sequence[LoadRun], tokenizer: Any, settings: ShardSettings, level: int,
+                   request_rate: float | None) -> list[dict[str, Any]]:
+    """One (method, level): every example's record, in example order, each with its chunk's summary
+    (``chunk``: the task and id of the chunk's first request, the key pairing it with vanilla's)."""
+    place: dict[int, tuple[Served, dict[str, Any]]] = {}
+    for chunk, run in zip(chunks, runs):
+        first = examples[served_examples[chunk[0]]]
+        summary = {**load_summary(run, request_rate), "chunk": f"{first.task}:{first.id}"}
+        for k, one in zip(chunk, run.served):
+            place[served_examples[k]] = (one, summary)
     records = []
-    for example, prompt, skip in zip(examples, prompts, too_long):
+    for i, (example, prompt, skip) in enumerate(zip(examples, prompts, too_long)):
         if skip:
             record = _record(example, decoder, [], skipped=(
                 f"prompt of {len(prompt)} tokens + {settings.max_new_tokens} new exceeds the "
                 f"model context of {settings.max_context}"))
         else:
-            one = next(served)
+            one, summary = place[i]
             text = tokenizer.decode(one.generation.tokens, skip_special_tokens=True)
             record = _record(example, decoder, [load_turn(len(prompt), one, text)])
-            record["load"] = load
+            record["load"] = summary
         record["concurrency"] = level
         records.append(record)
     return records

@@ -98,8 +98,9 @@ def print_load(records: list[dict], methods: list[str], console: Console) -> Non
                       _fmt(r.accepted_per_step, ".2f"), _fmt(r.processed_per_step, ".1f"), choice_text(r.choice))
     console.print(table)
     falls = [f"{m} at {level}" if level is not None else f"{m} never" for m, level in crossovers(frame).items()]
-    console.print(f"tokens/s: output tokens over the batch's wall time; speedup: over vanilla's tokens/s at the same "
-                  f"level on the same requests. acc./proc. per step: tokens committed / processed by one batched "
+    console.print(f"tokens/s: output tokens over the batches' wall time; speedup: over vanilla's tokens/s at the same "
+                  f"level on the same requests (closed loop: geometric mean over the batches the methods served in "
+                  f"turn). acc./proc. per step: tokens committed / processed by one batched "
                   f"pass. Under {CROSSOVER:.2f}x from concurrency: {', '.join(falls) or '-'}.")
 
 

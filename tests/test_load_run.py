@@ -68,13 +68,18 @@ def test_a_load_run_records_each_example_method_and_level_once(load_run, capsys)
         assert r["wall_time"] == turn["wall_time"] == pytest.approx(turn["finished"] - turn["admitted"])
         assert turn["ttft"] == pytest.approx(turn["first_token"] - turn["admitted"])
         assert sum(turn["accepted"]) == len(turn["tokens"]) == r["new_tokens"]
-        load = r["load"]
-        assert load["requests"] == LIMIT and load["request_rate"] is None and load["steps"] > 0
+        load = r["load"]  # its chunk's: a closed loop serves one batch of requests per chunk, methods alternating
+        assert load["requests"] == r["concurrency"] and load["request_rate"] is None and load["steps"] > 0
         assert 1 <= load["mean_batch"] <= r["concurrency"]
         assert load["output_tokens"] == sum(len(o["turns"][0]["tokens"]) for o in records
-                                            if (o["method"], o["concurrency"]) == (r["method"], r["concurrency"]))
+                                            if (o["method"], o["concurrency"], o["load"]["chunk"])
+                                            == (r["method"], r["concurrency"], load["chunk"]))
         assert load["throughput"] == pytest.approx(load["output_tokens"] / load["wall_time"])
         assert load["memory"]["kv_cache_bytes"] > 0 and "peak_rss_bytes" in load["memory"]
+    for level in LEVELS:  # every method served the same chunks, each paired with vanilla's
+        chunks = {m: {r["load"]["chunk"] for r in records if (r["method"], r["concurrency"]) == (m, level)}
+                  for m in METHODS}
+        assert len(chunks["vanilla"]) == LIMIT // level and chunks["pld"] == chunks["vanilla"]
     manifest = json.loads((load_run / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["config"]["identity"]["concurrency"] == list(LEVELS)
 
@@ -96,13 +101,13 @@ def test_a_rerun_redoes_nothing_and_a_lost_record_reruns_only_its_batch(load_run
     results = out / "results.jsonl"
     before = results.read_bytes()
     served: list[tuple[str, int]] = []
-    real = runner._serve_level
+    real = runner._fit_level
 
-    def spy(decoder: Any, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
-        served.append((runner.label_of(decoder), args[6]))  # (method, level)
+    def spy(decoder: Any, *args: Any, **kwargs: Any) -> Any:
+        served.append((runner.label_of(decoder), args[2]))  # (method, level)
         return real(decoder, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "_serve_level", spy)
+    monkeypatch.setattr(runner, "_fit_level", spy)
     assert main(_argv(tiny_model_dir, out)) == 0
     assert served == [] and results.read_bytes() == before
 
@@ -167,6 +172,24 @@ def test_load_metrics_pair_each_level_with_vanilla_s_and_find_the_crossover():
     assert {r["concurrency"] for r in lowest_level(records)} == {1}
     plain = [{k: v for k, v in r.items() if k not in ("concurrency", "load")} for r in records]
     assert lowest_level(plain) == plain and load_frame(plain).empty
+
+
+def test_chunked_levels_pair_each_chunk_with_vanilla_s():
+    """Where the methods took turns chunk by chunk, the speedup is the geometric mean of the per-chunk
+    ratios, not the ratio of sums: vanilla's slow second chunk (the machine drifting) cancels."""
+    def chunked(method: str, example: str, chunk: str, throughput: float) -> dict[str, Any]:
+        record = _load_record(method, example, 2, throughput)
+        record["load"] = {**record["load"], "chunk": chunk}
+        return record
+
+    records = [chunked("vanilla", "a", "t:a", 10.0), chunked("vanilla", "b", "t:b", 5.0),
+               chunked("m", "a", "t:a", 12.0), chunked("m", "b", "t:b", 5.0)]
+    frame = load_frame(records).set_index(["method", "concurrency"])
+    assert frame.loc[("m", 2), "speedup"] == pytest.approx(1.2 ** 0.5)  # the ratio of sums would be 1.059
+    assert frame.loc[("m", 2), "throughput"] == pytest.approx(40 / (20 / 12 + 20 / 5.0))
+    unpaired = [r for r in records if r["load"]["chunk"] != "t:b" or r["method"] == "m"]  # vanilla lacks a chunk
+    frame = load_frame(unpaired).set_index(["method", "concurrency"])
+    assert frame.loc[("m", 2), "speedup"] == pytest.approx(frame.loc[("m", 2), "throughput"] / 10.0)
 
 
 def test_open_loop_arrivals_are_seeded_per_level_and_the_same_for_every_method():
