@@ -273,7 +273,7 @@ def run_load(
         pending = [d for d in [*decoders[shift:], *decoders[:shift]]
                    if any((e.task, e.id, label_of(d), level) not in done for e in examples)]
         fitted = {label_of(d): _fit_level(d, requests, settings, level, warmup) for d in pending}
-        size = len(requests) if request_rate is not None else level
+        size = max(1, len(requests) if request_rate is not None else level)
         chunks = [list(range(i, i + size)) for i in range(0, len(requests), size)]
         runs: dict[str, list[LoadRun]] = {label: [] for label in fitted}
         for c, chunk in enumerate(chunks):

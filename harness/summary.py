@@ -100,8 +100,8 @@ def print_load(records: list[dict], methods: list[str], console: Console) -> Non
     falls = [f"{m} at {level}" if level is not None else f"{m} never" for m, level in crossovers(frame).items()]
     console.print(f"tokens/s: output tokens over the batches' wall time; speedup: over vanilla's tokens/s at the same "
                   f"level on the same requests (closed loop: geometric mean over the batches the methods served in "
-                  f"turn). acc./proc. per step: tokens committed / processed by one batched "
-                  f"pass. Under {CROSSOVER:.2f}x from concurrency: {', '.join(falls) or '-'}.")
+                  f"turn). acc./proc. per step: tokens committed / processed by one batched pass.")
+    console.print(f"Under {CROSSOVER:.2f}x from concurrency: {', '.join(falls) or '-'}.")
 
 
 def print_divergences(run_dir: Path, console: Console) -> None:
