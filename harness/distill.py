@@ -17,7 +17,8 @@ import hashlib
 import json
 import random
 import sys
-from collections.abc import Sequence
+import gzip
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,26 +77,47 @@ def _passage_key(passage: str) -> str:
     return " ".join(passage.split())
 
 
+BUNDLE_DIR = Path(__file__).with_name("distilled")
+"""Distilled answers and self-written requests committed with the project (``python -m
+harness.distill bundle`` writes them from the local cache). A distillation takes hours on a
+small CPU and a machine's cache does not outlive it; the bundle lets the next machine continue,
+and every method trained later reads the same answers. Only model output is bundled: answers are
+keyed by a digest of the encoded prompt, so no prompt from a data file is stored."""
+
+
+def prompt_key(ids: Sequence[int]) -> str:
+    """The key of an encoded prompt in the answer stores: a digest, not the text or the ids."""
+    return hashlib.sha256(json.dumps([int(i) for i in ids]).encode()).hexdigest()[:24]
+
+
+def _identity_name(identity: dict[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{identity['model']}-{digest}"
+
+
 @torch.no_grad()
 def generate_continuations(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
                            batch_size: int, max_prompt_tokens: int, stop_ids: Sequence[int],
                            partial: Path | None = None,
-                           known: dict[tuple[int, ...], list[int]] | None = None) -> list[dict[str, Any]]:
+                           known: dict[str, list[int]] | None = None,
+                           on_batch: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
     """[{"ids": prompt + greedy answer, "prompt_len": n}], generated in left-padded batches.
 
     With ``partial``, finished batches are saved there after each batch and skipped on a
     rerun, so a long distillation can be stopped (a session's end, Ctrl-C) and resumed.
-    ``known`` maps encoded prompts to answers an earlier distillation already generated with
-    the same settings; those are reused, so growing ``--limit`` only pays for the new prompts.
+    ``known`` maps prompt keys (``prompt_key``) to answers an earlier distillation already
+    generated with the same settings; those are reused, so growing ``--limit`` only pays for the
+    new prompts. ``on_batch`` receives each finished batch's answers (to store them as they come).
     """
     from tqdm import tqdm
 
     encoded = [encode_conversation(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     encoded = [e for e in encoded if len(e) <= max_prompt_tokens]
-    reused = [{"ids": e + known[tuple(e)], "prompt_len": len(e)} for e in encoded if known and tuple(e) in known]
+    keys = [prompt_key(e) for e in encoded]
+    reused = [{"ids": e + known[k], "prompt_len": len(e)} for e, k in zip(encoded, keys) if known and k in known]
     if reused:
         print(f"Reusing {len(reused)} answers from earlier distillations", file=sys.stderr)
-        encoded = [e for e in encoded if tuple(e) not in known]  # type: ignore[operator]
+        encoded = [e for e, k in zip(encoded, keys) if k not in known]  # type: ignore[operator]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths pad less
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stop = set(stop_ids)
@@ -123,11 +145,15 @@ def generate_continuations(model: Any, tokenizer: Any, prompts: Sequence[str], *
         out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                              eos_token_id=sorted(stop))
+        batch = []
         for row, i in enumerate(idx):
             answer = out[row, width:].tolist()
             cut = next((j + 1 for j, tok in enumerate(answer) if tok in stop), len(answer))
             if cut:
-                data.append({"ids": encoded[i] + answer[:cut], "prompt_len": len(encoded[i])})
+                batch.append({"ids": encoded[i] + answer[:cut], "prompt_len": len(encoded[i])})
+        data.extend(batch)
+        if on_batch is not None:
+            on_batch(batch)
         if partial is not None:
             partial.parent.mkdir(parents=True, exist_ok=True)
             tmp = partial.with_suffix(".tmp")
@@ -197,20 +223,37 @@ def _normalised(text: str) -> str:
     return " ".join(text.lower().split())[:80]
 
 
+def _read_written(path: Path | None) -> dict[str, Any] | None:
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and isinstance(saved.get("prompts"), list) else None
+
+
+def self_prompts_bundle(model_name: str, *, seed: int, dtype: str, bundle_dir: Path | None = None) -> Path:
+    """The bundled copy of the requests ``self_written_prompts`` writes for this model, seed and dtype
+    (they do not depend on the files, the limit or the count: a longer run extends the same stream)."""
+    identity = {"model": Path(model_name).name, "seed": seed, "dtype": dtype, "kind": "self-prompts"}
+    return (bundle_dir or BUNDLE_DIR) / f"{_identity_name(identity)}.self-prompts.json"
+
+
 @torch.no_grad()
 def self_written_prompts(model: Any, tokenizer: Any, count: int, *, seed: int, cache: Path,
                          batch_size: int = 16, max_new_tokens: int = 160,
-                         temperature: float = 0.9) -> list[str]:
+                         temperature: float = 0.9, bundle: Path | None = None,
+                         identity: dict[str, Any] | None = None) -> list[str]:
     """``count`` distinct user requests written by the model itself (sampled, deduplicated),
-    cached in ``cache`` and resumable batch by batch like the distillation."""
+    cached in ``cache`` and resumable batch by batch like the distillation. ``bundle`` is a
+    committed copy of the same stream (``BUNDLE_DIR``): whichever of the two went further is
+    continued. ``identity`` (model, seed, dtype) is saved beside the requests, for ``bundle_local_cache``."""
     from methods.core.prompts import encode_conversation, stop_token_ids
 
     saved: dict[str, Any] = {"prompts": [], "batches": 0}
-    if cache.is_file():
-        try:
-            saved = json.loads(cache.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            pass
+    for found in (_read_written(bundle), _read_written(cache)):
+        if found is not None and found.get("batches", 0) >= saved["batches"]:
+            saved = found
+    saved = {**(identity or {}), **saved}
     prompts: list[str] = saved["prompts"]
     seen = {_normalised(p) for p in prompts}
     rng = random.Random(seed)
@@ -246,7 +289,7 @@ def self_written_prompts(model: Any, tokenizer: Any, count: int, *, seed: int, c
         batches += 1
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"prompts": prompts, "batches": batches}), encoding="utf-8")
+        tmp.write_text(json.dumps({**saved, "prompts": prompts, "batches": batches}), encoding="utf-8")
         tmp.replace(cache)
     return prompts[:count]
 
@@ -267,29 +310,83 @@ def self_prompts_cache(model_name: str, files: Sequence[Path], settings: dict[st
 
 
 class AnswerCache:
-    """Greedy answers by encoded prompt, shared by every distillation with the same generation
+    """Greedy answers by prompt key, shared by every distillation with the same generation
     settings (whatever its files, limit or self-written prompts), so a larger data set reuses
-    the answers of a smaller one instead of generating them again."""
+    the answers of a smaller one instead of generating them again. Reads the bundled answers
+    (``BUNDLE_DIR``) beneath the local ones; writes only the local cache."""
 
-    def __init__(self, model_name: str, settings: dict[str, Any]) -> None:
+    def __init__(self, model_name: str, settings: dict[str, Any], bundle_dir: Path | None = None) -> None:
+        self.identity = {"model": Path(model_name).name, **settings}
         self.path = distill_cache_path(model_name, [], {"answers": True, **settings}).with_suffix(".answers.pt")
+        self.bundle = (bundle_dir or BUNDLE_DIR) / f"{_identity_name(self.identity)}.answers.json.gz"
 
-    def load(self) -> dict[tuple[int, ...], list[int]]:
+    def _local(self) -> dict[str, list[int]]:
         try:
-            return torch.load(self.path) if self.path.is_file() else {}
+            saved = torch.load(self.path) if self.path.is_file() else {}
         except Exception:  # noqa: BLE001 - a torn file only costs regeneration
             return {}
+        if "answers" in saved:
+            return saved["answers"]
+        return {prompt_key(k): v for k, v in saved.items() if isinstance(k, tuple)}  # keyed by the ids
+
+    def bundled(self) -> dict[str, list[int]]:
+        try:
+            with gzip.open(self.bundle, "rt", encoding="utf-8") as f:
+                return json.load(f)["answers"]
+        except (OSError, ValueError, KeyError):
+            return {}
+
+    def load(self) -> dict[str, list[int]]:
+        return {**self.bundled(), **self._local()}
 
     def add(self, data: Sequence[dict[str, Any]]) -> None:
-        known = self.load()
-        new = {tuple(d["ids"][:d["prompt_len"]]): list(d["ids"][d["prompt_len"]:]) for d in data}
+        known = self._local()
+        new = {prompt_key(d["ids"][:d["prompt_len"]]): list(d["ids"][d["prompt_len"]:]) for d in data}
         if all(k in known for k in new):
             return
         known.update(new)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        torch.save(known, tmp)
+        torch.save({"identity": self.identity, "answers": known}, tmp)
         tmp.replace(self.path)
+
+    def write_bundle(self) -> int:
+        """Writes the bundled and local answers together into the bundle; returns how many."""
+        answers = dict(sorted(self.load().items()))
+        self.bundle.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.bundle.with_name(self.bundle.name + ".tmp")
+        with gzip.GzipFile(tmp, "wb", mtime=0) as f:  # mtime 0: the same answers give the same bytes
+            f.write(json.dumps({"identity": self.identity, "answers": answers}, separators=(",", ":")).encode())
+        tmp.replace(self.bundle)
+        return len(answers)
+
+
+def bundle_local_cache(bundle_dir: Path | None = None) -> list[str]:
+    """Copies this machine's distillation caches into the bundle: every answer store, and every
+    self-written request stream that went further than its bundled copy. Returns what it wrote."""
+    from harness.models import cache_root
+
+    wrote: list[str] = []
+    for path in sorted((cache_root() / "distill").glob("*.answers.pt")):
+        try:
+            identity = torch.load(path).get("identity")
+        except Exception:  # noqa: BLE001 - an unreadable store has nothing to bundle
+            identity = None
+        if identity:
+            settings = {k: v for k, v in identity.items() if k != "model"}
+            cache = AnswerCache(identity["model"], settings, bundle_dir)
+            cache.path = path
+            wrote.append(f"{cache.bundle}: {cache.write_bundle()} answers")
+    for path in sorted((cache_root() / "distill").glob("*.self-prompts.json")):
+        saved = _read_written(path)
+        if not saved or "model" not in saved:
+            continue
+        target = self_prompts_bundle(saved["model"], seed=saved["seed"], dtype=saved["dtype"], bundle_dir=bundle_dir)
+        if (_read_written(target) or {}).get("batches", -1) < saved["batches"]:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(saved, indent=0), encoding="utf-8")
+            wrote.append(f"{target}: {len(saved['prompts'])} requests, {saved['batches']} batches")
+    return wrote
 
 
 def self_distilled_sequences(model: Any, tokenizer: Any, model_name: str, files: Sequence[Path], *,
@@ -320,7 +417,10 @@ def self_distilled_sequences(model: Any, tokenizer: Any, model_name: str, files:
         return data
     prompts = load_prompts(files, limit=limit, seed=seed, allow_eval=allow_eval)
     if self_prompts:
-        written = self_written_prompts(model, tokenizer, self_prompts, seed=seed, cache=written_cache)
+        identity = {"model": Path(model_name).name, "seed": seed, "dtype": str(model.dtype)}
+        written = self_written_prompts(model, tokenizer, self_prompts, seed=seed, cache=written_cache,
+                                       bundle=self_prompts_bundle(model_name, seed=seed, dtype=str(model.dtype)),
+                                       identity=identity)
         print(f"{len(written)} self-written prompts added to {len(prompts)} from the files", file=sys.stderr)
         prompts = prompts + written
     if summary_prompts:
@@ -333,7 +433,7 @@ def self_distilled_sequences(model: Any, tokenizer: Any, model_name: str, files:
     data = generate_continuations(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                   batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
                                   stop_ids=stop_token_ids(tokenizer, model), partial=partial,
-                                  known=answers.load())
+                                  known=answers.load(), on_batch=answers.add)
     answers.add(data)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -370,11 +470,12 @@ def held_out_prompts(files: Sequence[Path], stages: Sequence[dict[str, Any]],
                         "max_prompt_tokens": max_prompt_tokens, "dtype": f"torch.{stage['dtype']}",
                         "self_prompts": stage["self_prompts"]}
             cache = self_prompts_cache(stage["model"], stage["recorded_files"], settings)
-            try:
-                trained.update(json.loads(cache.read_text(encoding="utf-8"))["prompts"])
-                written_checked.append(True)
-            except (OSError, ValueError, KeyError, TypeError):
-                written_checked.append(False)
+            bundled = self_prompts_bundle(stage["model"], seed=stage["seed"], dtype=f"torch.{stage['dtype']}")
+            found = [s for s in (_read_written(cache), _read_written(bundled))
+                     if s is not None and len(s["prompts"]) >= stage["self_prompts"]]
+            if found:  # the stream's first ``self_prompts`` requests are the ones that stage trained on
+                trained.update(found[0]["prompts"][:stage["self_prompts"]])
+            written_checked.append(bool(found))
     pool = file_prompts(files, seed=stages[0]["seed"])
     held: list[str] = []
     ranks: list[int] = []
@@ -415,7 +516,16 @@ def prompt_sequences(model: Any, tokenizer: Any, model_name: str, prompts: Seque
                                        "dtype": str(model.dtype)})
     data = generate_continuations(model, tokenizer, [text for _, text, _ in picked], max_new_tokens=max_new_tokens,
                                   batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
-                                  stop_ids=stop_token_ids(tokenizer, model), known=answers.load())
+                                  stop_ids=stop_token_ids(tokenizer, model), known=answers.load(),
+                                  on_batch=answers.add)
     answers.add(data)
     by_prompt = {tuple(d["ids"][:d["prompt_len"]]): d for d in data}
     return [{**by_prompt[ids], "index": i} for i, _, ids in picked if ids in by_prompt]
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["bundle"]:
+        sys.exit("usage: python -m harness.distill bundle   (copies this machine's distillation cache into "
+                 f"{BUNDLE_DIR}, to commit)")
+    for line in bundle_local_cache() or ["nothing to bundle: the local cache holds no distillation"]:
+        print(line)

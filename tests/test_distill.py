@@ -131,3 +131,53 @@ def test_summary_requests_cover_distinct_passages_with_the_templates(tmp_path):
     plain.write_text(json.dumps({"question": "1+1?"}) + "\n")
     with pytest.raises(UserError, match="passages"):
         summary_requests([plain], 4, seed=0)
+
+
+def test_bundled_distillation_carries_to_a_new_machine(tmp_path, monkeypatch):
+    """What one machine distilled, bundled, is what the next machine reads: its answers are reused
+    without generating, its self-written requests continue from where they stopped, and the bundle
+    holds model output only (no prompt of a data file, as text or as ids)."""
+    import gzip
+
+    from harness import distill
+
+    model, tokenizer, prompts, kw = tiny_setup()
+    bundle_dir = tmp_path / "bundle"
+    monkeypatch.setattr(distill, "BUNDLE_DIR", bundle_dir)
+    monkeypatch.setenv("SPECDEC_HARNESS_CACHE", str(tmp_path / "first"))
+    settings = {"max_new_tokens": 5, "dtype": "torch.float32"}
+    store = distill.AnswerCache("tiny", settings)
+    first = generate_continuations(model, tokenizer, prompts, known=store.load(), on_batch=store.add, **kw)
+    assert len(store.load()) == len(first)  # stored batch by batch, not only at the end
+    real = model.generate
+
+    def ending(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out[:, -1] = tokenizer.eos_token_id
+        return out
+
+    words = iter(f"please tell me about topic number {i} in some detail" for i in range(1000))
+    monkeypatch.setattr(tokenizer, "decode", lambda ids, **k: next(words))
+    model.generate = ending
+    identity = {"model": "tiny", "seed": 0, "dtype": "torch.float32"}
+    written = distill.self_written_prompts(model, tokenizer, 3, seed=0, cache=tmp_path / "first" / "distill" /
+                                           "tiny-x.self-prompts.json", batch_size=2, max_new_tokens=4,
+                                           identity=identity)
+    wrote = distill.bundle_local_cache()
+    assert len(wrote) == 2
+    with gzip.open(store.bundle, "rt") as f:
+        text = f.read()
+    assert "question number" not in text and json.dumps(first[0]["ids"][:first[0]["prompt_len"]])[1:-1] not in text
+
+    monkeypatch.setenv("SPECDEC_HARNESS_CACHE", str(tmp_path / "second"))  # a new machine: empty cache
+    model.generate = lambda *a, **k: pytest.fail("regenerated what the bundle holds")
+    again = generate_continuations(model, tokenizer, prompts, known=distill.AnswerCache("tiny", settings).load(), **kw)
+    key = lambda d: tuple(d["ids"])  # noqa: E731
+    assert sorted(again, key=key) == sorted(first, key=key)
+    bundled = distill.self_prompts_bundle("tiny", seed=0, dtype="torch.float32")
+    assert distill.self_written_prompts(model, tokenizer, 3, seed=0, cache=tmp_path / "second" / "w.json",
+                                        batch_size=2, bundle=bundled) == written
+    model.generate = ending  # asking for more continues the bundled stream
+    more = distill.self_written_prompts(model, tokenizer, 5, seed=0, cache=tmp_path / "second" / "w.json",
+                                        batch_size=2, max_new_tokens=4, bundle=bundled)
+    assert more[:3] == written and len(more) == 5
