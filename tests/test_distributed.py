@@ -261,3 +261,22 @@ def test_a_killed_actor_s_examples_are_run_again_exactly_once(ray_cluster, tiny_
     reference = []
     run_shard(examples, bench.decoders, bench.tokenizer, bench.settings, reference.append, done)
     assert _essence(records) == _essence(reference)
+
+
+def test_a_ray_load_run_serves_each_share_as_its_own_batch(ray_cluster, single, tiny_model_dir, tmp_path):
+    """``--concurrency`` under ``--executor ray``: every (example, method, level) is recorded once,
+    each record carries its batch's load summary, and every level gives batch-1's token ids
+    (float32), as a local load run does."""
+    out = tmp_path / "ray-load"
+    assert _run(tiny_model_dir, out, "--executor", "ray", "--workers", "2", "--threads-per-worker", "1",
+                "--concurrency", "1,2") == 0
+    records = read_run_records(out)
+    keys = [(*k, r["concurrency"]) for k, r in zip(_keys(records), records)]
+    assert len(keys) == len(set(keys)) == 4 * 2 * 2
+    assert {r["concurrency"] for r in records} == {1, 2}
+    for r in records:
+        assert r["load"]["requests"] == r["concurrency"] and r["load"]["steps"] > 0 and r["load"]["chunk"]
+    reference = {(r["task"], r["example_id"], r["method"]): r["turns"][0]["tokens"] for r in read_run_records(single)}
+    assert all(r["turns"][0]["tokens"] == reference[(r["task"], r["example_id"], r["method"])] for r in records)
+    manifest = read_manifest(out)
+    assert manifest["status"] == "complete" and manifest["executor"]["workers"] == 2
