@@ -237,3 +237,43 @@ def test_medusa_auto_tree_is_recorded_and_lossless(tmp_path, monkeypatch):
     info = decoder.describe()
     assert info["tree_choice"]["predicted_speedup"] > 0 and sorted(info["tree_paths"]) == sorted(info["tree_choice"]["paths"])
     assert decoder.generate([1, 2, 3], 16).tokens == VanillaDecoder(engine).generate([1, 2, 3], 16).tokens
+
+
+def _medusa_auto(model, tmp_path, monkeypatch, expected: float):
+    """A Medusa decoder on ``model`` with zero-initialised heads (they copy the base model's guess)
+    and an ``auto`` tree whose trainer promised ``expected`` tokens a step, on a fixed cost curve."""
+    import methods.core.cost as cost
+    from methods.medusa import MedusaDecoder, MedusaHeads
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("SPECDEC_HARNESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cost, "cost_curve", lambda *a, **k: CostCurve((1, 64), (1.0, 1.5)))
+    monkeypatch.setattr(cost, "relative_call_cost", lambda *a, **k: 0.5)
+    heads = MedusaHeads(model.config.hidden_size, model.config.vocab_size, 2, "shared")
+    folder = tmp_path / "heads"
+    folder.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in heads.upstream_state_dict().items()}, str(folder / "heads.safetensors"))
+    table = [{"size": 2, "expected_accepted_length": expected, "paths": [[0], [0, 0]]}]
+    (folder / "config.json").write_text(json.dumps({"default_tree": "1x1", "tree_search": table}))
+    return MedusaDecoder(engine := Engine(model), heads=str(folder)), engine
+
+
+def test_a_fitted_tree_that_accepts_less_than_promised_takes_plain_steps(tmp_path, monkeypatch):
+    """The guard: heads whose trainer promised 2.5 tokens a step but whose drafts a random model
+    rejects fall back to plain steps (probing now and then), with vanilla's tokens; the same
+    heads on a model whose next token they always guess keep drafting every step."""
+    from methods.vanilla import VanillaDecoder
+    from tests.conftest import repeating_model
+
+    decoder, engine = _medusa_auto(tiny_model("llama"), tmp_path, monkeypatch, expected=2.5)
+    assert decoder.drafting and decoder.describe()["guard"]["step_cost"] == pytest.approx(
+        CostCurve((1, 64), (1.0, 1.5))(3) + 0.5, abs=1e-3)  # the 2-node tree's pass and the heads
+    got = decoder.generate([1, 2, 3], 200)
+    assert got.tokens == VanillaDecoder(engine).generate([1, 2, 3], 200).tokens
+    record = decoder.describe()["guard"]
+    assert record["realized_rate"] < 1 and record["plain_steps"] > 100 and record["probes"] >= 3
+    assert sum(1 for n in got.draft_sizes if n == 0) > 100
+
+    oracle, _ = _medusa_auto(repeating_model("llama"), tmp_path, monkeypatch, expected=2.5)
+    got = oracle.generate([1, 2, 3], 200)
+    assert oracle.describe()["guard"]["plain_steps"] == 0 and got.mean_accepted_length() > 2.5

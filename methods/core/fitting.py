@@ -15,6 +15,9 @@ so ``Backoff`` lets them probe a draft now and then while their estimate says no
 
 from __future__ import annotations
 
+import math
+import statistics
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -102,6 +105,62 @@ def fitted(best_predicted_speedup: float, best: str, *, basis: str = "this machi
                   f"{best_predicted_speedup:.2f}x vanilla), so it takes plain steps as vanilla does")
     return {"drafting": drafting, "best_predicted_speedup": round(best_predicted_speedup, 4), "reason": reason,
             **extra}
+
+
+class RateGuard:
+    """Plain steps, with ``Backoff``'s probes, while a fitted draft's realized rate is under a plain step's.
+
+    A fit predicts its rate (tokens per unit of step cost) from an accepted length measured on
+    its trainer's held-out split, which overstates other tasks: the shipped Medusa heads' 3-node
+    tree, predicted at 1.05x vanilla at batch 2, accepted 1.28 tokens a step on MT-bench
+    against the trainer's 1.56 and ran at 0.83x. The guard keeps the fit's step cost (the
+    predicted accepted length over the predicted rate: the pass and the drafting, both
+    measured) and replaces the accepted length by what verification accepts, the mean of the last
+    ``WINDOW`` drafted steps, with the prediction weighing in until the window fills, and backs off
+    only when that mean is two standard errors under a plain step's rate. Only drafted
+    steps update it; probes let a task that starts to accept more (a summary copying its
+    source) draft again. A slot's decoder shares its guard with the other slots of the batch
+    (``Decoder.fork`` copies the reference), so the estimate pools all their steps."""
+
+    WINDOW = 64  # drafted steps the realized accepted length is averaged over
+    PRIOR = 8    # pseudo-steps at the predicted accepted length, fading as the window fills
+
+    def __init__(self, expected_accepted: float, predicted_rate: float) -> None:
+        self.expected = expected_accepted
+        self.step_cost = expected_accepted / predicted_rate
+        self.window: deque[int] = deque(maxlen=self.WINDOW)
+        self.backoff = Backoff()
+        self.drafted = 0
+
+    def _weight(self) -> float:
+        return len(self.window) + self.PRIOR * (1 - len(self.window) / self.WINDOW)
+
+    @property
+    def rate(self) -> float:
+        """Tokens a drafted step advances, per unit of its cost: recent steps, and the prediction
+        until there are enough of them."""
+        prior = self._weight() - len(self.window)
+        return (sum(self.window) + prior * self.expected) / self._weight() / self.step_cost
+
+    def pays(self) -> bool:
+        """Whether drafting may still pay: the rate two standard errors up reaches a plain step's.
+        A mean near 1 wanders under it by chance; backing off on that would take plain steps
+        from a draft that pays, and the few probes that follow recover slowly."""
+        spread = statistics.pstdev(self.window) / self.step_cost if len(self.window) > 1 else 0.0
+        return self.rate + 2 * spread / math.sqrt(self._weight()) >= PLAIN_RATE
+
+    def plain(self) -> bool:
+        """Whether this step is a plain one (asked once a step)."""
+        return self.backoff.plain(self.pays())
+
+    def observe(self, tokens: int) -> None:
+        """A drafted step's outcome: the tokens it advanced (accepted drafts and the bonus)."""
+        self.drafted += 1
+        self.window.append(tokens)
+
+    def record(self) -> dict[str, Any]:
+        return {"step_cost": round(self.step_cost, 4), "window": self.WINDOW, "realized_rate": round(self.rate, 4),
+                "drafted_steps": self.drafted, "plain_steps": self.backoff.plain_steps, "probes": self.backoff.probes}
 
 
 class Backoff:

@@ -19,7 +19,7 @@ from methods.core.cost import CostCurve, pick_tree
 from methods.core.decoder import Decoder
 from methods.core.errors import UserError
 from methods.core.files import cache_root
-from methods.core.fitting import fitted
+from methods.core.fitting import RateGuard, fitted
 from methods.core.options import option
 from methods.core.tree import Tree, TreeLayout, parse_tree
 
@@ -46,6 +46,7 @@ class StaticTreeDecoder(Decoder):
 
     default_tree: ClassVar[str] = "3x2x1"  # used when the weights name no trained tree
     depth_noun: ClassVar[str] = "draft levels"  # what bounds the depth, for the error message
+    guarded: ClassVar[bool] = False  # an ``auto`` tree drafts step by step under a ``RateGuard``
 
     draft_depth: int
     tree_spec: Any
@@ -80,6 +81,17 @@ class StaticTreeDecoder(Decoder):
         # ``auto`` where no tree is predicted to beat vanilla: plain steps, the drafter never runs
         self.fitted = self.tree_choice["fitted"] if self.tree_choice else None
         self.drafting = self.fitted is None or self.fitted["drafting"]
+        self.guard = (RateGuard(self.tree_choice["expected_accepted_length"], self.tree_choice["predicted_speedup"])
+                      if self.guarded and self.drafting and self.tree_choice else None)
+
+    def draft_this_step(self) -> bool:
+        """Whether this step drafts: the fit chose a tree, and its guard (if any) says it pays."""
+        return self.drafting and (self.guard is None or not self.guard.plain())
+
+    def observe(self, draft_nodes: int, tokens: int) -> None:
+        """Tells the guard a drafted step's outcome (``tokens`` advanced); plain steps say nothing."""
+        if self.guard is not None and draft_nodes > 1:
+            self.guard.observe(tokens)
 
     def resolve_tree(self, value: str | None, weights_config: dict[str, Any]) -> tuple[Any, dict[str, Any] | None]:
         """The tree spec for option ``value``, and the cost-fitted choice behind it (or None).
@@ -113,4 +125,5 @@ class StaticTreeDecoder(Decoder):
         """The manifest's account of the tree: spec, paths, draft size, and ``auto``'s choice."""
         return {"tree": self.tree_spec, "draft_size": self.tree.draft_size if self.drafting else 0,
                 "tree_paths": [list(p) for p in self.tree.paths],
-                **({"tree_choice": self.tree_choice, "fitted": self.fitted} if self.tree_choice else {})}
+                **({"tree_choice": self.tree_choice, "fitted": self.fitted} if self.tree_choice else {}),
+                **({"guard": self.guard.record()} if self.guard is not None else {})}

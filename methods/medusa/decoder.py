@@ -138,6 +138,7 @@ class MedusaDecoder(StaticTreeDecoder):
 
     Options = MedusaOptions
     default_tree = "4x2x1"
+    guarded = True
     depth_noun = "Medusa heads"
     weights = WeightsLocator("medusa", "heads", "Medusa heads", WEIGHTS_DIR, TRAIN_HINT, files=("heads.safetensors",))
 
@@ -168,7 +169,7 @@ class MedusaDecoder(StaticTreeDecoder):
         self.hidden = out.hidden[-1]
 
     def draft(self, root: int, root_t: torch.Tensor, room: int) -> Draft:
-        if not self.drafting:
+        if not self.draft_this_step():
             return Draft(root_t, chain_layout(0, self.engine))
         logits = self.heads(self.hidden, self.engine.lm_head)  # [K, V]
         top = torch.topk(logits, self.tree.topk, dim=-1).indices.view(-1)
@@ -176,4 +177,5 @@ class MedusaDecoder(StaticTreeDecoder):
 
     def update(self, draft: Draft, out: ForwardOutput, acc: Acceptance) -> None:
         self.hidden = out.hidden.index_select(0, acc.nodes_t[-1:])[0]
+        self.observe(draft.layout.n, acc.accepted_drafts + 1)
 
