@@ -525,7 +525,8 @@ def prompt_sequences(model: Any, tokenizer: Any, model_name: str, prompts: Seque
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["bundle"]:
-        sys.exit("usage: python -m harness.distill bundle   (copies this machine's distillation cache into "
-                 f"{BUNDLE_DIR}, to commit)")
+        print(f"error: unknown arguments {' '.join(sys.argv[1:]) or '(none)'}; run `python -m harness.distill bundle` "
+              f"to copy this machine's distillation cache into {BUNDLE_DIR}", file=sys.stderr)
+        sys.exit(2)
     for line in bundle_local_cache() or ["nothing to bundle: the local cache holds no distillation"]:
         print(line)

@@ -16,7 +16,6 @@ so ``Backoff`` lets them probe a draft now and then while their estimate says no
 from __future__ import annotations
 
 import math
-import statistics
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
@@ -129,6 +128,7 @@ class RateGuard:
         self.expected = expected_accepted
         self.step_cost = expected_accepted / predicted_rate
         self.window: deque[int] = deque(maxlen=self.WINDOW)
+        self.total = self.squares = 0  # the window's sum and sum of squares: O(1) a step
         self.backoff = Backoff()
         self.drafted = 0
 
@@ -140,13 +140,14 @@ class RateGuard:
         """Tokens a drafted step advances, per unit of its cost: recent steps, and the prediction
         until there are enough of them."""
         prior = self._weight() - len(self.window)
-        return (sum(self.window) + prior * self.expected) / self._weight() / self.step_cost
+        return (self.total + prior * self.expected) / self._weight() / self.step_cost
 
     def pays(self) -> bool:
         """Whether drafting may still pay: the rate two standard errors up reaches a plain step's.
         A mean near 1 wanders under it by chance; backing off on that would take plain steps
         from a draft that pays, and the few probes that follow recover slowly."""
-        spread = statistics.pstdev(self.window) / self.step_cost if len(self.window) > 1 else 0.0
+        n = len(self.window)
+        spread = math.sqrt(max(0.0, self.squares / n - (self.total / n) ** 2)) / self.step_cost if n > 1 else 0.0
         return self.rate + 2 * spread / math.sqrt(self._weight()) >= PLAIN_RATE
 
     def plain(self) -> bool:
@@ -156,7 +157,12 @@ class RateGuard:
     def observe(self, tokens: int) -> None:
         """A drafted step's outcome: the tokens it advanced (accepted drafts and the bonus)."""
         self.drafted += 1
+        if len(self.window) == self.WINDOW:
+            self.total -= self.window[0]
+            self.squares -= self.window[0] ** 2
         self.window.append(tokens)
+        self.total += tokens
+        self.squares += tokens * tokens
 
     def record(self) -> dict[str, Any]:
         return {"step_cost": round(self.step_cost, 4), "window": self.WINDOW, "realized_rate": round(self.rate, 4),
