@@ -335,3 +335,37 @@ def test_the_tuner_keeps_every_shapes_counts(tmp_path, monkeypatch):
     for r in rows:
         assert sum(r["processed_counts"].values()) == r["steps"]
         assert candidate_speedup(r, MIDDLE) == pytest.approx(r["predicted_speedup_here"], abs=1e-3)
+
+
+def test_a_fitted_lookahead_shape_that_accepts_less_than_its_tuner_promised_takes_plain_steps(machine, tmp_path):
+    """The guard on Lookahead's fitted shape. A shape whose tuner promised 5 tokens a step, on a
+    machine where its pass costs 4 plain steps, is predicted at 1.25x; on a tiny random model
+    it can accept 3 at most (N = 3), so it falls back to plain steps (probing now and then) with
+    vanilla's tokens. The same shape promising 2.5 on a cheap pass, on a model that repeats its
+    last token after a prompt of that token (every n-gram the window makes comes true), drafts
+    every step."""
+    from methods.lookahead import LookaheadDecoder
+    from tests.conftest import repeating_model
+
+    def table(promised: float) -> str:
+        path = tmp_path / f"shapes-{promised}.json"
+        path.write_text(json.dumps({"window": 2, "ngram": 3, "guesses": 2, "candidates": [
+            {"window": 2, "ngram": 3, "guesses": 2, "tokens": int(promised * 100), "steps": 100,
+             "mean_accepted_length": promised, "processed_per_step": 8.0, "processed_counts": {"8": 100}}]}))
+        return str(path)
+
+    dear = CostCurve((1, 9), (1.0, 4.0))
+    machine(dear)
+    engine = Engine(tiny_model("llama"))
+    decoder = LookaheadDecoder(engine, tuned=table(5.0))
+    assert decoder.drafting and decoder.describe()["guard"]["step_cost"] == pytest.approx(4.0, abs=1e-3)
+    got = decoder.generate([1, 2, 3], 200)
+    assert got.tokens == VanillaDecoder(engine).generate([1, 2, 3], 200).tokens
+    record = decoder.describe()["guard"]
+    assert record["realized_rate"] < 1 and record["plain_steps"] > 100 and record["probes"] >= 3
+    assert sum(1 for n in got.processed if n == 0) > 100
+
+    machine(MIDDLE)
+    oracle = LookaheadDecoder(Engine(repeating_model("llama")), tuned=table(2.5))
+    got = oracle.generate([3, 3, 3, 3], 200)
+    assert oracle.describe()["guard"]["plain_steps"] == 0 and got.mean_accepted_length() > 2.5

@@ -26,6 +26,7 @@ import torch
 
 from methods.core.engine import Engine, ForwardOutput, Injection
 from methods.core.errors import UserError
+from methods.core.fitting import RateGuard
 from methods.core.options import NoOptions, alias_values, parse_options
 from methods.core.timing import HostSyncs, StepClock
 from methods.core.tree import TreeLayout, chain_layout
@@ -159,6 +160,9 @@ class Decoder:
     # refuses it under --concurrency before the model loads, instead of failing mid-run.
     batchable: ClassVar[bool] = True
     sampling: Sampling | None = None  # set by ``generate`` for each sequence: None when greedy
+    # A fitted draft whose realized acceptance is checked step by step (``methods.core.fitting``);
+    # None where the method drafts unguarded. Slots of a batch share it (``fork`` copies the reference).
+    guard: RateGuard | None = None
 
     def __init__(self, engine: Engine, options: Any = None, *, model_name: str = "", **raw: Any) -> None:
         """``options`` is the method's typed options; keyword arguments are parsed into them instead."""
@@ -204,7 +208,17 @@ class Decoder:
 
         aliases = alias_values(self.options)  # the same settings as the upstream code names them, where it does
         return {"name": self.name, **asdict(self.options), **({"aliases": aliases} if aliases else {}),
-                "draft_parameters": self.draft_parameters()}
+                "draft_parameters": self.draft_parameters(),
+                **({"guard": self.guard.record()} if self.guard is not None else {})}
+
+    def guard_says_plain(self) -> bool:
+        """Whether the guard makes this step a plain one (asked once a step, by a drafting method)."""
+        return self.guard is not None and self.guard.plain()
+
+    def observe(self, draft_nodes: int, tokens: int) -> None:
+        """Tells the guard a drafted step's outcome (``tokens`` advanced); plain steps say nothing."""
+        if self.guard is not None and draft_nodes > 1:
+            self.guard.observe(tokens)
 
     def draft_parameters(self) -> dict[str, int]:
         """Parameters the method adds beside the target model, and their bytes on disk (0 for a

@@ -86,12 +86,7 @@ class StaticTreeDecoder(Decoder):
 
     def draft_this_step(self) -> bool:
         """Whether this step drafts: the fit chose a tree, and its guard (if any) says it pays."""
-        return self.drafting and (self.guard is None or not self.guard.plain())
-
-    def observe(self, draft_nodes: int, tokens: int) -> None:
-        """Tells the guard a drafted step's outcome (``tokens`` advanced); plain steps say nothing."""
-        if self.guard is not None and draft_nodes > 1:
-            self.guard.observe(tokens)
+        return self.drafting and not self.guard_says_plain()
 
     def resolve_tree(self, value: str | None, weights_config: dict[str, Any]) -> tuple[Any, dict[str, Any] | None]:
         """The tree spec for option ``value``, and the cost-fitted choice behind it (or None).
@@ -125,5 +120,4 @@ class StaticTreeDecoder(Decoder):
         """The manifest's account of the tree: spec, paths, draft size, and ``auto``'s choice."""
         return {"tree": self.tree_spec, "draft_size": self.tree.draft_size if self.drafting else 0,
                 "tree_paths": [list(p) for p in self.tree.paths],
-                **({"tree_choice": self.tree_choice, "fitted": self.fitted} if self.tree_choice else {}),
-                **({"guard": self.guard.record()} if self.guard is not None else {})}
+                **({"tree_choice": self.tree_choice, "fitted": self.fitted} if self.tree_choice else {})}
