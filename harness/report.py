@@ -102,7 +102,7 @@ def draft_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     for label, info in (manifest.get("methods") or {}).items():
         size = info.get("draft_parameters")
         if isinstance(size, dict) and "parameters" in size:
-            rows.append({"method": label, "parameters": f"{int(size['parameters']):,}",
+            rows.append({"method": label, "drafter": info.get("drafter", "-"), "parameters": f"{int(size['parameters']):,}",
                          "bytes": f"{int(size.get('bytes') or 0) / 1e6:.1f} MB" if size.get("parameters") else "-"})
     return rows
 

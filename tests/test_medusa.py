@@ -101,6 +101,29 @@ def test_medusa_is_lossless_on_tiny_model(tiny, trained, tree, min_share, layout
         assert len(got.accepted) == len(got.draft_sizes)
 
 
+def test_the_report_names_medusa_heads_by_layout(tmp_path):
+    """The published layout (an LM head per head) and the shipped one (the model's LM head shared)
+    are both "medusa": the manifest and the report's draft-parameters table tell them apart."""
+    from harness.report import draft_rows
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    engine = Engine(model)
+    methods = {}
+    for layout in ("shared", "upstream"):
+        folder = tmp_path / layout
+        folder.mkdir()
+        heads = _random_heads(model, 2, layout)
+        save_file({k: v.contiguous() for k, v in heads.upstream_state_dict().items()}, str(folder / "heads.safetensors"))
+        methods[f"medusa@heads={folder}"] = MedusaDecoder(engine, heads=str(folder), tree="2x1").describe()
+    rows = {r["drafter"]: r for r in draft_rows({"methods": methods})}
+    assert set(rows) == {"2 heads sharing the model's LM head",
+                         "2 heads, each with its own LM head (Medusa-1 as published)"}
+    vocab = model.config.vocab_size * model.config.hidden_size
+    shared, upstream = (int(rows[d]["parameters"].replace(",", "")) for d in sorted(rows, key=len))
+    assert upstream - shared == 2 * vocab  # each published head's own projection to the vocabulary
+
+
 def test_medusa_accepts_when_heads_are_oracles(tmp_path):
     """A model that repeats its last token makes the heads' guesses right (zero-initialised heads
     copy the base model's guess): every step must accept its whole 3-deep chain."""

@@ -491,7 +491,8 @@ def make_eight_method_run(path: Path) -> Path:
             "train_sequences": 3761, "train_steps": 1000, "stopped": "step ceiling", "best_step": 950,
             "val_metric": "teacher-forced accepted length, best 12-node tree",
             "val_curve": [{"step": 950, "value": 2.07}], "train_time_s": 3600.0}
-    methods = {m: {"draft_parameters": {"parameters": 997_056 * (k % 3), "bytes": 3_988_224 * (k % 3)}}
+    methods = {m: {"draft_parameters": {"parameters": 997_056 * (k % 3), "bytes": 3_988_224 * (k % 3)},
+                   "drafter": "3 heads, each with its own LM head (Medusa-1 as published)"}
                for k, m in enumerate(EIGHT)}
     for m in ("medusa", "firp", "eagle", "sps"):
         methods[m]["training"] = training_summary(meta)

@@ -208,7 +208,7 @@ class Decoder:
 
         aliases = alias_values(self.options)  # the same settings as the upstream code names them, where it does
         return {"name": self.name, **asdict(self.options), **({"aliases": aliases} if aliases else {}),
-                "draft_parameters": self.draft_parameters(),
+                "drafter": self.drafter(), "draft_parameters": self.draft_parameters(),
                 **({"guard": self.guard.record()} if self.guard is not None else {})}
 
     def guard_says_plain(self) -> bool:
@@ -219,6 +219,11 @@ class Decoder:
         """Tells the guard a drafted step's outcome (``tokens`` advanced); plain steps say nothing."""
         if self.guard is not None and draft_nodes > 1:
             self.guard.observe(tokens)
+
+    def drafter(self) -> str:
+        """What the method drafts with, in a few words: the report names two drafters of one method
+        (Medusa's shared and per-head LM heads) apart by it, beside their parameter counts."""
+        return "none: one token a pass"
 
     def draft_parameters(self) -> dict[str, int]:
         """Parameters the method adds beside the target model, and their bytes on disk (0 for a

@@ -251,6 +251,9 @@ class EagleDecoder(Decoder):
                 **{k: self.head_config[k] for k in ("val_accuracy", "train_steps") if k in self.head_config},
                 "training": training_summary(self.head_config)}
 
+    def drafter(self) -> str:
+        return "a one-layer head on the target's features and the LM head"
+
     def step_capacity(self) -> int:
         return self.total + 1
 

@@ -281,6 +281,9 @@ class FirpDecoder(StaticTreeDecoder):
                 "pseudo_tokens_per_step": len(self.plan.anchors) * self.maps.K if self.drafting else 0,
                 "training": training_summary(self.weights_config)}
 
+    def drafter(self) -> str:
+        return f"{self.trained_K} linear maps at layer {self.maps.layers}, decoded through the later layers"
+
     def step_capacity(self) -> int:
         return self.tree.size + len(self.plan.anchors) * self.maps.K
 

@@ -309,6 +309,9 @@ class LookaheadDecoder(Decoder):
                 "processed_max": self.step_capacity() - 1 if on else 0,
                 **({"fitted": self.fitted, "shape_choice": self.shape_choice} if self.fitted else {})}
 
+    def drafter(self) -> str:
+        return "the target's own Jacobi window and an n-gram pool"
+
     def step_capacity(self) -> int:
         W, N, G = self.W, self.N, self.G
         if self.options.init == "upstream":

@@ -157,6 +157,12 @@ class MedusaDecoder(StaticTreeDecoder):
                 "num_heads": self.heads.num_heads, "layout": self.heads.layout,
                 "training": training_summary(self.head_config)}
 
+    def drafter(self) -> str:
+        k = self.heads.num_heads
+        if self.heads.layout == "upstream":
+            return f"{k} heads, each with its own LM head (Medusa-1 as published)"
+        return f"{k} heads sharing the model's LM head"
+
     def draft_probe(self) -> None:
         """One step's drafting work (heads, their LM head, top-k), timed by the tree choice."""
         hidden = torch.zeros(self.engine.config.hidden_size, device=self.engine.device, dtype=self.engine.dtype)

@@ -104,6 +104,9 @@ class PromptLookupDecoder(Decoder):
             return 0
         return length or best_length(self.accepted, self.tried, self.verify_cost, plain=0.0)
 
+    def drafter(self) -> str:
+        return "n-gram matches in the prompt and the output so far"
+
     def step_capacity(self) -> int:
         return self.options.num_tokens + 1
 

@@ -202,6 +202,10 @@ class SelfSpeculativeDecoder(Decoder):
         extra = {"draft_step_cost": round(self.draft_cost, 4)} if self.options.policy == "cost" else {}
         return {**super().describe(), "skip": self.skip, **extra}
 
+    def drafter(self) -> str:
+        skipped = sum(len(v) for v in self.skip.values())
+        return f"the target itself, skipping {skipped} of its {2 * self.engine.num_layers} sublayers"
+
     def step_capacity(self) -> int:
         return self.options.max_draft + 1
 

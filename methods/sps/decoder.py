@@ -223,6 +223,9 @@ class SpsDecoder(Decoder):
                 **({"fitted": self.fitted} if self.fitted else {}),
                 "training": training_summary(self.draft_config)}
 
+    def drafter(self) -> str:
+        return f"a {self.draft_engine.num_layers}-layer draft model"
+
     def step_capacity(self) -> int:
         return self.max_gamma + 1
 
