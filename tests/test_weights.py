@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from methods.core.errors import UserError
 from methods.core.options import parse_options
@@ -41,9 +42,10 @@ def test_setup_uses_the_same_locator(monkeypatch):
         MedusaDecoder(Engine(tiny_model("llama")), model_name="smollm2-135m")
 
 
-def test_draft_parameters_are_counted_from_the_files_without_loading():
+def test_draft_parameters_are_counted_from_the_files_without_loading(tmp_path):
     """``harness list``, the manifest and the report give each drafter's size from its files'
-    headers; the count equals the loaded module's."""
+    headers; the count equals the loaded module's. A trainer's folder (the weights beside its
+    resumable checkpoint) counts the weights alone."""
     from methods.core.weights import weights_size
     from methods.medusa.decoder import MedusaDecoder, load_heads
 
@@ -55,3 +57,8 @@ def test_draft_parameters_are_counted_from_the_files_without_loading():
     options = parse_options(MedusaDecoder.Options, {}, where="medusa")
     assert MedusaDecoder.weights.size("smollm2-135m", options) == size
     assert get_spec("pld").decoder.weights is None  # training-free: the base reports 0
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / "heads.safetensors").write_bytes((path / "heads.safetensors").read_bytes())
+    torch.save({"step": 950, "model": heads.state_dict()}, trained / "checkpoint.pt")
+    assert weights_size(trained) == size

@@ -72,8 +72,12 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 def weights_size(path: Path) -> dict[str, int]:
     """Parameters stored in ``path`` (a weights file, or every weights file in a folder) and the
     bytes of those files; read from the safetensors headers, so nothing is loaded. A file of
-    another kind (a JSON skip set) holds no parameters."""
+    another kind (a JSON skip set) holds no parameters. In a folder, safetensors files are the
+    weights where there are any: a trainer's output folder also holds its resumable checkpoint
+    (``checkpoint.pt``: the weights again and the optimizer's state), which is not the drafter."""
     files = sorted(f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES) if path.is_dir() else [path]
+    if any(f.suffix == ".safetensors" for f in files):
+        files = [f for f in files if f.suffix == ".safetensors"]
     parameters = 0
     for file in files:
         if file.suffix == ".safetensors":
