@@ -271,8 +271,8 @@ class LookaheadDecoder(Decoder):
         # the tuner's prompts overstate other tasks' acceptance as a trainer's split does (MT-bench
         # at batch 2 accepted 1.26 tokens a step against a shape predicted to pay): the shape
         # drafts under a guard that keeps its measured step cost and checks what verification accepts
-        row = next(r for r in choice["candidates"] if tuple(r[k] for k in SHAPE_KEYS) == choice["shape"])
         if self.fitted["drafting"]:
+            row = next(r for r in choice["candidates"] if tuple(r[k] for k in SHAPE_KEYS) == choice["shape"])
             self.guard = RateGuard(row["mean_accepted_length"], row["predicted_speedup"])
 
     def _layout(self, levels: int, guesses: int) -> TreeLayout:
