@@ -70,6 +70,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from methods.core.fitting import guard_totals
+
 BASELINE = "vanilla"
 _NUMERIC = re.compile(r"^-?[\d,]*\.?\d+$")
 
@@ -369,6 +371,24 @@ def lowest_level(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         return records
     low = min(levels)
     return [r for r in records if r.get("concurrency") in (None, low)]
+
+
+def guard_by_method(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per method with a rate guard, its drafted and plain steps summed over the timed
+    generations of ``records``: a record's own (``guard``), or under load its batch's, counted
+    once per batch (the slots share one guard). Warm-ups are not in them, and the sum is over
+    the records, so it holds for shards, Ray workers and resumed runs alike."""
+    parts: dict[str, list[dict[str, int] | None]] = {}
+    batches: set[tuple[str, Any, Any]] = set()
+    for r in records:
+        load = r.get("load")
+        if load is not None:
+            batch = (r["method"], r.get("concurrency"), load.get("chunk"))
+            if batch in batches:
+                continue
+            batches.add(batch)
+        parts.setdefault(r["method"], []).append((load if load is not None else r).get("guard"))
+    return {method: total for method, found in parts.items() if (total := guard_totals(found)) is not None}
 
 
 def load_levels(records: Iterable[dict[str, Any]]) -> list[int]:

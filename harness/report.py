@@ -12,8 +12,8 @@ import pandas as pd
 
 from harness.checks import _identity, machine_of, run_metrics, settings_differ
 from harness.claims import Claim, firp_claims
-from harness.metrics import (BASELINE, CROSSOVER, choice_text, crossovers, first_divergence, in_run_order, load_frame,
-                             load_levels, lowest_level, records_frame, summarize)
+from harness.metrics import (BASELINE, CROSSOVER, choice_text, crossovers, first_divergence, guard_by_method,
+                             in_run_order, load_frame, load_levels, lowest_level, records_frame, summarize)
 from harness.results import read_manifest, read_run_divergences, read_run_records
 from base.errors import UserError
 from base.files import check_writable, write_text
@@ -107,16 +107,30 @@ def draft_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def fitted_rows(manifest: dict[str, Any], summary: pd.DataFrame) -> list[dict[str, Any]]:
+def fitted_rows(manifest: dict[str, Any], summary: pd.DataFrame,
+                guards: dict[str, dict[str, int]] | None = None) -> list[dict[str, Any]]:
     """One row per method that fitted its draft to the machine: whether it drafted or took plain
-    steps, its best predicted speedup beside the measured one, and why (``describe()``'s ``fitted``)."""
+    steps, its best predicted speedup beside the measured one, why (``describe()``'s ``fitted``),
+    and for a fit that drafts under a rate guard, how many of its steps the guard made plain
+    (``guards``: ``guard_by_method`` over the records)."""
+    guards = guards or {}
     overall = summary[summary.task == "all"] if not summary.empty and (summary.task == "all").any() else summary
     measured = (dict(zip(overall.method, overall.speedup_geomean))
                 if not overall.empty and "speedup_geomean" in overall else {})
     return [{"method": label, "drafting": "drafts" if f["drafting"] else "plain steps",
              "predicted": f"{f['best_predicted_speedup']:.2f}x", "reason": f.get("reason", ""),
-             "measured": (f"{measured[label]:.2f}x" if label in measured and not pd.isna(measured[label]) else "-")}
+             "measured": (f"{measured[label]:.2f}x" if label in measured and not pd.isna(measured[label]) else "-"),
+             "guard": guard_text(guards.get(label)) if (info or {}).get("guard") is not None else "-"}
             for label, info in (manifest.get("methods") or {}).items() if (f := (info or {}).get("fitted"))]
+
+
+def guard_text(counts: dict[str, int] | None) -> str:
+    """What a rate guard did over the run's timed generations, in a few words."""
+    steps = (counts or {}).get("drafted_steps", 0) + (counts or {}).get("plain_steps", 0)
+    if not counts or steps == 0:
+        return "no steps"
+    return (f"plain on {counts['plain_steps'] / steps:.0%} of {steps:,} steps; "
+            f"{counts['drafted_steps']:,} drafted ({counts.get('probes', 0):,} of them probes)")
 
 
 def drilldown(frame: pd.DataFrame, records: list[dict[str, Any]], limit: int = 200) -> list[dict[str, Any]]:
@@ -339,7 +353,7 @@ def build_report(run_dir: Path, out: Path | None = None) -> Path:
                          categories=categories, divergences=divergences, verdicts=verdicts, colors=colors,
                          headline=headline(summary, verdicts), examples=drilldown(frame, records),
                          method_sections=method_sections(run_dir, manifest),
-                         training=training_rows(manifest, summary), fitted=fitted_rows(manifest, summary),
+                         training=training_rows(manifest, summary), fitted=fitted_rows(manifest, summary, guard_by_method(records)),
                          drafters=draft_rows(manifest), claims=claim_rows(summary, methods, verdicts),
                          hardware=hardware_summary(manifest, records),
                          load=load_section(every, methods, colors),

@@ -29,6 +29,7 @@ import numpy as np
 
 from methods.core.batch import LoadRun, Request, Served, serve
 from methods.core.decoder import Decoder, GenConfig, Generation
+from methods.core.fitting import guard_delta
 from methods.core.prompts import encode_conversation
 from methods.core.timing import timed
 from tasks.base import Example
@@ -81,6 +82,7 @@ def run_example(decoder: Decoder, example: Example, tokenizer: Any, settings: Sh
     device = decoder.engine.device
     messages: list[dict[str, str]] = []
     turns: list[dict[str, Any]] = []
+    guard_before = decoder.guard_counts()
     for turn_no, user_text in enumerate(example.turns):
         messages.append({"role": "user", "content": user_text})
         prompt_ids = encode_conversation(tokenizer, messages)
@@ -94,7 +96,13 @@ def run_example(decoder: Decoder, example: Example, tokenizer: Any, settings: Sh
         text = tokenizer.decode(gen.tokens, skip_special_tokens=True)
         messages.append({"role": "assistant", "content": text})
         turns.append(generation_turn(gen, len(prompt_ids), text, seconds, gen.host_syncs))
-    return _record(example, decoder, turns)
+    return {**_record(example, decoder, turns), **guarded(guard_delta(guard_before, decoder.guard_counts()))}
+
+
+def guarded(counts: dict[str, int] | None) -> dict[str, Any]:
+    """A record's ``guard`` field: the rate guard's plain and drafted steps in its generations
+    (the manifest sums them per method); nothing for a method without a guard."""
+    return {"guard": counts} if counts is not None else {}
 
 
 def _record(example: Example, decoder: Decoder, turns: list[dict[str, Any]], skipped: str | None = None) -> dict[str, Any]:
@@ -204,6 +212,7 @@ def load_summary(run: LoadRun, request_rate: float | None) -> dict[str, Any]:
         "accepted_per_step": sum(run.step_accepted) / steps if steps else 0.0,
         "memory": dict(run.memory),
         "choice": {k: described[k] for k in ("draft_size", "fitted", "tree") if k in described},
+        **guarded(run.guard),
     }
 
 

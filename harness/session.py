@@ -161,6 +161,23 @@ def execute(config: RunConfig) -> Path:
         return _execute_locked(config, runs, shard_examples(examples, config.shard), task_info, out, results_path)
 
 
+def with_guard_totals(methods: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The methods' manifest entries with each rate guard's decisions over this file's timed
+    generations, in place of the counts ``describe()`` gave at setup (before any step): the
+    fit's step cost stays, the drafted and plain steps become what the run did."""
+    from harness.metrics import guard_by_method  # pandas: only once a run is done
+
+    totals = guard_by_method(records)
+    out = dict(methods)
+    for label, info in methods.items():
+        guard = (info or {}).get("guard")
+        if guard is not None:
+            kept = {k: v for k, v in guard.items() if k in ("step_cost", "window")}
+            out[label] = {**info, "guard": {**kept, **totals.get(label, {"drafted_steps": 0, "plain_steps": 0, "probes": 0}),
+                                            "counted": "timed generations of the records"}}
+    return out
+
+
 def merged_costs(old: dict[str, Any] | None, new: dict[str, Any] | None) -> dict[str, Any] | None:
     """A resumed run's cost record: what this invocation used, beside what earlier ones recorded."""
     if not old or not new:
@@ -230,6 +247,7 @@ def _execute_locked(config: RunConfig, runs: list[MethodRun], examples: list[Exa
     finally:
         executor.close()
     (out / shard_name(DIVERGENCES_FILE, config.shard)).write_text("".join(json.dumps(d) + "\n" for d in divergences))
+    manifest["methods"] = with_guard_totals(manifest["methods"], records)
     manifest["status"] = "complete"
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_manifest(out, manifest, manifest_name)

@@ -369,3 +369,69 @@ def test_a_fitted_lookahead_shape_that_accepts_less_than_its_tuner_promised_take
     oracle = LookaheadDecoder(Engine(repeating_model("llama")), tuned=table(2.5))
     got = oracle.generate([3, 3, 3, 3], 200)
     assert oracle.describe()["guard"]["plain_steps"] == 0 and got.mean_accepted_length() > 2.5
+
+
+def test_a_run_counts_each_guards_plain_and_drafted_steps_over_its_timed_generations(machine, tmp_path,
+                                                                                     tiny_model_dir):
+    """The manifest's and the report's guard counts are what the guard did while the records were
+    timed: each record's own decode steps (every step is drafted or made plain by the guard),
+    summed over the records, not the zeros ``describe()`` gives at setup and not the warm-ups."""
+    from harness.cli import main
+    from harness.report import build_report
+    from harness.results import read_records
+
+    shapes = tmp_path / "shapes.json"  # promises 5 tokens a step: a tiny random model accepts far fewer
+    shapes.write_text(json.dumps({"window": 2, "ngram": 3, "guesses": 2, "candidates": [
+        {"window": 2, "ngram": 3, "guesses": 2, "tokens": 500, "steps": 100, "mean_accepted_length": 5.0,
+         "processed_per_step": 8.0, "processed_counts": {"8": 100}}]}))
+    machine(CostCurve((1, 9), (1.0, 4.0)))
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(tiny_model_dir), "--methods", f"vanilla,lookahead@tuned={shapes}",
+                 "--limit", "3", "--max-new-tokens", "48", "--dtype", "float32", "--device", "cpu",
+                 "--warmup", "2", "--out", str(out)]) == 0
+    every = read_records(out / "results.jsonl")
+    label = f"lookahead@tuned={shapes}"
+    records = [r for r in every if r["method"] == label]
+    assert len(records) == 3 and all("guard" not in r for r in every if r["method"] == "vanilla")
+    for r in records:
+        steps = sum(len(t["accepted"]) - 1 for t in r["turns"])  # the prefill is no decision of the guard
+        assert r["guard"]["drafted_steps"] + r["guard"]["plain_steps"] == steps > 0
+    guard = json.loads((out / "manifest.json").read_text())["methods"][label]["guard"]
+    for key in ("drafted_steps", "plain_steps", "probes"):
+        assert guard[key] == sum(r["guard"][key] for r in records)
+    assert guard["plain_steps"] > guard["drafted_steps"] > 0 and guard["step_cost"] == pytest.approx(4.0, abs=1e-3)
+    page = build_report(out).read_text()
+    steps = guard["drafted_steps"] + guard["plain_steps"]
+    assert (f"plain on {guard['plain_steps'] / steps:.0%} of {steps:,} steps; {guard['drafted_steps']:,} drafted "
+            f"({guard['probes']:,} of them probes)") in page
+
+
+def test_a_batch_counts_its_guards_decisions_once_for_all_its_slots(machine, tmp_path):
+    """Under load the slots share one guard; a batch's ``LoadRun.guard`` holds the decisions of that
+    batch alone (one per slot and step), and the run's totals count each batch once although
+    every request of it carries the batch's summary."""
+    from harness.metrics import guard_by_method
+    from methods.core.batch import Request, serve
+    from methods.core.decoder import GenConfig
+    from methods.lookahead import LookaheadDecoder
+
+    shapes = tmp_path / "shapes.json"
+    shapes.write_text(json.dumps({"window": 2, "ngram": 3, "guesses": 2, "candidates": [
+        {"window": 2, "ngram": 3, "guesses": 2, "tokens": 500, "steps": 100, "mean_accepted_length": 5.0,
+         "processed_per_step": 8.0, "processed_counts": {"8": 100}}]}))
+    machine(CostCurve((1, 9), (1.0, 4.0)))
+    decoder = LookaheadDecoder(Engine(tiny_model("llama")), tuned=str(shapes))
+    requests = [Request(p, GenConfig(40)) for p in PROMPTS]
+    first = serve(decoder, requests, 2, adapt=False)
+    second = serve(decoder, requests[:2], 2, adapt=False, slots_from=first)
+    for run in (first, second):
+        steps = sum(len(s.generation.accepted) - 1 for s in run.served)
+        assert run.guard["drafted_steps"] + run.guard["plain_steps"] == steps > 0
+    assert first.guard["plain_steps"] > 0
+    both = {k: first.guard[k] + second.guard[k] for k in first.guard}
+    assert both == decoder.guard_counts()
+    records = [{"method": "la", "concurrency": 2, "load": {"chunk": f"c{i}", "guard": run.guard}}
+               for i, run in enumerate((first, second)) for _ in run.served]
+    assert guard_by_method(records) == {"la": both}
+    assert guard_by_method([{"method": "la", "guard": first.guard}, {"method": "la", "guard": second.guard},
+                            {"method": "vanilla"}]) == {"la": both}

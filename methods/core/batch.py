@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from methods.core.decoder import Decoder, Draft, GenConfig, Generation
 from methods.core.engine import FEW_ROWS_LAYER, Engine, ForwardOutput, Injection, _rotate_half, few_rows_linear
+from methods.core.fitting import guard_delta
 from methods.core.kv_cache import KVCache
 from methods.core.verify import Acceptance
 
@@ -327,6 +328,7 @@ class LoadRun:
     memory: dict[str, int] = field(default_factory=dict)
     decoder: Decoder | None = None  # the decoder that ran: fitted to this concurrency where ``adapt``
     forks: list[Decoder] = field(default_factory=list)  # each slot's decoder, as the run left it
+    guard: dict[str, int] | None = None  # the rate guard's decisions in this run (its slots share one guard)
 
     @property
     def output_tokens(self) -> int:
@@ -391,6 +393,7 @@ def serve(decoder: Decoder, requests: Sequence[Request], concurrency: int, *, ad
     free = list(range(concurrency))
     served: list[Served | None] = [None] * len(requests)
     run = LoadRun([], 0.0, concurrency, decoder=decoder, forks=forks)
+    guard_before = decoder.guard_counts()
     start = clock()
 
     def finish(slot: int, state: _Live, done: bool, now: float) -> None:
@@ -458,6 +461,7 @@ def serve(decoder: Decoder, requests: Sequence[Request], concurrency: int, *, ad
     run.wall_time = clock() - start
     run.served = [s for s in served if s is not None]
     run.memory = _memory(engine, batch)
+    run.guard = guard_delta(guard_before, decoder.guard_counts())
     return run
 
 

@@ -215,6 +215,11 @@ class Decoder:
         """Whether the guard makes this step a plain one (asked once a step, by a drafting method)."""
         return self.guard is not None and self.guard.plain()
 
+    def guard_counts(self) -> dict[str, int] | None:
+        """The guard's decisions so far (``RateGuard.counts``), None without one: a record takes
+        the difference around its timed generation, so warm-ups and other records are not in it."""
+        return self.guard.counts() if self.guard is not None else None
+
     def observe(self, draft_nodes: int, tokens: int) -> None:
         """Tells the guard a drafted step's outcome (``tokens`` advanced); plain steps say nothing."""
         if self.guard is not None and draft_nodes > 1:

@@ -164,9 +164,30 @@ class RateGuard:
         self.total += tokens
         self.squares += tokens * tokens
 
+    def counts(self) -> dict[str, int]:
+        """What the guard decided so far: drafted steps (probes among them) and plain steps. A
+        generation's share is the difference of two readings (``guard_delta``)."""
+        return {"drafted_steps": self.drafted, "plain_steps": self.backoff.plain_steps, "probes": self.backoff.probes}
+
     def record(self) -> dict[str, Any]:
         return {"step_cost": round(self.step_cost, 4), "window": self.WINDOW, "realized_rate": round(self.rate, 4),
-                "drafted_steps": self.drafted, "plain_steps": self.backoff.plain_steps, "probes": self.backoff.probes}
+                **self.counts()}
+
+
+def guard_delta(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, int] | None:
+    """The guard's decisions between two ``RateGuard.counts`` readings (None without a guard)."""
+    if before is None or after is None:
+        return after
+    return {k: after[k] - before.get(k, 0) for k in after}
+
+
+def guard_totals(parts: Iterable[dict[str, int] | None]) -> dict[str, int] | None:
+    """The sum of several generations' guard decisions (None when none had a guard)."""
+    total: dict[str, int] | None = None
+    for part in parts:
+        if part:
+            total = {k: (total or {}).get(k, 0) + v for k, v in part.items()}
+    return total
 
 
 class Backoff:
