@@ -217,20 +217,27 @@ def test_under_load_fits_methods_to_the_batched_costs(monkeypatch):
 def test_measure_batched_times_one_sequence_drafting_and_alone_in_the_same_rounds(monkeypatch):
     """The batched curve carries, from the same rounds, one sequence's draft in a batch of plain
     ones (``lone``) and one sequence alone; ratios are taken within a round. A pass here costs
-    20 ms per token over all its sequences, so every figure is known."""
+    20 ms per token over all its sequences on the measurement's clock (a fake one: what a busy
+    machine adds to a real sleep is not the point), so every figure is known exactly."""
     import time
+    from types import SimpleNamespace
 
     import methods.core.cost as cost
     from methods.core.batch import BatchEngine
     from tests.conftest import tiny_model
 
-    monkeypatch.setattr(BatchEngine, "forward",
-                        lambda self, slots, drafts: time.sleep(0.02 * sum(d.layout.n for d in drafts)))
+    now = [0.0]
+
+    def forward(self, slots, drafts):
+        now[0] += 0.02 * sum(d.layout.n for d in drafts)
+
+    monkeypatch.setattr(cost, "time", SimpleNamespace(perf_counter=lambda: now[0], process_time=time.process_time))
+    monkeypatch.setattr(BatchEngine, "forward", forward)
     engine = Engine(tiny_model("llama"))
     curve = cost.measure_batched(engine, 3, sizes=(1, 2, 4), rounds=3)
-    assert curve.ratios == pytest.approx((1.0, 2.0, 4.0), rel=0.15)    # every sequence n: 3n tokens
-    assert curve.lone == pytest.approx((1.0, 4 / 3, 2.0), rel=0.15)    # one sequence n, two plain: n + 2
-    assert curve.one_token_ms == pytest.approx(60.0, rel=0.15) and curve.single_ms == pytest.approx(20.0, rel=0.15)
+    assert curve.ratios == pytest.approx((1.0, 2.0, 4.0))    # every sequence n: 3n tokens
+    assert curve.lone == pytest.approx((1.0, 4 / 3, 2.0))    # one sequence n, two plain: n + 2
+    assert curve.one_token_ms == pytest.approx(60.0) and curve.single_ms == pytest.approx(20.0)
     again = cost.CostCurve.from_dict(curve.as_dict(), curve.key)
     assert again.lone == pytest.approx(curve.lone, abs=1e-3) and again.single_ms == pytest.approx(curve.single_ms, abs=1e-3)
     # a round the machine ran slow moves both sizes: the ratio within rounds cancels it
