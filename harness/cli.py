@@ -6,6 +6,7 @@ User errors print one line and exit 2; tracebacks are reserved for bugs.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -179,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=_float, default=1e-3)
     tr.add_argument("--batch", type=_int, default=4, help="sequences per optimiser step (default 4)")
     tr.add_argument("--seed", type=_int, default=0)
-    tr.add_argument("--max-steps", type=_int, default=None, help="stop after this many optimiser steps")
+    tr.add_argument("--max-steps", type=_int, default=None,
+                    help="stop after this many optimiser steps (0: only validate the starting weights, e.g. --init-from's, on this data's held-out split)")
     tr.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="method settings, e.g. heads=3, layout=shared|upstream, tree=4x2x1, layers=10")
     tr.add_argument("--allow-eval-data", action="store_true", help="permit training on evaluation files")
@@ -426,6 +428,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError("--epochs, --batch, --limit and --max-new-tokens must be positive integers")
     if args.self_prompts < 0 or args.summary_prompts < 0:
         raise UserError("--self-prompts and --summary-prompts must be 0 or more")
+    if args.max_steps is not None and args.max_steps < 0:
+        raise UserError("--max-steps must be 0 or more (0 only validates the starting weights, e.g. --init-from's)")
+    if args.eval_every <= 0 or args.patience <= 0:
+        raise UserError("--eval-every and --patience must be positive integers")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UserError(f"--lr must be a positive finite number, got {args.lr}")
     if args.init_from and not os.path.isdir(args.init_from):
         raise UserError(f"--init-from {args.init_from}: no such folder")
     config = TrainConfig(method=args.method, model=args.model, data=args.data, out=args.out, dtype=args.dtype,

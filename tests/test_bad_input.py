@@ -299,6 +299,26 @@ CHECK: list[Case] = [
 ]
 
 
+def _train(w: World, *extra: str) -> list[str]:
+    """``train medusa`` on a valid training file: only ``extra`` is wrong."""
+    data = w.jsonl("train.jsonl", [{"id": 1, "question": "What is 2 + 2?", "answer": "4"}])
+    return ["train", "medusa", "--data", data, "--out", w.p("heads"), *extra]
+
+
+TRAIN: list[Case] = [  # refused before the model loads or any distillation starts
+    ("train: epochs 0", lambda w: _train(w, "--epochs", "0"), "--epochs, --batch, --limit and --max-new-tokens must be positive"),
+    ("train: negative self prompts", lambda w: _train(w, "--self-prompts", "-1"), "--self-prompts and --summary-prompts must be 0 or more"),
+    ("train: negative max steps", lambda w: _train(w, "--max-steps", "-1"), "--max-steps must be 0 or more"),
+    ("train: validation every 0 steps", lambda w: _train(w, "--eval-every", "0"),
+     "--eval-every and --patience must be positive integers"),
+    ("train: patience 0", lambda w: _train(w, "--patience", "0"), "--eval-every and --patience must be positive integers"),
+    ("train: learning rate 0", lambda w: _train(w, "--lr", "0"), "--lr must be a positive finite number, got 0.0"),
+    ("train: learning rate nan", lambda w: _train(w, "--lr", "nan"), "expected a finite number, got 'nan'"),
+    ("train: init-from a missing folder", lambda w: _train(w, "--init-from", w.p("nowhere")), "no such folder"),
+    ("train: a method with nothing to train", lambda w: ["train", "pld", "--data", w.p("x.jsonl"), "--out", w.p("o")],
+     "nothing to train for method 'pld'"),
+]
+
 def _with(run_dir: str, name: str, data: bytes) -> str:
     (Path(run_dir) / name).write_bytes(data)
     return run_dir
@@ -313,7 +333,7 @@ def _edit_baseline(w: World, change: Callable[[dict], None]) -> str:
 
 
 TABLE = [(name, lambda w, build=build: ["run", "--out", w.p("out"), *build(w)], expected)
-         for name, build, expected in RUN] + REPORT + COMPARE + BASELINE + CHECK
+         for name, build, expected in RUN] + REPORT + COMPARE + BASELINE + CHECK + TRAIN
 
 
 @pytest.mark.parametrize("name,build,expected", TABLE, ids=[c[0] for c in TABLE])
@@ -361,7 +381,7 @@ def test_table_covers_every_command(tmp_path):
         command = build(World(tmp_path / str(i)))[0]
         commands[command] = commands.get(command, 0) + 1
     assert len(TABLE) >= 40
-    assert set(commands) == {"run", "report", "compare", "baseline", "check"}, commands
+    assert set(commands) == {"run", "report", "compare", "baseline", "check", "train"}, commands
 
 
 def test_bad_run_leaves_no_run_folder(capsys, tmp_path):
