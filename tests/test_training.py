@@ -70,9 +70,9 @@ def test_medusa_training_writes_heads_and_resumes(tmp_path, tiny_data, layout, t
 
 
 def test_training_continues_from_earlier_weights(tmp_path, tiny_data, toolkit):
-    """``--init-from``: the second run starts from the first run's (perturbed) weights: at lr 0
-    it writes them back unchanged, where a fresh start differs; FIRP skips its ridge fit, and
-    weights of other settings are refused."""
+    """``--init-from``, for every trainer: the second run starts from the first run's (perturbed)
+    weights: at lr 0 it writes them back unchanged, where a fresh start differs; FIRP skips its
+    ridge fit, and weights of other settings are refused."""
     from safetensors.torch import load_file
 
     from methods.core.errors import UserError
@@ -86,8 +86,12 @@ def test_training_continues_from_earlier_weights(tmp_path, tiny_data, toolkit):
         return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     model = tiny_model("llama")
+    from methods.eagle import train as eagle
+    from methods.sps import train as sps
+
     for method, trainer, opts, key in (("medusa", medusa, {"heads": 2}, "tiny"),
-                                       ("firp", firp, {"K": 2, "layers": "1", "anchors_per_seq": 8}, "tiny-firp")):
+                                       ("firp", firp, {"K": 2, "layers": "1", "anchors_per_seq": 8}, "tiny-firp"),
+                                       ("sps", sps, {"layers": 1}, "tiny-sps"), ("eagle", eagle, {}, "tiny-eagle")):
         def run(out: str, **kw) -> dict:
             cfg = TrainConfig(method=method, out=str(tmp_path / out), options=opts, **kw)
             return trainer.train(cfg, model, None, tiny_data, key, toolkit)
@@ -108,6 +112,9 @@ def test_training_continues_from_earlier_weights(tmp_path, tiny_data, toolkit):
         medusa.train(TrainConfig(method="medusa", out=str(tmp_path / "c"), max_steps=1,
                                  init_from=str(tmp_path / "medusa-a"), options={"heads": 3}),
                      model, None, tiny_data, "tiny", toolkit)
+    with pytest.raises(UserError, match="do not fit a 2-layer draft|keys do not match a 2-layer draft"):
+        sps.train(TrainConfig(method="sps", out=str(tmp_path / "d"), max_steps=1, init_from=str(tmp_path / "sps-a"),
+                              options={"layers": 2}), model, None, tiny_data, "tiny-sps", toolkit)
 
 
 def test_firp_training_writes_maps_and_loss_drops(tmp_path, tiny_data, toolkit):

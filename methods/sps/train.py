@@ -78,8 +78,16 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
         return {"top1_agreement": top1 / max(1.0, n), "positions": int(n),
                 f"chain_accepted_length_gamma{gamma}": float(torch.cat(lengths).mean()) if lengths else 1.0}
 
+    def load_saved(state: dict[str, torch.Tensor]) -> None:
+        """``--init-from``: the file holds the draft model's layers and norm (``own_state``), not
+        the trainable list's keys."""
+        result = draft.model.load_state_dict(state, strict=False)
+        if result.unexpected_keys or any(not k.startswith("embed_tokens.") for k in result.missing_keys):
+            raise RuntimeError(f"keys do not match a {layers}-layer draft: unexpected {result.unexpected_keys[:3]}, "
+                               f"missing {[k for k in result.missing_keys if not k.startswith('embed_tokens.')][:3]}")
+
     log = optimise(config, trainable, train_idx, loss_of, out, f"distilling a {layers}-layer draft",
-                   lambda: validation()[f"chain_accepted_length_gamma{gamma}"])
+                   lambda: validation()[f"chain_accepted_length_gamma{gamma}"], load_saved=load_saved)
     with torch.no_grad():
         val = validation()
     print(f"  draft top-1 = target's greedy token on {val['top1_agreement']:.1%} of {val['positions']} val positions; "
