@@ -29,6 +29,9 @@ class Scripted:
     def reserve(self, prompt_len: int, limit: int) -> None:
         pass
 
+    def guard_counts(self) -> None:  # no rate guard
+        return None
+
     def generate(self, prompt_ids: list[int], config: Any) -> Generation:
         n = self.tokens[self.calls] if self.tokens else 4
         self.log.append(self.name)
