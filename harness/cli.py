@@ -6,7 +6,6 @@ User errors print one line and exit 2; tracebacks are reserved for bugs.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -432,7 +431,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError("--max-steps must be 0 or more (0 only validates the starting weights, e.g. --init-from's)")
     if args.eval_every <= 0 or args.patience <= 0:
         raise UserError("--eval-every and --patience must be positive integers")
-    if not (math.isfinite(args.lr) and args.lr > 0):
+    if args.lr <= 0:  # _float already refuses nan and inf
         raise UserError(f"--lr must be a positive finite number, got {args.lr}")
     if args.init_from and not os.path.isdir(args.init_from):
         raise UserError(f"--init-from {args.init_from}: no such folder")

@@ -76,6 +76,17 @@ def own_state(draft: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in draft.model.state_dict().items() if not k.startswith("embed_tokens.")}
 
 
+def load_own_state(draft: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put a layers-only file's weights (``own_state``) into ``draft``; a RuntimeError names keys
+    that do not fit its layer count (the shared embedding is never in the file)."""
+    result = draft.model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("embed_tokens.")]
+    if result.unexpected_keys or missing:
+        layers = len(draft.model.layers)
+        raise RuntimeError(f"keys do not match a {layers}-layer draft of this model: "
+                           f"unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}")
+
+
 def load_layers_only(path: Path, target: Any) -> tuple[nn.Module, dict[str, Any]]:
     from safetensors.torch import load_file
 
@@ -83,9 +94,7 @@ def load_layers_only(path: Path, target: Any) -> tuple[nn.Module, dict[str, Any]
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         state = load_file(str(path / LAYERS_FILE))
         draft = layers_only_draft(target, int(config["num_layers"]))
-        missing = draft.model.load_state_dict(state, strict=False)
-        if missing.unexpected_keys or any(not k.startswith("embed_tokens.") for k in missing.missing_keys):
-            raise ValueError(f"keys do not match a {config['num_layers']}-layer draft of this model")
+        load_own_state(draft, state)
     except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint is the user's file, not our bug
         raise UserError(f"cannot load the SpS draft from {path}: {first_line(exc)}") from None
     return draft, config

@@ -20,7 +20,7 @@ from torch import nn
 
 from methods.core.training import (Toolkit, TrainConfig, autocast, cached_features, chain_accepted_length,
                                    optimise, prepare_out, split_train_val, write_result)
-from methods.sps.decoder import LAYERS_FILE, init_from_target, layers_only_draft, own_state
+from methods.sps.decoder import LAYERS_FILE, init_from_target, layers_only_draft, load_own_state, own_state
 
 
 def draft_loss(draft: nn.Module, model: Any, ids: torch.Tensor, final: torch.Tensor, start: int,
@@ -78,16 +78,8 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
         return {"top1_agreement": top1 / max(1.0, n), "positions": int(n),
                 f"chain_accepted_length_gamma{gamma}": float(torch.cat(lengths).mean()) if lengths else 1.0}
 
-    def load_saved(state: dict[str, torch.Tensor]) -> None:
-        """``--init-from``: the file holds the draft model's layers and norm (``own_state``), not
-        the trainable list's keys."""
-        result = draft.model.load_state_dict(state, strict=False)
-        if result.unexpected_keys or any(not k.startswith("embed_tokens.") for k in result.missing_keys):
-            raise RuntimeError(f"keys do not match a {layers}-layer draft: unexpected {result.unexpected_keys[:3]}, "
-                               f"missing {[k for k in result.missing_keys if not k.startswith('embed_tokens.')][:3]}")
-
     log = optimise(config, trainable, train_idx, loss_of, out, f"distilling a {layers}-layer draft",
-                   lambda: validation()[f"chain_accepted_length_gamma{gamma}"], load_saved=load_saved)
+                   lambda: validation()[f"chain_accepted_length_gamma{gamma}"], load_saved=lambda state: load_own_state(draft, state))
     with torch.no_grad():
         val = validation()
     print(f"  draft top-1 = target's greedy token on {val['top1_agreement']:.1%} of {val['positions']} val positions; "
