@@ -1,0 +1,22 @@
+#!/bin/bash
+# Trains every method's weights for the default model on equal footing (#33, item 6): the same
+# broad data (3000 file prompts + 1000 self-written requests), at most 2 epochs with no step
+# ceiling, stopped after 3 validations without improvement. Hours on a small CPU, so it is
+# restartable: a folder with config.json is done and skipped, an unfinished one resumes from its
+# checkpoint.pt. Usage: nohup bash benchmarks/train_all.sh [OUT_DIR] >> train_all.log 2>&1 &
+set -u
+cd "$(dirname "$0")/.."
+OUT=${1:-runs}
+D="--data ../shared/data/gsm8k/train.jsonl ../shared/data/boolq/dev.jsonl --limit 3000 --self-prompts 1000 --epochs 2"
+train() {
+  name=$1; shift
+  if [ -f "$OUT/$name/config.json" ]; then echo "skip $name (done)"; return; fi
+  echo "=== $name $(date -u)"
+  python -m harness train "$@" $D --out "$OUT/$name" > "$OUT/$name.log" 2>&1
+  echo "=== $name rc=$? $(date -u)"
+}
+mkdir -p "$OUT"
+train sps-broad sps --option layers=2
+train medusa-plateau medusa
+train eagle-broad eagle
+train firp-plateau firp --option layers=20 --option K=3 --option input=prev --option step_weights=1,0.7,0.5
