@@ -60,9 +60,11 @@ def describe_data(training: dict[str, Any]) -> str:
 
 
 def describe_stop(training: dict[str, Any]) -> str:
-    """Why training ended, the step kept, and the step ceiling where one capped the budget."""
+    """Why training ended, the step kept, the patience of the plateau rule and the step ceiling
+    where one capped the budget: the same rule for every method shows as the same words."""
     stop = (f"{training.get('stopped')} (best step {training['best_step']})" if training.get("best_step")
             else training.get("stopped") or "-")
+    stop += f", patience {training['patience']}" if training.get("patience") and training.get("best_step") else ""
     return stop + (f", at most {training['max_steps']} steps" if training.get("max_steps") else "")
 
 
@@ -84,6 +86,7 @@ def training_rows(manifest: dict[str, Any], summary: pd.DataFrame) -> list[dict[
             "data": describe_data(t),
             "sequences": t.get("sequences") if t.get("sequences") is not None else "-",
             "steps": t.get("steps") if t.get("steps") is not None else "-",
+            "lr": f"{t['lr']:g}" if t.get("lr") is not None else "-",
             "stopped": describe_stop(t),
             "validation": (f"{t['val_best']:.3f} ({t.get('val_metric')})" if t.get("val_best") is not None else "-"),
             "minutes": f"{t['train_time_s'] / 60:.1f}" if t.get("train_time_s") is not None else "-",

@@ -390,7 +390,7 @@ def test_report_says_how_each_method_was_trained_and_what_its_tree_predicted(tmp
     run = make_run(tmp_path / "run")
     manifest = json.loads((run / "manifest.json").read_text())
     meta = {"train_config": {"data": ["/x/gsm8k/train.jsonl", "/x/boolq/dev.jsonl"], "limit": 1200, "epochs": 3,
-                             "max_new_tokens": 96},
+                             "max_new_tokens": 96, "lr": 0.0003, "patience": 3},
             "train_sequences": 1124, "train_steps": 450, "stopped": "plateau", "best_step": 300,
             "val_metric": "teacher-forced accepted length, best 12-node tree",
             "val_curve": [{"step": 150, "value": 1.9}, {"step": 300, "value": 2.07}, {"step": 450, "value": 2.05}],
@@ -400,7 +400,8 @@ def test_report_says_how_each_method_was_trained_and_what_its_tree_predicted(tmp
     (run / "manifest.json").write_text(json.dumps(manifest))
     page = build_report(run).read_text()
     table = page[page.index('id="training-table"'):page.index("</table>", page.index('id="training-table"'))]
-    assert "gsm8k/train.jsonl, boolq/dev.jsonl (first 1200 prompts)" in table and "plateau (best step 300)" in table
+    assert "gsm8k/train.jsonl, boolq/dev.jsonl (first 1200 prompts)" in table and "plateau (best step 300), patience 3" in table
+    assert "<td>0.0003</td>" in table  # the peak learning rate, which methods may set apart
     assert "2.070 (teacher-forced accepted length, best 12-node tree)" in table
     assert "1.61x" in table and "8 nodes, 9 processed" in table
     assert "vanilla" not in table  # untrained methods have no row

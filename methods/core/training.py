@@ -96,6 +96,7 @@ def training_summary(meta: dict[str, Any]) -> dict[str, Any] | None:
             "summary_prompts": cfg.get("summary_prompts", 0), "init_from": cfg.get("init_from"), "answer_tokens": cfg.get("max_new_tokens"),
             "sequences": meta.get("train_sequences"), "steps": meta.get("train_steps"),
             "epochs_max": cfg.get("epochs"), "max_steps": cfg.get("max_steps"), "stopped": meta.get("stopped", "budget (fixed epochs)"),
+            "lr": cfg.get("lr"), "patience": cfg.get("patience"),
             "best_step": meta.get("best_step"), "val_metric": meta.get("val_metric"),
             "val_best": best, "train_time_s": meta.get("train_time_s"), "command": meta.get("command")}
 
