@@ -176,7 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--eval-every", type=_int, default=50, help="optimiser steps between validations (default 50)")
     tr.add_argument("--patience", type=_int, default=3,
                     help="validations without improvement before training stops (default 3)")
-    tr.add_argument("--lr", type=_float, default=1e-3)
+    tr.add_argument("--lr", type=_float, default=1e-3, help="peak learning rate (default 1e-3)")
+    tr.add_argument("--schedule", choices=("cosine", "plateau"), default="cosine",
+                    help="cosine: decay the lr to zero over --epochs; plateau: hold it, and at each plateau "
+                         "(--patience validations without improvement) cut it to 0.3x, stopping at the "
+                         "third plateau (default cosine)")
     tr.add_argument("--batch", type=_int, default=4, help="sequences per optimiser step (default 4)")
     tr.add_argument("--seed", type=_int, default=0)
     tr.add_argument("--max-steps", type=_int, default=None,
@@ -439,7 +443,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          limit=args.limit, max_new_tokens=args.max_new_tokens, epochs=args.epochs, lr=args.lr,
                          batch_sequences=args.batch, seed=args.seed, allow_eval_data=args.allow_eval_data,
                          max_steps=args.max_steps, eval_every=args.eval_every, patience=args.patience,
-                         self_prompts=args.self_prompts, summary_prompts=args.summary_prompts,
+                         schedule=args.schedule, self_prompts=args.self_prompts, summary_prompts=args.summary_prompts,
                          init_from=args.init_from,
                          options=_pairs(args.option, "--option", "KEY=VALUE"))
     train(config, device=args.device)

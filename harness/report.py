@@ -65,6 +65,10 @@ def describe_stop(training: dict[str, Any]) -> str:
     stop = (f"{training.get('stopped')} (best step {training['best_step']})" if training.get("best_step")
             else training.get("stopped") or "-")
     stop += f", patience {training['patience']}" if training.get("patience") and training.get("best_step") else ""
+    if training.get("schedule") == "plateau":  # the rate was held and cut at each stall, not decayed
+        cuts = training.get("lr_cuts") or []
+        stop += (f"; lr held, cut {training.get('lr_factor') or 0.3:g}x at step{'s' if len(cuts) > 1 else ''} "
+                 f"{', '.join(map(str, cuts))}" if cuts else "; lr held, never cut")
     return stop + (f", at most {training['max_steps']} steps" if training.get("max_steps") else "")
 
 

@@ -314,6 +314,8 @@ TRAIN: list[Case] = [  # refused before the model loads or any distillation star
     ("train: patience 0", lambda w: _train(w, "--patience", "0"), "--eval-every and --patience must be positive integers"),
     ("train: learning rate 0", lambda w: _train(w, "--lr", "0"), "--lr must be a positive finite number, got 0.0"),
     ("train: learning rate nan", lambda w: _train(w, "--lr", "nan"), "expected a finite number, got 'nan'"),
+    ("train: an unknown schedule", lambda w: _train(w, "--schedule", "linear"),
+     "argument --schedule: invalid choice: 'linear' (choose from 'cosine', 'plateau')"),
     ("train: init-from a missing folder", lambda w: _train(w, "--init-from", w.p("nowhere")), "no such folder"),
     ("train: a method with nothing to train", lambda w: ["train", "pld", "--data", w.p("x.jsonl"), "--out", w.p("o")],
      "nothing to train for method 'pld'"),

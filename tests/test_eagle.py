@@ -307,3 +307,37 @@ def test_stopping_rule_keeps_the_best_weights(tmp_path):
                    lambda: next(values))
     assert log.best_step == 0 and log.stopped == "plateau"
     assert float(param.weight.detach()) == pytest.approx(start)
+
+
+def test_plateau_schedule_cuts_the_rate_at_each_stall_and_resumes(tmp_path):
+    """schedule=plateau holds the learning rate, multiplies it by lr_factor when `patience`
+    validations pass without improvement (counting afresh after a cut), and stops only at a stall
+    after lr_cuts cuts; the rate and the cuts survive a resume from the checkpoint."""
+    import random
+
+    from methods.core.training import TrainConfig, optimise
+
+    param = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(param.weight)
+    # steps 0, 2, ...: best at 2, stall to 8 (cut), stall to 14 (cut), best at 16, stall to 22 (stop)
+    values = iter([1.0, 2.0, 1.5, 1.5, 1.5, 1.9, 1.9, 1.9, 3.0, 1.0, 1.0, 1.0])
+    weights = []
+
+    def loss(i: int, rng: random.Random) -> torch.Tensor:
+        weights.append(float(param.weight.detach()))
+        return (param.weight - 50.0).pow(2).sum()
+
+    cfg = TrainConfig(method="x", epochs=100, batch_sequences=1, eval_every=2, patience=3, lr=0.1,
+                      warmup_steps=0, schedule="plateau", max_steps=12)
+    first = optimise(cfg, param, [0, 1], loss, tmp_path, "t", lambda: next(values))
+    assert first.stopped == "budget" and first.lr_cuts == [8]
+    cfg.max_steps = None  # the same folder: resumes at step 12 with the cut rate
+    log = optimise(cfg, param, [0, 1], loss, tmp_path, "t", lambda: next(values))
+    assert log.stopped == "plateau" and log.best_step == 16 and log.lr_cuts == [8, 14]
+    assert [c["step"] for c in log.curve] == list(range(0, 24, 2))
+    assert [c["lr"] for c in log.curve if c["step"] in (8, 10, 16)] == [0.1, 0.03, 0.009]
+    # Adam moves a steadily pulled weight by about the rate each step: the cut rates were applied
+    moves = [b - a for a, b in zip(weights, weights[1:])]
+    assert moves[3] == pytest.approx(0.1, rel=0.1)     # step 4 -> 5
+    assert moves[12] == pytest.approx(0.03, rel=0.1)   # step 12, the first after the resume
+    assert moves[18] == pytest.approx(0.009, rel=0.1)  # step 19 -> 20

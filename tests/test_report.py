@@ -417,6 +417,12 @@ def test_report_says_how_each_method_was_trained_and_what_its_tree_predicted(tmp
     (run / "manifest.json").write_text(json.dumps(manifest))
     page = build_report(run).read_text()
     assert "+ 1000 self-written; + 1000 summary requests; continued from runs/medusa-heads-broad" in page
+    # a held rate cut at each stall (schedule=plateau) is said, with the steps of the cuts
+    meta["train_config"].update(schedule="plateau", lr_factor=0.3)
+    meta["lr_cuts"] = [400, 650]
+    manifest["methods"]["medusa"]["training"] = training_summary(meta)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert "plateau (best step 300), patience 3; lr held, cut 0.3x at steps 400, 650" in build_report(run).read_text()
     assert training_summary({"fc.weight": 1}) is None  # a foreign checkpoint's config says nothing
 
 

@@ -70,6 +70,9 @@ class TrainConfig:
     max_steps: int | None = None     # stop early (ablations at a fixed budget)
     eval_every: int = 50             # steps between validations, for trainers that give a metric
     patience: int = 3                # validations without improvement before training stops
+    schedule: str = "cosine"         # "cosine" over the epochs, or "plateau": cut the lr at each plateau
+    lr_factor: float = 0.3           # plateau schedule: the lr is multiplied by this at a plateau
+    lr_cuts: int = 2                 # plateau schedule: cuts before a plateau stops training
     grad_clip: float | None = 1.0    # max gradient norm per step (a full decoder layer spikes without it)
     allow_eval_data: bool = False
     options: dict[str, Any] = field(default_factory=dict)  # method-specific
@@ -96,7 +99,8 @@ def training_summary(meta: dict[str, Any]) -> dict[str, Any] | None:
             "summary_prompts": cfg.get("summary_prompts", 0), "init_from": cfg.get("init_from"), "answer_tokens": cfg.get("max_new_tokens"),
             "sequences": meta.get("train_sequences"), "steps": meta.get("train_steps"),
             "epochs_max": cfg.get("epochs"), "max_steps": cfg.get("max_steps"), "stopped": meta.get("stopped", "budget (fixed epochs)"),
-            "lr": cfg.get("lr"), "patience": cfg.get("patience"),
+            "lr": cfg.get("lr"), "patience": cfg.get("patience"), "schedule": cfg.get("schedule", "cosine"),
+            "lr_cuts": meta.get("lr_cuts") or [], "lr_factor": cfg.get("lr_factor"),
             "best_step": meta.get("best_step"), "val_metric": meta.get("val_metric"),
             "val_best": best, "train_time_s": meta.get("train_time_s"), "command": meta.get("command")}
 
@@ -148,10 +152,13 @@ def split_train_val(items: list[Any], fraction: float, seed: int) -> tuple[list[
     return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
 
 
-def lr_at(step: int, total: int, base: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to zero (what worked in the prototypes)."""
+def lr_at(step: int, total: int, base: float, warmup: int, schedule: str = "cosine") -> float:
+    """Linear warm-up, then cosine decay to zero over ``total`` steps, or with ``schedule="plateau"``
+    the base rate held (``base`` is then the rate after the cuts made so far)."""
     if step < warmup:
         return base * (step + 1) / warmup
+    if schedule == "plateau":
+        return base
     progress = (step - warmup) / max(1, total - warmup)
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -283,11 +290,13 @@ class TrainLog:
     curve: list[dict[str, float]] = field(default_factory=list)  # [{"step", "value"}] validations
     best_step: int | None = None                       # the step whose weights were kept
     stopped: str = "budget"                            # "budget" or "plateau"
+    lr_cuts: list[int] = field(default_factory=list)   # plateau schedule: the steps where the lr was cut
 
     def meta(self) -> dict[str, Any]:
         return {"train_time_s": round(self.elapsed, 1), "train_steps": len(self.losses),
                 "train_loss": [round(x, 5) for x in self.losses], "val_curve": self.curve,
-                "best_step": self.best_step, "stopped": self.stopped}
+                "best_step": self.best_step, "stopped": self.stopped,
+                **({"lr_cuts": self.lr_cuts} if self.lr_cuts else {})}
 
 
 def load_start(folder: str, load: Callable[[dict[str, torch.Tensor]], Any]) -> None:
@@ -320,7 +329,12 @@ def optimise(config: TrainConfig, module: torch.nn.Module, train_idx: list[int],
     a teacher-forced accepted length where the method has one), every trainer follows the
     same stopping rule: validate every ``eval_every`` steps, stop after ``patience``
     validations without improvement, and keep the best weights, so no method is compared
-    at a budget chosen for another. ``epochs`` is then only the ceiling (and the LR schedule's length).
+    at a budget chosen for another. ``epochs`` is then only the ceiling (and the cosine schedule's
+    length). Under a long cosine schedule the rate is still near its peak when the metric first
+    stalls, so a stall there can be the step size's noise floor rather than the model's limit;
+    ``schedule="plateau"`` holds the rate instead and, at each stall, multiplies it by
+    ``lr_factor`` and counts the patience afresh, stopping only at a stall after ``lr_cuts`` cuts:
+    a plateau at every rate, whatever the epoch ceiling.
     With ``config.init_from`` and no checkpoint to resume, the module starts from those saved
     weights, read by ``load_saved`` (default: ``module.load_state_dict``) for trainers whose saved
     format differs from their module's.
@@ -338,12 +352,14 @@ def optimise(config: TrainConfig, module: torch.nn.Module, train_idx: list[int],
     curve: list[dict[str, float]] = []
     best: dict[str, Any] = {"value": -math.inf, "step": None, "weights": None}
     stopped = "budget"
+    rate, cuts = config.lr, []  # the plateau schedule's current rate and the steps where it was cut
     if state is not None:
         module.load_state_dict(state["weights"])
         opt.load_state_dict(state["optimizer"])
         step, elapsed, history = state["step"], state["elapsed"], state.get("losses", [])
         curve, best = state.get("curve", []), state.get("best", best)
         stopped = state.get("stopped", "budget")
+        rate, cuts = state.get("rate", config.lr), state.get("cuts", [])
         print(f"Resuming from {ckpt.path} at step {step}/{total}", file=sys.stderr)
     elif config.init_from:
         load_start(config.init_from, load_saved or module.load_state_dict)
@@ -361,7 +377,9 @@ def optimise(config: TrainConfig, module: torch.nn.Module, train_idx: list[int],
     bar = tqdm(total=total, initial=step, desc=desc, file=sys.stderr, dynamic_ncols=True)
 
     def since_best() -> int:
-        return sum(1 for c in curve if best["step"] is not None and c["step"] > best["step"])
+        """Validations without improvement since the best one or the last cut, whichever is later."""
+        start = max([best["step"]] + cuts[-1:]) if best["step"] is not None else None
+        return sum(1 for c in curve if start is not None and c["step"] > start)
 
     while step < total and stopped == "budget":
         epoch, pos = divmod(step, steps_per_epoch)
@@ -370,7 +388,7 @@ def optimise(config: TrainConfig, module: torch.nn.Module, train_idx: list[int],
         batch = order[pos * config.batch_sequences:(pos + 1) * config.batch_sequences]
         rng = random.Random(config.seed * 1_000_003 + step)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, config.lr, config.warmup_steps)
+            group["lr"] = lr_at(step, total, rate, config.warmup_steps, config.schedule)
         opt.zero_grad()
         losses = []
         for i in batch:
@@ -391,22 +409,29 @@ def optimise(config: TrainConfig, module: torch.nn.Module, train_idx: list[int],
             with torch.no_grad():
                 value = float(validate())
             module.train()
-            curve.append({"step": step, "value": round(value, 5)})
+            curve.append({"step": step, "value": round(value, 5),
+                          **({"lr": float(f"{rate:.3g}")} if config.schedule == "plateau" else {})})
             if value > best["value"]:
                 best = {"value": value, "step": step,
                         "weights": {k: v.detach().clone() for k, v in module.state_dict().items()}}
             elif since_best() >= config.patience:
-                stopped = "plateau"
+                if config.schedule == "plateau" and len(cuts) < config.lr_cuts:
+                    rate *= config.lr_factor
+                    cuts.append(step)
+                    bar.write(f"  step {step}: no improvement for {config.patience} validations, "
+                              f"learning rate cut to {rate:.3g}", file=sys.stderr)
+                else:
+                    stopped = "plateau"
             bar.write(f"  step {step}: validation {value:.4f} (best {best['value']:.4f} at step {best['step']})",
                       file=sys.stderr)
         if step % config.checkpoint_every == 0 or step == total or stopped != "budget":
             ckpt.save({"weights": module.state_dict(), "optimizer": opt.state_dict(), "step": step,
                        "elapsed": clock.elapsed(), "losses": history, "curve": curve, "best": best,
-                       "stopped": stopped})
+                       "stopped": stopped, "rate": rate, "cuts": cuts})
     bar.close()
     if best["weights"] is not None:
         module.load_state_dict(best["weights"])
-    return TrainLog(clock.elapsed(), history, curve, best["step"], stopped)
+    return TrainLog(clock.elapsed(), history, curve, best["step"], stopped, cuts)
 
 
 class Stopwatch:
