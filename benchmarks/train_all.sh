@@ -15,7 +15,7 @@ train() {
   name=$1; shift
   if [ -f "$OUT/$name/config.json" ]; then echo "skip $name (done)"; return; fi
   echo "=== $name $(date -u)"
-  python -m harness train "$@" $D --out "$OUT/$name" > "$OUT/$name.log" 2>&1
+  python -m harness train "$@" $D --out "$OUT/$name" >> "$OUT/$name.log" 2>&1
   echo "=== $name rc=$? $(date -u)"
 }
 mkdir -p "$OUT"

@@ -179,8 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=_float, default=1e-3, help="peak learning rate (default 1e-3)")
     tr.add_argument("--schedule", choices=("cosine", "plateau"), default="cosine",
                     help="cosine: decay the lr to zero over --epochs; plateau: hold it, and at each plateau "
-                         "(--patience validations without improvement) cut it to 0.3x, stopping at the "
-                         "third plateau (default cosine)")
+                         "(--patience validations without improvement) multiply it by --lr-factor, stopping at "
+                         "a plateau after --max-lr-cuts cuts (default cosine)")
+    tr.add_argument("--lr-factor", type=_float, default=0.3,
+                    help="plateau schedule: what each cut multiplies the lr by, between 0 and 1 (default 0.3)")
+    tr.add_argument("--max-lr-cuts", type=_int, default=2,
+                    help="plateau schedule: lr cuts before a plateau stops training (default 2)")
     tr.add_argument("--batch", type=_int, default=4, help="sequences per optimiser step (default 4)")
     tr.add_argument("--seed", type=_int, default=0)
     tr.add_argument("--max-steps", type=_int, default=None,
@@ -437,13 +441,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError("--eval-every and --patience must be positive integers")
     if args.lr <= 0:  # _float already refuses nan and inf
         raise UserError(f"--lr must be a positive finite number, got {args.lr}")
+    if not 0 < args.lr_factor < 1 or args.max_lr_cuts < 0:
+        raise UserError(f"--lr-factor must lie between 0 and 1 and --max-lr-cuts be 0 or more, "
+                        f"got {args.lr_factor:g} and {args.max_lr_cuts}")
     if args.init_from and not os.path.isdir(args.init_from):
         raise UserError(f"--init-from {args.init_from}: no such folder")
     config = TrainConfig(method=args.method, model=args.model, data=args.data, out=args.out, dtype=args.dtype,
                          limit=args.limit, max_new_tokens=args.max_new_tokens, epochs=args.epochs, lr=args.lr,
                          batch_sequences=args.batch, seed=args.seed, allow_eval_data=args.allow_eval_data,
                          max_steps=args.max_steps, eval_every=args.eval_every, patience=args.patience,
-                         schedule=args.schedule, self_prompts=args.self_prompts, summary_prompts=args.summary_prompts,
+                         schedule=args.schedule, lr_factor=args.lr_factor, max_lr_cuts=args.max_lr_cuts,
+                         self_prompts=args.self_prompts, summary_prompts=args.summary_prompts,
                          init_from=args.init_from,
                          options=_pairs(args.option, "--option", "KEY=VALUE"))
     train(config, device=args.device)

@@ -312,7 +312,7 @@ def test_stopping_rule_keeps_the_best_weights(tmp_path):
 def test_plateau_schedule_cuts_the_rate_at_each_stall_and_resumes(tmp_path):
     """schedule=plateau holds the learning rate, multiplies it by lr_factor when `patience`
     validations pass without improvement (counting afresh after a cut), and stops only at a stall
-    after lr_cuts cuts; the rate and the cuts survive a resume from the checkpoint."""
+    after max_lr_cuts cuts; the rate and the cuts survive a resume from the checkpoint."""
     import random
 
     from methods.core.training import TrainConfig, optimise

@@ -72,7 +72,7 @@ class TrainConfig:
     patience: int = 3                # validations without improvement before training stops
     schedule: str = "cosine"         # "cosine" over the epochs, or "plateau": cut the lr at each plateau
     lr_factor: float = 0.3           # plateau schedule: the lr is multiplied by this at a plateau
-    lr_cuts: int = 2                 # plateau schedule: cuts before a plateau stops training
+    max_lr_cuts: int = 2             # plateau schedule: cuts before a plateau stops training
     grad_clip: float | None = 1.0    # max gradient norm per step (a full decoder layer spikes without it)
     allow_eval_data: bool = False
     options: dict[str, Any] = field(default_factory=dict)  # method-specific
@@ -333,7 +333,7 @@ def optimise(config: TrainConfig, module: torch.nn.Module, train_idx: list[int],
     length). Under a long cosine schedule the rate is still near its peak when the metric first
     stalls, so a stall there can be the step size's noise floor rather than the model's limit;
     ``schedule="plateau"`` holds the rate instead and, at each stall, multiplies it by
-    ``lr_factor`` and counts the patience afresh, stopping only at a stall after ``lr_cuts`` cuts:
+    ``lr_factor`` and counts the patience afresh, stopping only at a stall after ``max_lr_cuts`` cuts:
     a plateau at every rate, whatever the epoch ceiling.
     With ``config.init_from`` and no checkpoint to resume, the module starts from those saved
     weights, read by ``load_saved`` (default: ``module.load_state_dict``) for trainers whose saved
@@ -415,7 +415,7 @@ def optimise(config: TrainConfig, module: torch.nn.Module, train_idx: list[int],
                 best = {"value": value, "step": step,
                         "weights": {k: v.detach().clone() for k, v in module.state_dict().items()}}
             elif since_best() >= config.patience:
-                if config.schedule == "plateau" and len(cuts) < config.lr_cuts:
+                if config.schedule == "plateau" and len(cuts) < config.max_lr_cuts:
                     rate *= config.lr_factor
                     cuts.append(step)
                     bar.write(f"  step {step}: no improvement for {config.patience} validations, "
