@@ -43,6 +43,51 @@ def test_lr_schedule_and_split():
     assert len(val) == 2 and not set(train) & set(val)
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_training_precision_follows_the_cpus_bf16_units(monkeypatch, native):
+    """Trainers run under bf16 autocast only where the CPU has bf16 arithmetic; elsewhere bf16 is
+    emulated (tens of times slower for the LM head's backward) and they train in float32."""
+    from methods.core import hardware
+    from methods.core.training import autocast
+
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native)
+    x, w = torch.randn(4, 8), torch.randn(8, 8)
+    with autocast(torch.device("cpu")):
+        assert torch.is_autocast_enabled("cpu") is native
+        assert (x @ w).dtype == (torch.bfloat16 if native else torch.float32)
+
+
+def test_feature_cache_takes_float32_products_without_bf16_units(tmp_path, tiny_data, monkeypatch):
+    """The feature cache's pass of a bf16 model runs its projections as float32 products of the
+    same weights on a CPU without bf16 units (an emulated bf16 GEMM is several times slower),
+    gives the native pass's features within bf16 rounding, and leaves the model's modules as
+    they were."""
+    from methods.core import engine as engine_module
+    from methods.core.training import cached_features
+
+    model = tiny_model("llama").to(torch.bfloat16)
+    monkeypatch.setattr(engine_module, "_NATIVE", [True])
+    native = cached_features(model, tiny_data, [-1, 2], "k", tmp_path / "a")
+    calls = []
+    real = engine_module.upcast_product
+
+    def spy(x, weight, bias):
+        out = real(x, weight, bias)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(engine_module, "upcast_product", spy)
+    monkeypatch.setattr(engine_module, "_NATIVE", [False])
+    routed = cached_features(model, tiny_data, [-1, 2], "k", tmp_path / "b")
+    assert calls and all(calls)
+    for a, b in zip(native, routed):
+        for layer in (-1, 2):
+            assert b[layer].dtype == torch.bfloat16
+            assert (a[layer].float() - b[layer].float()).norm() < 0.05 * a[layer].float().norm()
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert not engine_module._shadows
+
+
 @pytest.mark.parametrize("layout", ["shared", "upstream"])
 def test_medusa_training_writes_heads_and_resumes(tmp_path, tiny_data, layout, toolkit):
     from methods.medusa import train as medusa

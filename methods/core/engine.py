@@ -15,9 +15,10 @@ comes from the method and not from a faster cache or mask path.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,6 +158,35 @@ def route_few_rows(layers: Sequence[nn.Module]) -> None:
         for module in layer.modules():
             if type(module) is nn.Linear:
                 module.__class__ = FewRowsLinear
+
+
+class UpcastLinear(nn.Linear):
+    """An ``nn.Linear`` whose many-row bf16/fp16 products take ``upcast_product`` (see ``upcast_linears``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = upcast_product(x, self.weight, self.bias)
+        return super().forward(x) if out is None else out
+
+
+@contextlib.contextmanager
+def upcast_linears(model: nn.Module) -> Iterator[None]:
+    """Within the block, the plain ``nn.Linear`` modules of ``model`` run many-row products through
+    ``upcast_product``; restored on exit.
+
+    Why: a whole-sequence pass of a bf16 model outside the engine (the trainers' feature cache)
+    is one large GEMM per projection, which a CPU without bf16 arithmetic emulates several times
+    slower than the float32 product of the same values; the outputs are still rounded to the
+    model's dtype, so the cached features are the bf16 model's. A no-op where the CPU has bf16
+    units or the model is float32 (``upcast_product`` declines)."""
+    swapped = [m for m in model.modules() if type(m) is nn.Linear]
+    for module in swapped:
+        module.__class__ = UpcastLinear
+    try:
+        yield
+    finally:
+        for module in swapped:
+            module.__class__ = nn.Linear
+            _shadows.pop(id(module.weight), None)
 
 
 def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, limit: int) -> torch.Tensor:

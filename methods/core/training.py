@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from methods.core.engine import upcast_linears
 from methods.core.errors import UserError
 
 
@@ -141,8 +142,21 @@ def training_stages(meta: dict[str, Any], folder: Path, files: Sequence[Path]) -
 
 
 def autocast(device: torch.device) -> Any:
-    """bf16 autocast on the device the frozen model runs on (CPU with AMX, or CUDA)."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    """bf16 autocast where the device has bf16 arithmetic (CUDA, or a CPU with AVX512-BF16 or AMX);
+    elsewhere a disabled autocast, so training runs in float32.
+
+    Why: on a CPU without bf16 units every bf16 product is emulated, and a training step's
+    largest one, the LM head over every answer row with its backward, runs tens of times slower
+    than in float32 (``benchmarks/train_precision.py`` measures both). The trained weights and
+    the data are the same either way; only the arithmetic's precision differs."""
+    kind = torch.device(device).type
+    if kind == "cpu":
+        from methods.core.hardware import cpu_has_native_bf16
+
+        enabled = cpu_has_native_bf16()
+    else:
+        enabled = kind == "cuda"
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=enabled)
 
 
 def split_train_val(items: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
@@ -182,21 +196,22 @@ def cached_features(model: Any, data: list[dict[str, Any]], layers: Sequence[int
     if missing:
         order = sorted(range(len(data)), key=lambda i: len(data[i]["ids"]))
         fresh: dict[int, list[torch.Tensor | None]] = {layer: [None] * len(data) for layer in missing}
-        for start in tqdm(range(0, len(order), batch_size), desc="caching frozen-model features", file=sys.stderr):
-            idx = order[start:start + batch_size]
-            width = max(len(data[i]["ids"]) for i in idx)
-            ids = torch.zeros((len(idx), width), dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):  # right padding: causal positions before the pad are exact
-                n = len(data[i]["ids"])
-                ids[row, :n] = torch.tensor(data[i]["ids"])
-                mask[row, :n] = 1
-            out = model.model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                              output_hidden_states=True)
-            for row, i in enumerate(idx):
-                n = len(data[i]["ids"])
-                for layer in missing:
-                    fresh[layer][i] = out.hidden_states[layer][row, :n].to("cpu", torch.bfloat16).clone()
+        with upcast_linears(model):  # bf16 features at float32 speed on a CPU without bf16 units
+            for start in tqdm(range(0, len(order), batch_size), desc="caching frozen-model features", file=sys.stderr):
+                idx = order[start:start + batch_size]
+                width = max(len(data[i]["ids"]) for i in idx)
+                ids = torch.zeros((len(idx), width), dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):  # right padding: causal positions before the pad are exact
+                    n = len(data[i]["ids"])
+                    ids[row, :n] = torch.tensor(data[i]["ids"])
+                    mask[row, :n] = 1
+                out = model.model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                  output_hidden_states=True)
+                for row, i in enumerate(idx):
+                    n = len(data[i]["ids"])
+                    for layer in missing:
+                        fresh[layer][i] = out.hidden_states[layer][row, :n].to("cpu", torch.bfloat16).clone()
         for layer, tensors in fresh.items():
             path = path_of(layer)
             path.parent.mkdir(parents=True, exist_ok=True)
