@@ -104,6 +104,9 @@ def test_medusa_training_writes_heads_and_resumes(tmp_path, tiny_data, layout, t
     assert (out / "heads.safetensors").is_file() and (out / "checkpoint.pt").is_file()
     saved = json.loads((out / "config.json").read_text())
     assert saved["val_accuracy"]["head1"]["positions"] > 0 and saved["layout"] == layout
+    from methods.core.hardware import cpu_has_native_bf16, machine, machine_label
+    assert saved["precision"] == ("bf16 autocast" if cpu_has_native_bf16() else "float32")
+    assert saved["trained_on"] == machine_label(machine("cpu"))
     assert all("per_position_accepted_length" in t for t in saved["tree_search"])
     assert saved["train_steps"] == 6 == len(saved["train_loss"])
     assert _dropped(saved["train_loss"]), saved["train_loss"]

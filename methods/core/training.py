@@ -141,22 +141,28 @@ def training_stages(meta: dict[str, Any], folder: Path, files: Sequence[Path]) -
         record = record.get("continued_from")
 
 
-def autocast(device: torch.device) -> Any:
-    """bf16 autocast where the device has bf16 arithmetic (CUDA, or a CPU with AVX512-BF16 or AMX);
-    elsewhere a disabled autocast, so training runs in float32.
+def training_precision(device: torch.device | str) -> str:
+    """``"bf16 autocast"`` where the device has bf16 arithmetic (CUDA, or a CPU with AVX512-BF16
+    or AMX), ``"float32"`` elsewhere: the arithmetic every trainer uses there.
 
     Why: on a CPU without bf16 units every bf16 product is emulated, and a training step's
     largest one, the LM head over every answer row with its backward, runs tens of times slower
-    than in float32 (``benchmarks/train_precision.py`` measures both). The trained weights and
-    the data are the same either way; only the arithmetic's precision differs."""
+    than in float32 (``benchmarks/train_precision.py`` measures both). The data, the stopping
+    rule and the saved weights' format are the same either way; only the arithmetic's precision
+    differs, and ``config.json`` records which."""
     kind = torch.device(device).type
     if kind == "cpu":
         from methods.core.hardware import cpu_has_native_bf16
 
-        enabled = cpu_has_native_bf16()
-    else:
-        enabled = kind == "cuda"
-    return torch.autocast(kind, dtype=torch.bfloat16, enabled=enabled)
+        return "bf16 autocast" if cpu_has_native_bf16() else "float32"
+    return "bf16 autocast" if kind == "cuda" else "float32"
+
+
+def autocast(device: torch.device | str) -> Any:
+    """bf16 autocast (float32 master weights) where ``training_precision`` says so; elsewhere a
+    disabled autocast, so the step runs in float32."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=training_precision(device) == "bf16 autocast")
 
 
 def split_train_val(items: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
@@ -263,7 +269,11 @@ def write_result(out: Path, config: TrainConfig, state: dict[str, torch.Tensor],
     from safetensors.torch import save_file
 
     save_file({k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}, str(out / filename))
-    meta = {**meta, "train_config": asdict(config),
+    from methods.core.hardware import machine, machine_label
+
+    device = next((v.device for v in state.values()), torch.device("cpu"))
+    meta = {**meta, "precision": training_precision(device), "trained_on": machine_label(machine(device)),
+            "train_config": asdict(config),
             "command": "python -m harness train " + config.method + " " + " ".join(sys.argv[3:])}
     if config.init_from:
         meta["continued_from"] = earlier_run(Path(config.init_from))
