@@ -158,7 +158,7 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
     out = prepare_out(config.out)
     device = model.device
     feats = cached_features(model, data, [-1], data_key, toolkit.cache_dir)
-    model.float()  # frozen; bf16 autocast (where the machine has bf16 units) runs it fast while the head keeps fp32 masters
+    model.float()  # frozen; bf16 autocast (where the machine has it) runs it fast, the head keeps fp32 masters
     model.requires_grad_(False)
     head = EagleHead(model.config, type(model.model.layers[0]), bias=False).to(device)
     noise = float(config.options.get("noise", NOISE))

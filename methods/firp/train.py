@@ -239,7 +239,7 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
         raise UserError(f"bad FIRP option: {exc}") from None
     anchors_per_seq = int(opts.get("anchors_per_seq", 48))
     feats = cached_features(model, data, [layers[0], -1], data_key, toolkit.cache_dir)
-    model.float()  # the frozen layers run under bf16 autocast where the machine has bf16 units; fp32 masters keep W_k's gradients exact
+    model.float()  # frozen layers under bf16 autocast where the machine has it; fp32 masters keep W_k exact
     maps.to(model.device)
     model.requires_grad_(False)
     train_idx, val_idx = split_train_val(list(range(len(data))), config.val_fraction, config.seed)
