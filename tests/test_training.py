@@ -89,6 +89,36 @@ def test_feature_cache_takes_float32_products_without_bf16_units(tmp_path, tiny_
     assert not any(id(m.weight) in engine_module._shadows for m in linears)  # the float32 copies are freed
 
 
+def test_feature_cache_resumes_an_interrupted_pass(tmp_path, tiny_data):
+    """An interrupted feature pass keeps the parts it finished: the rerun computes only the rest
+    and gives the features of an uninterrupted pass, and the parts are removed once whole."""
+    from methods.core.training import cached_features
+
+    model = tiny_model("llama")
+    whole = cached_features(model, tiny_data, [-1, 2], "k", tmp_path / "a", batch_size=2, chunk_batches=2)
+    calls, fail_at = [], [4]
+    real = model.model.forward
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == fail_at[0]:  # 12 sequences: 6 batches in 3 parts; fail inside the second part
+            raise RuntimeError("interrupted")
+        return real(*args, **kwargs)
+
+    model.model.forward = failing
+    with pytest.raises(RuntimeError, match="interrupted"):
+        cached_features(model, tiny_data, [-1, 2], "k", tmp_path / "b", batch_size=2, chunk_batches=2)
+    assert len(list((tmp_path / "b" / "features").glob("*.part*.pt"))) == 2  # part 0, both layers
+    calls.clear()
+    fail_at[0] = 0
+    resumed = cached_features(model, tiny_data, [-1, 2], "k", tmp_path / "b", batch_size=2, chunk_batches=2)
+    assert len(calls) == 4  # parts 1 and 2 only
+    for a, b in zip(whole, resumed):
+        for layer in (-1, 2):
+            assert torch.equal(a[layer], b[layer])
+    assert not list((tmp_path / "b" / "features").glob("*.part*"))
+
+
 @pytest.mark.parametrize("layout", ["shared", "upstream"])
 def test_medusa_training_writes_heads_and_resumes(tmp_path, tiny_data, layout, toolkit):
     from methods.medusa import train as medusa

@@ -185,12 +185,14 @@ def lr_at(step: int, total: int, base: float, warmup: int, schedule: str = "cosi
 
 @torch.no_grad()
 def cached_features(model: Any, data: list[dict[str, Any]], layers: Sequence[int], cache_key: str,
-                    cache_dir: Path, batch_size: int = 8) -> list[dict[int, torch.Tensor]]:
+                    cache_dir: Path, batch_size: int = 8, chunk_batches: int = 16) -> list[dict[int, torch.Tensor]]:
     """Hidden states of the frozen model per sequence, at HF ``hidden_states`` indices ``layers``
     (0 = embeddings, i = entering layer i, -1 = after the final norm), stored in bfloat16.
 
     Computed once and kept on disk, one file per layer, so trainers that need different
-    layers share one pass and training then costs only the head's own layers.
+    layers share one pass and training then costs only the head's own layers. The pass is
+    written in parts of ``chunk_batches`` batches as it goes, so an interrupted pass (it takes
+    hours on a small CPU) resumes from its last part instead of starting over.
     """
     from tqdm import tqdm
 
@@ -198,32 +200,58 @@ def cached_features(model: Any, data: list[dict[str, Any]], layers: Sequence[int
         digest = hashlib.sha256(json.dumps([cache_key, int(layer), len(data)]).encode()).hexdigest()[:12]
         return cache_dir / "features" / f"{digest}-layer{layer}.pt"
 
+    def part_of(layer: int, chunk: int) -> Path:
+        whole = path_of(layer)
+        return whole.with_name(f"{whole.stem}.b{batch_size}x{chunk_batches}.part{chunk:05d}.pt")
+
+    def save(obj: Any, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(obj, tmp)
+        tmp.replace(path)
+
     missing = [layer for layer in layers if not path_of(layer).is_file()]
     if missing:
         order = sorted(range(len(data)), key=lambda i: len(data[i]["ids"]))
-        fresh: dict[int, list[torch.Tensor | None]] = {layer: [None] * len(data) for layer in missing}
+        starts = list(range(0, len(order), batch_size))
+        chunks = [starts[k:k + chunk_batches] for k in range(0, len(starts), chunk_batches)]
+        done = sum(all(part_of(layer, c).is_file() for layer in missing) for c in range(len(chunks)))
+        if done:
+            print(f"Resuming the feature cache: {done} of {len(chunks)} parts on disk", file=sys.stderr)
+        progress = tqdm(total=len(starts), desc="caching frozen-model features", file=sys.stderr)
         with upcast_linears(model):  # bf16 features at float32 speed on a CPU without bf16 units
-            for start in tqdm(range(0, len(order), batch_size), desc="caching frozen-model features", file=sys.stderr):
-                idx = order[start:start + batch_size]
-                width = max(len(data[i]["ids"]) for i in idx)
-                ids = torch.zeros((len(idx), width), dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for row, i in enumerate(idx):  # right padding: causal positions before the pad are exact
-                    n = len(data[i]["ids"])
-                    ids[row, :n] = torch.tensor(data[i]["ids"])
-                    mask[row, :n] = 1
-                out = model.model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                                  output_hidden_states=True)
-                for row, i in enumerate(idx):
-                    n = len(data[i]["ids"])
-                    for layer in missing:
-                        fresh[layer][i] = out.hidden_states[layer][row, :n].to("cpu", torch.bfloat16).clone()
-        for layer, tensors in fresh.items():
-            path = path_of(layer)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(tensors, tmp)
-            tmp.replace(path)
+            for c, chunk in enumerate(chunks):
+                if all(part_of(layer, c).is_file() for layer in missing):
+                    progress.update(len(chunk))
+                    continue
+                fresh: dict[int, dict[int, torch.Tensor]] = {layer: {} for layer in missing}
+                for start in chunk:
+                    idx = order[start:start + batch_size]
+                    width = max(len(data[i]["ids"]) for i in idx)
+                    ids = torch.zeros((len(idx), width), dtype=torch.long)
+                    mask = torch.zeros((len(idx), width), dtype=torch.long)
+                    for row, i in enumerate(idx):  # right padding: causal positions before the pad are exact
+                        n = len(data[i]["ids"])
+                        ids[row, :n] = torch.tensor(data[i]["ids"])
+                        mask[row, :n] = 1
+                    out = model.model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                      output_hidden_states=True)
+                    for row, i in enumerate(idx):
+                        n = len(data[i]["ids"])
+                        for layer in missing:
+                            fresh[layer][i] = out.hidden_states[layer][row, :n].to("cpu", torch.bfloat16).clone()
+                    progress.update(1)
+                for layer in missing:
+                    save(fresh[layer], part_of(layer, c))
+        progress.close()
+        for layer in missing:
+            whole: list[torch.Tensor | None] = [None] * len(data)
+            for c in range(len(chunks)):
+                for i, tensor in torch.load(part_of(layer, c)).items():
+                    whole[i] = tensor
+            save(whole, path_of(layer))
+            for c in range(len(chunks)):
+                part_of(layer, c).unlink()
     else:
         print(f"Using cached features for layers {list(layers)}", file=sys.stderr)
     per_layer = {layer: torch.load(path_of(layer)) for layer in layers}
