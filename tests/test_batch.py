@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from methods.core.batch import BatchEngine, Request, serve
 from methods.core.decoder import GenConfig
@@ -243,3 +244,20 @@ def test_measure_batched_times_one_sequence_drafting_and_alone_in_the_same_round
     # a round the machine ran slow moves both sizes: the ratio within rounds cancels it
     times = {1: [1.0, 1.0, 4.0], 2: [1.5, 6.0, 6.0]}
     assert cost._round_ratios(times, 1, [1, 2]) == [1.0, 1.5]
+
+
+def test_batched_attention_takes_sdpa_output_in_any_layout(monkeypatch):
+    """CUDA's float32 attention kernel returns its output in a strided layout, where the CPU's is
+    contiguous; the batched pass gives batch-1's ids whichever layout it gets."""
+    from methods.core import batch as batch_module
+    from methods.pld import PromptLookupDecoder
+    from tests.conftest import tiny_model
+
+    real = F.scaled_dot_product_attention
+
+    def strided(*args, **kwargs):  # the same values, laid out [B, T, H, D] in memory
+        return real(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2)
+
+    monkeypatch.setattr(batch_module.F, "scaled_dot_product_attention", strided)
+    engine = Engine(tiny_model("llama"))
+    check_under_load(PromptLookupDecoder(engine, policy="fixed"), VanillaDecoder(engine), levels=(3,))

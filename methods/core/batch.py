@@ -244,7 +244,7 @@ class BatchEngine:
             q = q.view(batch, n, heads, dim).transpose(1, 2).reshape(batch, kv_heads, group * n, dim)
             mask = mask.repeat(1, 1, group, 1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=e._scaling)
-        out = out.view(batch, heads, n, dim).transpose(1, 2).reshape(batch * n, heads * dim)
+        out = out.reshape(batch, heads, n, dim).transpose(1, 2).reshape(batch * n, heads * dim)
         if real is not None:
             out = out.index_select(0, real)
         return few_rows_linear(out, w.o, w.o_bias, FEW_ROWS_LAYER)
