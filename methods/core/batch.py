@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from methods.core.decoder import Decoder, Draft, GenConfig, Generation
 from methods.core.engine import FEW_ROWS_LAYER, Engine, ForwardOutput, Injection, _rotate_half, few_rows_linear
@@ -416,7 +417,8 @@ def serve(decoder: Decoder, requests: Sequence[Request], concurrency: int, *, ad
                 generator.manual_seed(config.seed)
             fork.reserve(len(request.prompt_ids), config.max_new_tokens)
             admitted = clock() - start
-            gen, root_t = fork.start(request.prompt_ids, config, generator)
+            with record_function("serve.prefill"):
+                gen, root_t = fork.start(request.prompt_ids, config, generator)
             first = clock() - start
             gen.step_times, gen.draft_times, gen.verify_times = [first - admitted], [0.0], [0.0]
             arrival = admitted if request.arrival is None else request.arrival
@@ -433,14 +435,19 @@ def serve(decoder: Decoder, requests: Sequence[Request], concurrency: int, *, ad
         slots = sorted(live)
         states = [live[s] for s in slots]
         t0 = clock()
-        drafts = [forks[s].draft(st.root, st.root_t, st.config.max_new_tokens - len(st.generation.tokens) - 1)
-                  for s, st in zip(slots, states)]
+        with record_function("serve.draft"):
+            drafts = [forks[s].draft(st.root, st.root_t, st.config.max_new_tokens - len(st.generation.tokens) - 1)
+                      for s, st in zip(slots, states)]
         t1 = clock()
-        outs = batch.forward(slots, drafts)
-        accepted = _accept_all(forks, slots, states, drafts, outs)
-        batch.keep(slots, accepted)
-        for s, draft, out, acc in zip(slots, drafts, outs, accepted):
-            forks[s].update(draft, out, acc)
+        with record_function("serve.forward"):
+            outs = batch.forward(slots, drafts)
+        with record_function("serve.accept"):
+            accepted = _accept_all(forks, slots, states, drafts, outs)
+        with record_function("serve.keep"):
+            batch.keep(slots, accepted)
+        with record_function("serve.update"):
+            for s, draft, out, acc in zip(slots, drafts, outs, accepted):
+                forks[s].update(draft, out, acc)
         t2 = clock()
         run.batch_sizes.append(len(slots))
         run.step_tokens.append(sum(d.layout.n + d.ephemeral for d in drafts))
