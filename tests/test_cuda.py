@@ -114,3 +114,22 @@ def under_load(method: str, dtype: str, device: str, tmp_path) -> None:
 @pytest.mark.parametrize("method", ["vanilla", "pld", "lookahead", "medusa", "firp", "self_spec", "eagle", "sps"])
 def test_every_method_under_load_on_cuda(method, dtype, tmp_path):
     under_load(method, dtype, "cuda", tmp_path)
+
+
+def test_masked_passes_run_no_cudnn_attention(tmp_path):
+    """Tree and batched passes (additive masks) run SDPA without cuDNN's backend, which builds a
+    graph for every new key length (``methods.core.engine.attention_backends``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from methods.core.batch import Request, serve
+    from tests.test_decode_loop import _decoders, _sampling_model
+
+    engine = Engine(_sampling_model().to("cuda", torch.bfloat16))
+    decoder = _decoders(engine, tmp_path)["medusa"]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        decoder.generate(list(range(8)), 12)
+        serve(decoder, [Request(list(range(n)), GenConfig(12)) for n in (5, 9, 7)], 3, adapt=False)
+        torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages()]
+    assert any("attention" in n for n in names), names  # the profile sees the attention ops at all
+    assert not [n for n in names if "cudnn" in n.lower() and "attention" in n.lower()]

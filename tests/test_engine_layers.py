@@ -293,3 +293,43 @@ def test_sliding_window_layers_match_transformers():
         with torch.no_grad():
             alone = model(torch.tensor([seq[:30] + branch])).logits[0, -1]
         assert (out[i] - alone).abs().max() < TOL, f"node {i}"
+
+
+def test_passes_on_cuda_leave_out_cudnn_attention():
+    """On CUDA every engine pass (one sequence or a batch) runs SDPA without cuDNN's backend, which
+    builds a graph per new shape; on a CPU the backends are left as they are."""
+    from methods.core.engine import attention_backends
+
+    flags = (torch.backends.cuda.cudnn_sdp_enabled, torch.backends.cuda.flash_sdp_enabled,
+             torch.backends.cuda.mem_efficient_sdp_enabled, torch.backends.cuda.math_sdp_enabled)
+    before = [f() for f in flags]
+    with attention_backends(torch.device("cuda")):
+        assert [f() for f in flags] == [False, True, True, True]
+    assert [f() for f in flags] == before
+    with attention_backends(torch.device("cpu")):
+        assert [f() for f in flags] == before
+
+
+def test_every_engine_pass_enters_the_attention_backends_once(monkeypatch):
+    from methods.core import engine as engine_module
+    from methods.core.batch import Request, serve
+    from methods.core.decoder import GenConfig
+    from methods.core.engine import Engine
+    from methods.vanilla import VanillaDecoder
+    from tests.conftest import tiny_model
+
+    entered = []
+    real = engine_module.attention_backends
+
+    def spy(device):
+        entered.append(device.type)
+        return real(device)
+
+    monkeypatch.setattr(engine_module, "attention_backends", spy)
+    engine = Engine(tiny_model("llama"))
+    engine.forward([1, 2, 3], commit=True)
+    assert entered == ["cpu"]
+    entered.clear()
+    run = serve(VanillaDecoder(engine), [Request([1, 2, 3], GenConfig(4)), Request([4, 5], GenConfig(4))], 2,
+                adapt=False)
+    assert len(entered) == 2 + len(run.batch_sizes)  # two prefills, then one per batched pass

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from methods.core.decoder import Decoder, Draft, GenConfig, Generation
-from methods.core.engine import FEW_ROWS_LAYER, Engine, ForwardOutput, Injection, _rotate_half, few_rows_linear
+from methods.core.engine import (FEW_ROWS_LAYER, Engine, ForwardOutput, Injection, _rotate_half, few_rows_linear,
+                                 with_attention_backends)
 from methods.core.fitting import guard_delta
 from methods.core.kv_cache import KVCache
 from methods.core.verify import Acceptance
@@ -55,6 +56,10 @@ class BatchEngine:
     @property
     def capacity(self) -> int:
         return self.cache.capacity
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
 
     # -- the batched pass ---------------------------------------------------------------------
     def _tril(self, n: int) -> torch.Tensor:
@@ -83,6 +88,7 @@ class BatchEngine:
         return torch.where(visible, zero, torch.tensor(e.neg_inf, dtype=e.dtype, device=e.device))[:, None]
 
     @torch.no_grad()
+    @with_attention_backends
     def forward(self, slots: Sequence[int], drafts: Sequence[Draft]) -> list[ForwardOutput]:
         """One target pass over every listed slot's draft; each slot's output as its engine would give it
         (rows in the slot's own order: its layout's nodes, then its ephemeral tokens)."""

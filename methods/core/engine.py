@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,40 @@ class Injection:
 
     layer: int
     make: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+_NO_CUDNN_ATTENTION: list[Any] = []
+
+
+def attention_backends(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """SDPA's kernels for a pass on ``device``: on CUDA every backend but cuDNN's; elsewhere unchanged.
+
+    Why: given an additive mask (a tree, a batch of slots), PyTorch's CUDA SDPA takes cuDNN's
+    attention on Hopper, and cuDNN builds an execution graph for every new shape, tens of
+    milliseconds each. A decode step's key length grows with every accepted token, so nearly
+    every masked pass of a real run is a new shape, while a benchmark that warms up at the
+    measured length hides it. The memory-efficient kernel takes the same masks with nothing
+    built per shape (``benchmarks/load_profile.py`` shows which kernel a step runs)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    if not _NO_CUDNN_ATTENTION:
+        from torch.nn.attention import SDPBackend
+
+        _NO_CUDNN_ATTENTION.append([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel(_NO_CUDNN_ATTENTION[0])
+
+
+def with_attention_backends(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run an engine's pass (``self.device``) under ``attention_backends``: once a pass, not a layer."""
+
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with attention_backends(self.device):
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 @dataclass
@@ -471,6 +506,7 @@ class Engine:
 
     # -- the pass ---------------------------------------------------------------------------
     @torch.no_grad()
+    @with_attention_backends
     def forward(
         self,
         input_ids: torch.Tensor | Sequence[int],
