@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: on a CUDA machine, in about ten minutes, everything that needs a GPU.
+# The GPU check: on a CUDA machine, everything that needs a GPU. Each step runs under its own time
+# limit (about 20 minutes in all); name the steps that fit a shorter lease, e.g. `load tests`.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR [STEP...]     (STEP: tests engine methods memory roofline load;
 #                                                     default all, in this order)
