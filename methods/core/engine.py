@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from methods.core.kv_cache import KVCache
 
@@ -59,7 +60,7 @@ class Injection:
     make: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-_NO_CUDNN_ATTENTION: list[Any] = []
+NO_CUDNN_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def attention_backends(device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -71,15 +72,7 @@ def attention_backends(device: torch.device) -> contextlib.AbstractContextManage
     every masked pass of a real run is a new shape, while a benchmark that warms up at the
     measured length hides it. The memory-efficient kernel takes the same masks with nothing
     built per shape (``benchmarks/load_profile.py`` shows which kernel a step runs)."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    if not _NO_CUDNN_ATTENTION:
-        from torch.nn.attention import SDPBackend
-
-        _NO_CUDNN_ATTENTION.append([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-    from torch.nn.attention import sdpa_kernel
-
-    return sdpa_kernel(_NO_CUDNN_ATTENTION[0])
+    return sdpa_kernel(NO_CUDNN_ATTENTION) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def with_attention_backends(method: Callable[..., Any]) -> Callable[..., Any]:

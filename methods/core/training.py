@@ -183,6 +183,14 @@ def lr_at(step: int, total: int, base: float, warmup: int, schedule: str = "cosi
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a temporary file, so an interrupted write never leaves a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
 @torch.no_grad()
 def cached_features(model: Any, data: list[dict[str, Any]], layers: Sequence[int], cache_key: str,
                     cache_dir: Path, batch_size: int = 8, chunk_batches: int = 16) -> list[dict[int, torch.Tensor]]:
@@ -203,12 +211,6 @@ def cached_features(model: Any, data: list[dict[str, Any]], layers: Sequence[int
     def part_of(layer: int, chunk: int) -> Path:
         whole = path_of(layer)
         return whole.with_name(f"{whole.stem}.b{batch_size}x{chunk_batches}.part{chunk:05d}.pt")
-
-    def save(obj: Any, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(obj, tmp)
-        tmp.replace(path)
 
     missing = [layer for layer in layers if not path_of(layer).is_file()]
     if missing:
@@ -242,14 +244,14 @@ def cached_features(model: Any, data: list[dict[str, Any]], layers: Sequence[int
                             fresh[layer][i] = out.hidden_states[layer][row, :n].to("cpu", torch.bfloat16).clone()
                     progress.update(1)
                 for layer in missing:
-                    save(fresh[layer], part_of(layer, c))
+                    _atomic_save(fresh[layer], part_of(layer, c))
         progress.close()
         for layer in missing:
             whole: list[torch.Tensor | None] = [None] * len(data)
             for c in range(len(chunks)):
                 for i, tensor in torch.load(part_of(layer, c)).items():
                     whole[i] = tensor
-            save(whole, path_of(layer))
+            _atomic_save(whole, path_of(layer))
             for c in range(len(chunks)):
                 part_of(layer, c).unlink()
     else:
@@ -274,9 +276,7 @@ class Checkpointer:
             return None
 
     def save(self, state: dict[str, Any]) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.path)
+        _atomic_save(state, self.path)
 
 
 def prepare_out(out: str) -> Path:
