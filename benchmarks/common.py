@@ -4,6 +4,9 @@ shape, for machines without the default model's file) and prompts as token ids."
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,6 +45,40 @@ def load_bench_model(name: str, device: str, dtype: str) -> tuple[Any, Any]:
     from harness.models import load_model
 
     return load_model(name, device=device, dtype=dtype)
+
+
+def random_weights(model: Any, folder: Path) -> dict[str, dict[str, str]]:
+    """Option overrides giving every trained method weights for a randomly initialised model:
+    Medusa heads zero-initialised, FIRP maps identity, self_spec a fixed skip set."""
+    from safetensors.torch import save_file
+
+    from methods.firp import FirpMaps
+    from methods.medusa import MedusaHeads
+
+    cfg = model.config
+    heads = MedusaHeads(cfg.hidden_size, cfg.vocab_size, 3, "shared")
+    (folder / "medusa").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in heads.upstream_state_dict().items()}, str(folder / "medusa" / "heads.safetensors"))
+    (folder / "medusa" / "config.json").write_text(json.dumps({"default_tree": "4x2x1"}))
+    layer = cfg.num_hidden_layers // 3
+    maps = FirpMaps(cfg.hidden_size, [layer] * 3)
+    (folder / "firp").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in maps.state_dict().items()}, str(folder / "firp" / "firp.safetensors"))
+    (folder / "firp" / "config.json").write_text(json.dumps({**maps.config(), "default_tree": "3x2x1"}))
+    n = cfg.num_hidden_layers
+    skip = {"attention": [], "mlp": [i for i in range(n // 2, n - 1) if i % 2 == 0]}
+    return {"medusa": {"heads": str(folder / "medusa")}, "firp": {"weights": str(folder / "firp")},
+            "self_spec": {"skip": json.dumps(skip)}}
+
+
+def method_options(model: Any, tokenizer: Any, model_arg: str) -> tuple[dict[str, dict[str, str]], str]:
+    """(option overrides per method, the model name decoders look their shipped weights up by).
+
+    A real model gets no overrides and its own name. A random one (no tokenizer) gets random
+    weights in a temporary folder and no name, so no method loads weights trained for another model."""
+    if tokenizer is not None:
+        return {}, model_arg
+    return random_weights(model, Path(tempfile.mkdtemp())), ""
 
 
 def prompt_ids(tokenizer: Any, count: int, vocab: int, length: int = 120) -> list[list[int]]:

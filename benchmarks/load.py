@@ -28,11 +28,9 @@ import math
 import platform
 import statistics
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
-from common import add_model_args, load_bench_model, prompt_ids
+from common import add_model_args, load_bench_model, method_options, prompt_ids
 
 from methods.core.batch import Request, serve
 from methods.core.decoder import GenConfig
@@ -88,11 +86,7 @@ def main() -> None:
 
     model, tok = load_bench_model(args.model, args.device, args.dtype)
     engine = Engine(model)
-    overrides, model_name = {}, args.model
-    if tok is None:
-        from methods_speed import random_weights
-
-        overrides, model_name = random_weights(model, Path(tempfile.mkdtemp())), ""
+    overrides, model_name = method_options(model, tok, args.model)
     names = args.methods.split(",")
     if "vanilla" not in names:
         names.insert(0, "vanilla")

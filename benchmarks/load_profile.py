@@ -16,7 +16,7 @@ import argparse
 import statistics
 
 import torch
-from common import add_model_args, load_bench_model, prompt_ids
+from common import add_model_args, load_bench_model, method_options, prompt_ids
 from torch.profiler import ProfilerActivity, profile
 
 from methods.core.batch import Request, serve
@@ -36,14 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     model, tok = load_bench_model(args.model, args.device, args.dtype)
     engine = Engine(model)
-    overrides, model_name = {}, args.model
-    if tok is None:
-        import tempfile
-        from pathlib import Path
-
-        from methods_speed import random_weights
-
-        overrides, model_name = random_weights(model, Path(tempfile.mkdtemp())), ""
+    overrides, model_name = method_options(model, tok, args.model)
     decoder = get_spec(args.method).decoder(engine, model_name=model_name, **overrides.get(args.method, {}))
     cuda = engine.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

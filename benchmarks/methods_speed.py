@@ -11,40 +11,15 @@ are used.
 from __future__ import annotations
 
 import argparse
-import json
-import tempfile
 import time
-from pathlib import Path
 
 import torch
-from common import add_model_args, load_bench_model, prompt_ids, sync
-from safetensors.torch import save_file
+from common import add_model_args, load_bench_model, method_options, prompt_ids, sync
 
 from methods.core.engine import Engine
 from methods.registry import get_spec
 
 METHODS = ("vanilla", "pld", "lookahead", "medusa", "firp", "self_spec")
-
-
-def random_weights(model, folder: Path) -> dict[str, dict[str, str]]:
-    """Option overrides giving every trained method weights for a randomly initialised model."""
-    from methods.firp import FirpMaps
-    from methods.medusa import MedusaHeads
-
-    cfg = model.config
-    heads = MedusaHeads(cfg.hidden_size, cfg.vocab_size, 3, "shared")
-    (folder / "medusa").mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in heads.upstream_state_dict().items()}, str(folder / "medusa" / "heads.safetensors"))
-    (folder / "medusa" / "config.json").write_text(json.dumps({"default_tree": "4x2x1"}))
-    layer = cfg.num_hidden_layers // 3
-    maps = FirpMaps(cfg.hidden_size, [layer] * 3)
-    (folder / "firp").mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in maps.state_dict().items()}, str(folder / "firp" / "firp.safetensors"))
-    (folder / "firp" / "config.json").write_text(json.dumps({**maps.config(), "default_tree": "3x2x1"}))
-    n = cfg.num_hidden_layers
-    skip = {"attention": [], "mlp": [i for i in range(n // 2, n - 1) if i % 2 == 0]}
-    return {"medusa": {"heads": str(folder / "medusa")}, "firp": {"weights": str(folder / "firp")},
-            "self_spec": {"skip": json.dumps(skip)}}
 
 
 def main() -> None:
@@ -58,8 +33,7 @@ def main() -> None:
     model, tok = load_bench_model(args.model, args.device, args.dtype)
     device = model.device
     engine = Engine(model)
-    overrides = random_weights(model, Path(tempfile.mkdtemp())) if tok is None else {}
-    model_name = args.model if tok is not None else ""
+    overrides, model_name = method_options(model, tok, args.model)
     decoders = {}
     for name in args.methods.split(","):
         spec = get_spec(name)
