@@ -244,3 +244,26 @@ def test_firp_ridge_init_recovers_a_linear_future(kind):
     assert torch.allclose(step1, h[t + 1], atol=1e-3)
     step2 = maps.make(1, step1 if kind != "anchor" else h[t], h[t])
     assert torch.allclose(step2, h[t + 2], atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["medusa", "sps", "eagle"])
+def test_validation_takes_the_targets_greedy_tokens_once(tmp_path, tiny_data, toolkit, monkeypatch, method):
+    """The held-out sequences' greedy tokens depend only on the frozen features, so a run computes
+    them once per sequence (an LM-head pass each), not at every validation."""
+    import importlib
+
+    trainer = importlib.import_module(f"methods.{method}.train")
+    calls = []
+    original = trainer.target_greedy
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(trainer, "target_greedy", counted)
+    opts = {"medusa": {"heads": 2}, "sps": {"layers": 1}, "eagle": {}}[method]
+    cfg = TrainConfig(method=method, out=str(tmp_path / method), options=opts, max_steps=4, eval_every=2,
+                      val_fraction=0.25, batch_sequences=4)
+    meta = trainer.train(cfg, tiny_model("llama"), None, tiny_data, f"tiny-{method}", toolkit)
+    assert len(meta["val_curve"]) == 3  # steps 0, 2 and 4, then the final figures
+    assert len(calls) == meta["val_sequences"] == 3

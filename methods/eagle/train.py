@@ -90,18 +90,14 @@ def unroll(head: EagleHead, model: Any, ids: torch.Tensor, feats: torch.Tensor, 
 
 
 def eagle_loss(head: EagleHead, model: Any, ids: torch.Tensor, feats: torch.Tensor, start: int, steps: int,
-               noise: float, rng: torch.Generator | None,
-               need_stats: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+               noise: float, rng: torch.Generator | None) -> torch.Tensor:
     """Summed level losses over anchors t >= ``start`` (the answer); ``feats`` [T, d] are the real features."""
     T = ids.shape[0]
     preds = unroll(head, model, ids, feats, start, steps, noise, rng)
     M = T - 1 - start
     with torch.no_grad():
         teacher = F.log_softmax(model.lm_head(feats[start + 1:]).float(), dim=-1)  # position p at row p-start-1
-        want = teacher.argmax(-1)
     loss = feats.new_zeros((), dtype=torch.float32)
-    correct = torch.zeros((M, steps), dtype=torch.bool, device=ids.device)
-    stats: dict[str, Any] = {}
     for j, pred in enumerate(preds, start=1):
         valid = M - (j - 1)  # anchors whose target feature t+j exists
         if valid <= 0:
@@ -111,35 +107,66 @@ def eagle_loss(head: EagleHead, model: Any, ids: torch.Tensor, feats: torch.Tens
         regression = F.smooth_l1_loss(pred.float(), target.float())
         classification = F.kl_div(log_q, teacher[j - 1:j - 1 + valid], log_target=True, reduction="batchmean")
         loss = loss + STEP_DECAY ** (j - 1) * (REGRESSION_WEIGHT * regression + CLASSIFICATION_WEIGHT * classification)
-        if need_stats:
-            with torch.no_grad():
-                top3 = log_q.topk(3, dim=-1).indices
-                hit = top3[:, 0] == want[j - 1:j - 1 + valid]
-                correct[:valid, j - 1] = hit
-                if j == 1:
-                    stats = {"n": int(valid), "top1": float(hit.sum()), "regression": float(regression),
-                             "top3": float((top3 == want[:valid, None]).any(-1).sum())}
-    if need_stats:
-        full = max(0, M - (steps - 1))  # anchors with every level's target inside the sequence
-        stats["chain"] = (1 + correct[:full].long().cumprod(dim=1).sum(dim=1)).float()
-        stats["level_top1"] = correct[:full].float().sum(0)
-    return loss, stats
+    return loss
 
 
 @torch.no_grad()
-def evaluate(head: EagleHead, model: Any, data: list[dict[str, Any]], feats: list, steps: int) -> dict[str, Any]:
-    """Depth-1 accuracy and the unrolled chain's accepted length against the model's own greedy tokens."""
+def target_greedy(model: Any, feats: torch.Tensor, start: int) -> torch.Tensor:
+    """The model's greedy tokens after positions start+1..T-1 (row p-start-1 for position p). They
+    depend only on the frozen features, so validation computes them once, not every time it runs."""
+    return F.log_softmax(model.lm_head(feats[start + 1:]).float(), dim=-1).argmax(-1)
+
+
+@torch.no_grad()
+def chain_stats(head: EagleHead, model: Any, ids: torch.Tensor, feats: torch.Tensor, start: int, steps: int,
+                want: torch.Tensor) -> dict[str, Any]:
+    """The unroll without noise against ``want`` (``target_greedy``): level 1's top-1 and top-3
+    hits and feature regression, and the greedy chain's accepted length at every anchor whose
+    levels all have targets."""
+    T = ids.shape[0]
+    preds = unroll(head, model, ids, feats, start, steps)
+    M = T - 1 - start
+    correct = torch.zeros((M, steps), dtype=torch.bool, device=ids.device)
+    stats: dict[str, Any] = {}
+    for j, pred in enumerate(preds, start=1):
+        valid = M - (j - 1)
+        if valid <= 0:
+            break
+        pred = pred[:valid]
+        top3 = F.log_softmax(model.lm_head(pred).float(), dim=-1).topk(3, dim=-1).indices
+        hit = top3[:, 0] == want[j - 1:j - 1 + valid]
+        correct[:valid, j - 1] = hit
+        if j == 1:
+            regression = F.smooth_l1_loss(pred.float(), feats[start + 1:start + 1 + valid].float())
+            stats = {"n": int(valid), "top1": float(hit.sum()), "regression": float(regression),
+                     "top3": float((top3 == want[:valid, None]).any(-1).sum())}
+    full = max(0, M - (steps - 1))  # anchors with every level's target inside the sequence
+    stats["chain"] = (1 + correct[:full].long().cumprod(dim=1).sum(dim=1)).float()
+    stats["level_top1"] = correct[:full].float().sum(0)
+    return stats
+
+
+def _answer_start(item: dict[str, Any]) -> int:
+    return max(0, item["prompt_len"] - 1)
+
+
+@torch.no_grad()
+def evaluate(head: EagleHead, model: Any, data: list[dict[str, Any]], feats: list, steps: int,
+             wants: list[torch.Tensor | None] | None = None) -> dict[str, Any]:
+    """Depth-1 accuracy and the unrolled chain's accepted length against the model's own greedy
+    tokens (``wants``: each sequence's ``target_greedy``, when the caller keeps them)."""
     device = model.device
     agg = {"n": 0, "top1": 0.0, "top3": 0.0, "regression": 0.0}
     chains, level_hits = [], torch.zeros(steps)
-    for item, feat in zip(data, feats):
-        start = max(0, item["prompt_len"] - 1)
+    for j, (item, feat) in enumerate(zip(data, feats)):
+        start = _answer_start(item)
         ids = torch.tensor(item["ids"], device=device)
         if len(ids) - 1 <= start:
             continue
+        hidden = feat[-1].to(device).float()
         with autocast(device):
-            _, s = eagle_loss(head, model, ids, feat[-1].to(device).float(), start, steps, 0.0, None,
-                              need_stats=True)
+            want = wants[j] if wants is not None else target_greedy(model, hidden, start)
+            s = chain_stats(head, model, ids, hidden, start, steps, want)
         for k in ("n", "top1", "top3"):
             agg[k] += s[k]
         agg["regression"] += s["regression"] * s["n"]
@@ -167,18 +194,21 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
     ids = [torch.tensor(d["ids"]) for d in data]
 
     def loss_of(i: int, rng: random.Random) -> torch.Tensor | None:
-        start = max(0, data[i]["prompt_len"] - 1)
+        start = _answer_start(data[i])
         if len(ids[i]) - 1 <= start:
             return None
         gen = torch.Generator(device=device).manual_seed(rng.randrange(2**31))
         with autocast(device):
             return eagle_loss(head, model, ids[i].to(device), feats[i][-1].to(device).float(), start, steps,
-                              noise, gen)[0]
+                              noise, gen)
 
     val_data, val_feats = [data[i] for i in val_idx], [feats[i] for i in val_idx]
+    with autocast(device):
+        wants = [target_greedy(model, f[-1].to(device).float(), _answer_start(d))
+                 if len(d["ids"]) - 1 > _answer_start(d) else None for d, f in zip(val_data, val_feats)]
     log = optimise(config, head, train_idx, loss_of, out, "training the EAGLE head",
-                   lambda: evaluate(head, model, val_data, val_feats, steps)["chain"]["accepted_length"])
-    val = evaluate(head, model, val_data, val_feats, steps)
+                   lambda: evaluate(head, model, val_data, val_feats, steps, wants)["chain"]["accepted_length"])
+    val = evaluate(head, model, val_data, val_feats, steps, wants)
     acc = val["depth1"]
     print(f"  depth 1: top-1 {acc['top1']:.1%}  top-3 {acc['top3']:.1%}  ({acc['positions']} val positions); "
           f"{steps}-level chain accepted length {val['chain']['accepted_length']:.3f}, per level top-1 "

@@ -23,20 +23,29 @@ from methods.core.training import (Toolkit, TrainConfig, autocast, cached_featur
 from methods.sps.decoder import LAYERS_FILE, init_from_target, layers_only_draft, load_own_state, own_state
 
 
-def draft_loss(draft: nn.Module, model: Any, ids: torch.Tensor, final: torch.Tensor, start: int,
-               need_stats: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+def draft_loss(draft: nn.Module, model: Any, ids: torch.Tensor, final: torch.Tensor, start: int) -> torch.Tensor:
     """KL(target || draft) for the tokens after positions ``start``..T-2."""
-    hidden = draft.model(input_ids=ids[None]).last_hidden_state[0, start:-1]
-    log_q = F.log_softmax(draft.lm_head(hidden).float(), dim=-1)
+    log_q = F.log_softmax(_draft_logits(draft, ids, start).float(), dim=-1)
     with torch.no_grad():
         teacher = F.log_softmax(model.lm_head(final[start:-1]).float(), dim=-1)
-    loss = F.kl_div(log_q, teacher, log_target=True, reduction="batchmean")
-    stats = {}
-    if need_stats:
-        with torch.no_grad():
-            agree = log_q.argmax(-1) == teacher.argmax(-1)
-            stats = {"n": int(teacher.shape[0]), "top1": float(agree.sum()), "agree": agree}
-    return loss, stats
+    return F.kl_div(log_q, teacher, log_target=True, reduction="batchmean")
+
+
+def _draft_logits(draft: nn.Module, ids: torch.Tensor, start: int) -> torch.Tensor:
+    return draft.lm_head(draft.model(input_ids=ids[None]).last_hidden_state[0, start:-1])
+
+
+@torch.no_grad()
+def target_greedy(model: Any, final: torch.Tensor, start: int) -> torch.Tensor:
+    """The target's greedy tokens after positions ``start``..T-2. They depend only on the frozen
+    features, so validation computes them once instead of an LM-head pass per sequence each time."""
+    return F.log_softmax(model.lm_head(final[start:-1]).float(), dim=-1).argmax(-1)
+
+
+@torch.no_grad()
+def draft_agreement(draft: nn.Module, ids: torch.Tensor, start: int, want: torch.Tensor) -> torch.Tensor:
+    """Where the draft's greedy token is the target's (``want``, from ``target_greedy``)."""
+    return F.log_softmax(_draft_logits(draft, ids, start).float(), dim=-1).argmax(-1) == want
 
 
 def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, Any]], data_key: str,
@@ -60,21 +69,23 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
         if len(ids[i]) - 1 <= start:
             return None
         with autocast(device):
-            return draft_loss(draft, model, ids[i].to(device), feats[i][-1].to(device).float(), start)[0]
+            return draft_loss(draft, model, ids[i].to(device), feats[i][-1].to(device).float(), start)
 
     gamma = int(config.options.get("gamma", 4))
+
+    val_items = [i for i in val_idx if len(ids[i]) - 1 > max(0, data[i]["prompt_len"] - 1)]
+    with autocast(device):
+        wants = {i: target_greedy(model, feats[i][-1].to(device).float(), max(0, data[i]["prompt_len"] - 1))
+                 for i in val_items}
 
     def validation() -> dict[str, float]:
         n = top1 = 0.0
         lengths = []
-        for i in val_idx:
-            start = max(0, data[i]["prompt_len"] - 1)
-            if len(ids[i]) - 1 <= start:
-                continue
+        for i in val_items:
             with autocast(device):
-                _, s = draft_loss(draft, model, ids[i].to(device), feats[i][-1].to(device).float(), start, True)
-            n, top1 = n + s["n"], top1 + s["top1"]
-            lengths.append(chain_accepted_length(s["agree"].cpu(), gamma).float())
+                agree = draft_agreement(draft, ids[i].to(device), max(0, data[i]["prompt_len"] - 1), wants[i])
+            n, top1 = n + agree.numel(), top1 + float(agree.sum())
+            lengths.append(chain_accepted_length(agree.cpu(), gamma).float())
         return {"top1_agreement": top1 / max(1.0, n), "positions": int(n),
                 f"chain_accepted_length_gamma{gamma}": float(torch.cat(lengths).mean()) if lengths else 1.0}
 
