@@ -63,27 +63,26 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, data: list[dict[str, 
     trainable.requires_grad_(True)
     train_idx, val_idx = split_train_val(list(range(len(data))), config.val_fraction, config.seed)
     ids = [torch.tensor(d["ids"]) for d in data]
+    starts = [max(0, d["prompt_len"] - 1) for d in data]  # the last prompt position: the answer's first target
 
     def loss_of(i: int, rng: random.Random) -> torch.Tensor | None:
-        start = max(0, data[i]["prompt_len"] - 1)
-        if len(ids[i]) - 1 <= start:
+        if len(ids[i]) - 1 <= starts[i]:
             return None
         with autocast(device):
-            return draft_loss(draft, model, ids[i].to(device), feats[i][-1].to(device).float(), start)
+            return draft_loss(draft, model, ids[i].to(device), feats[i][-1].to(device).float(), starts[i])
 
     gamma = int(config.options.get("gamma", 4))
 
-    val_items = [i for i in val_idx if len(ids[i]) - 1 > max(0, data[i]["prompt_len"] - 1)]
+    val_items = [i for i in val_idx if len(ids[i]) - 1 > starts[i]]
     with autocast(device):
-        wants = {i: target_greedy(model, feats[i][-1].to(device).float(), max(0, data[i]["prompt_len"] - 1))
-                 for i in val_items}
+        wants = {i: target_greedy(model, feats[i][-1].to(device).float(), starts[i]) for i in val_items}
 
     def validation() -> dict[str, float]:
         n = top1 = 0.0
         lengths = []
         for i in val_items:
             with autocast(device):
-                agree = draft_agreement(draft, ids[i].to(device), max(0, data[i]["prompt_len"] - 1), wants[i])
+                agree = draft_agreement(draft, ids[i].to(device), starts[i], wants[i])
             n, top1 = n + agree.numel(), top1 + float(agree.sum())
             lengths.append(chain_accepted_length(agree.cpu(), gamma).float())
         return {"top1_agreement": top1 / max(1.0, n), "positions": int(n),
