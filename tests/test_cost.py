@@ -69,6 +69,21 @@ def test_a_curve_measured_beside_other_work_is_not_cached(tmp_path, monkeypatch,
     cost._MEMO.clear()
 
 
+def test_a_torn_or_misshapen_kept_curve_is_measured_again(tmp_path, monkeypatch):
+    import methods.core.cost as cost
+
+    engine = Engine(tiny_model("llama"))
+    monkeypatch.setattr(cost, "measure", lambda *a, **k: CostCurve((1, 2), (1.0, 1.3), 5.0, load=0.0))
+    path = cost.measurement_path(tmp_path, "cost", cost.hardware_key(engine, "tiny-torn"))
+    path.parent.mkdir(parents=True)
+    for kept in ('{"sizes": [1, 2], "rat', "[1, 2]", '{"sizes": [1, 2]}'):  # torn; a list; a key missing
+        path.write_text(kept)
+        cost._MEMO.clear()
+        assert cost_curve(engine, "tiny-torn", tmp_path)(2) == 1.3
+        assert json.loads(path.read_text())["ratios"] == [1.0, 1.3]  # replaced by the fresh measurement
+    cost._MEMO.clear()
+
+
 def test_other_load_sees_a_busy_neighbour_but_not_this_process():
     import os
     import subprocess

@@ -346,14 +346,14 @@ def _cost_curve(engine: Any, model_name: str, cache_dir: Path | None, batch: int
     key = hardware_key(engine, model_name) + (f"|batch={batch}" if batch > 1 else "")
     if key in _MEMO:
         return _MEMO[key]
-    path = None
-    if cache_dir is not None:
-        path = Path(cache_dir) / "cost" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
+    path = measurement_path(cache_dir, "cost", key)
+    stored = read_measurement(path)
+    if stored is not None:
         try:
-            curve = CostCurve.from_dict(json.loads(path.read_text(encoding="utf-8")), key)
+            curve = CostCurve.from_dict(stored, key)
             _MEMO[key] = curve
             return curve
-        except (OSError, ValueError, KeyError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             pass
     curve = measure(engine) if batch == 1 else measure_batched(engine, batch)
     curve = dataclasses.replace(curve, key=key)
@@ -361,15 +361,41 @@ def _cost_curve(engine: Any, model_name: str, cache_dir: Path | None, batch: int
     if loaded(curve):
         print(f"warning: other processes kept {curve.load:.0%} of the cores busy while the verify-cost "
               "curve was measured; using it for this run only, not caching it", file=sys.stderr)
-    elif path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(curve.as_dict()), encoding="utf-8")
-            tmp.replace(path)
-        except OSError:
-            pass  # an unwritable cache only costs a re-measurement next time
+    else:
+        store_measurement(path, curve.as_dict())
     return curve
+
+
+def measurement_path(cache_dir: Path | None, kind: str, key: str) -> Path | None:
+    """Where a measurement of this machine is kept between runs: ``cache_dir/<kind>/<hash of key>.json``,
+    the key naming everything the figure depends on (machine, model, dtype, threads)."""
+    if cache_dir is None:
+        return None
+    return Path(cache_dir) / kind / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
+
+
+def read_measurement(path: Path | None) -> Any:
+    """A kept measurement's JSON, or None where there is none or it is unreadable: measured afresh."""
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def store_measurement(path: Path | None, payload: Any) -> None:
+    """Keep a measurement, replaced atomically so a concurrent run never reads half a file; an
+    unwritable cache only costs a re-measurement next time."""
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload), encoding="utf-8")
+        tmp.replace(path)
+    except OSError:
+        pass
 
 
 PassCost = Callable[[list[list[int]], CostCurve], float]

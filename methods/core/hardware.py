@@ -14,7 +14,6 @@ bandwidth in every manifest, ``benchmarks/roofline.py`` prints the limit beside 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -27,7 +26,7 @@ from typing import Any
 
 import torch
 
-from methods.core.cost import LOADED_SHARE, OtherLoad
+from methods.core.cost import LOADED_SHARE, OtherLoad, measurement_path, read_measurement, store_measurement
 
 # the vector units that decide which kernels (and so which dtype) are fast, weakest first,
 # with the /proc/cpuinfo flags that announce each
@@ -176,29 +175,23 @@ def read_bandwidth_gbs(device: torch.device | str, *, cache_dir: Path | None) ->
     key = _fingerprint(device)
     if key in _MEMO:
         return _MEMO[key]
-    path = None
-    if cache_dir is not None:
-        path = Path(cache_dir) / "hardware" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
+    path = measurement_path(cache_dir, "hardware", key)
+    stored = read_measurement(path)
+    if stored is not None:
         try:
-            _MEMO[key] = float(json.loads(path.read_text(encoding="utf-8"))["read_gbs"])
+            _MEMO[key] = float(stored["read_gbs"])
             return _MEMO[key]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):
             pass
     found = measure_read_bandwidth(device)
     _MEMO[key] = found.gbs
     if found.load is not None and found.load >= LOADED_SHARE:
         print(f"warning: other processes kept {found.load:.0%} of the cores busy while the read bandwidth was "
               "measured; using it for this run only, not caching it", file=sys.stderr)
-    elif path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"read_gbs": round(found.gbs, 3), "kernel": found.kernel,
-                                       "load": None if found.load is None else round(found.load, 2),
-                                       "machine": json.loads(key)}), encoding="utf-8")
-            tmp.replace(path)
-        except OSError:
-            pass  # an unwritable cache only costs a re-measurement next time
+    else:
+        store_measurement(path, {"read_gbs": round(found.gbs, 3), "kernel": found.kernel,
+                                 "load": None if found.load is None else round(found.load, 2),
+                                 "machine": json.loads(key)})
     return found.gbs
 
 
