@@ -24,6 +24,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,21 @@ def read_run_divergences(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _holder_pid(fd: int, wait_s: float = 1.0) -> str:
+    """The pid the lock's holder wrote, waiting briefly for it.
+
+    A holder writes its pid just after it takes the lock, so a second run that starts at the
+    same moment can find the lock taken and the file still empty; polling for a moment lets the
+    refusal name the process to stop instead of saying "unknown".
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if holder or time.monotonic() >= deadline:
+            return holder or "unknown"
+        time.sleep(0.01)
+
+
 class WriterLock:
     """One writer per results file: an exclusive ``flock`` on ``<results>.lock``, which holds the pid.
 
@@ -202,7 +218,7 @@ class WriterLock:
             if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 os.close(fd)
                 raise
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            holder = _holder_pid(fd)
             os.close(fd)
             results = self.path.name.removesuffix(".lock")
             raise UserError(f"another run (pid {holder}) is writing {self.path.parent / results}; wait for it to "

@@ -7,12 +7,14 @@ model's tokenizer), so the decoding is deterministic and takes seconds.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -156,6 +158,22 @@ def test_a_killed_writers_lock_does_not_block(tmp_path):
     holder.wait()
     assert (tmp_path / "results.jsonl.lock").exists()  # stale file left behind, but it locks nothing
     WriterLock(path).acquire().release()
+
+
+def test_a_refusal_names_a_holder_that_has_locked_but_not_yet_written_its_pid(tmp_path):
+    """The window between a holder's flock and its pid write: the refusal waits for the pid."""
+    path = tmp_path / "results.jsonl"
+    lock_file = tmp_path / "results.jsonl.lock"
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked, file still empty
+    writer = threading.Timer(0.2, lambda: os.pwrite(fd, b"4242\n", 0))
+    writer.start()
+    try:
+        with pytest.raises(UserError, match=r"another run \(pid 4242\) is writing"):
+            WriterLock(path).acquire()
+    finally:
+        writer.join()
+        os.close(fd)
 
 
 def test_two_concurrent_runs_never_duplicate_a_record(tiny_model_dir, tmp_path):
