@@ -61,15 +61,30 @@ def describe_data(training: dict[str, Any]) -> str:
 
 def describe_stop(training: dict[str, Any]) -> str:
     """Why training ended, the step kept, the patience of the plateau rule and the step ceiling
-    where one capped the budget: the same rule for every method shows as the same words."""
-    stop = (f"{training.get('stopped')} (best step {training['best_step']})" if training.get("best_step")
-            else training.get("stopped") or "-")
-    stop += f", patience {training['patience']}" if training.get("patience") and training.get("best_step") else ""
-    if training.get("schedule") == "plateau":  # the rate was held and cut at each stall, not decayed
-        cuts = training.get("lr_cuts") or []
-        stop += (f"; lr held, cut {training.get('lr_factor') or 0.3:g}x at step{'s' if len(cuts) > 1 else ''} "
+    where one capped the budget: the same rule for every method shows as the same words. A file
+    trained in stages (``--init-from``) says each earlier stage's stop after its own."""
+    stop = _stage_stop(training, with_patience=True)
+    for stage in reversed(training.get("earlier") or []):
+        stop += f"; continued from a run of {stage.get('steps', '?')} steps that stopped: {_stage_stop(stage)}"
+    return stop
+
+
+def _stage_stop(stage: dict[str, Any], with_patience: bool = False) -> str:
+    """One training stage's stop, best step, patience, rate cuts and step ceiling."""
+    stop = (f"{stage.get('stopped')} (best step {stage['best_step']})" if stage.get("best_step")
+            else stage.get("stopped") or "-")
+    stop += f", patience {stage['patience']}" if with_patience and stage.get("patience") and stage.get("best_step") else ""
+    if stage.get("schedule") == "plateau":  # the rate was held and cut at each stall, not decayed
+        cuts = stage.get("lr_cuts") or []
+        stop += (f"; lr held, cut {stage.get('lr_factor') or 0.3:g}x at step{'s' if len(cuts) > 1 else ''} "
                  f"{', '.join(map(str, cuts))}" if cuts else "; lr held, never cut")
-    return stop + (f", at most {training['max_steps']} steps" if training.get("max_steps") else "")
+    return stop + (f", at most {stage['max_steps']} steps" if stage.get("max_steps") else "")
+
+
+def _stages_total(training: dict[str, Any], key: str) -> tuple[list[Any], float | None]:
+    """A value (steps, seconds) of every stage, oldest first, and their sum (None if any is unknown)."""
+    values = [stage.get(key) for stage in training.get("earlier") or []] + [training.get(key)]
+    return values, (None if any(v is None for v in values) else float(sum(values)))
 
 
 def training_rows(manifest: dict[str, Any], summary: pd.DataFrame) -> list[dict[str, Any]]:
@@ -89,11 +104,14 @@ def training_rows(manifest: dict[str, Any], summary: pd.DataFrame) -> list[dict[
             "method": label,
             "data": describe_data(t),
             "sequences": t.get("sequences") if t.get("sequences") is not None else "-",
-            "steps": t.get("steps") if t.get("steps") is not None else "-",
-            "lr": f"{t['lr']:g}" if t.get("lr") is not None else "-",
+            "steps": " + ".join("?" if v is None else str(v) for v in _stages_total(t, "steps")[0])
+                     if t.get("steps") is not None else "-",
+            "lr": ", then ".join("?" if v is None else f"{v:g}" for v in _stages_total(t, "lr")[0])
+                  if t.get("lr") is not None else "-",
             "stopped": describe_stop(t),
             "validation": (f"{t['val_best']:.3f} ({t.get('val_metric')})" if t.get("val_best") is not None else "-"),
-            "minutes": f"{t['train_time_s'] / 60:.1f}" if t.get("train_time_s") is not None else "-",
+            "minutes": (f"{_stages_total(t, 'train_time_s')[1] / 60:.1f}"
+                        if _stages_total(t, "train_time_s")[1] is not None else "-"),
             "tree": (f"{choice['draft_size']} nodes, {choice['processed']} processed" if choice else
                      (str(info.get("draft_size", "-")))),
             "predicted": f"{choice['predicted_speedup']:.2f}x" if choice else "-",

@@ -423,6 +423,18 @@ def test_report_says_how_each_method_was_trained_and_what_its_tree_predicted(tmp
     manifest["methods"]["medusa"]["training"] = training_summary(meta)
     (run / "manifest.json").write_text(json.dumps(manifest))
     assert "plateau (best step 300), patience 3; lr held, cut 0.3x at steps 400, 650" in build_report(run).read_text()
+    # a file trained in stages: every stage's steps, rate, stop and minutes, oldest first
+    meta["continued_from"] = {"folder": "runs/medusa-heads-broad", "train_steps": 1700, "best_step": 1700,
+                              "stopped": "budget", "lr_cuts": [1450], "train_time_s": 900.0,
+                              "train_config": {"lr": 0.001, "schedule": "plateau", "max_steps": 1700},
+                              "val_curve": [{"step": 1700, "value": 1.99}]}
+    manifest["methods"]["medusa"]["training"] = training_summary(meta)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    page = build_report(run).read_text()
+    table = page[page.index('id="training-table"'):page.index("</table>", page.index('id="training-table"'))]
+    assert "<td>1700 + 450</td>" in table and "<td>0.001, then 0.0003</td>" in table and "<td>25.0</td>" in table
+    assert ("lr held, cut 0.3x at steps 400, 650, at most 1000 steps; continued from a run of 1700 steps that stopped: budget "
+            "(best step 1700); lr held, cut 0.3x at step 1450, at most 1700 steps") in table
     assert training_summary({"fc.weight": 1}) is None  # a foreign checkpoint's config says nothing
 
 

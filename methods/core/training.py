@@ -103,7 +103,24 @@ def training_summary(meta: dict[str, Any]) -> dict[str, Any] | None:
             "lr": cfg.get("lr"), "patience": cfg.get("patience"), "schedule": cfg.get("schedule", "cosine"),
             "lr_cuts": meta.get("lr_cuts") or [], "lr_factor": cfg.get("lr_factor"),
             "best_step": meta.get("best_step"), "val_metric": meta.get("val_metric"),
-            "val_best": best, "train_time_s": meta.get("train_time_s"), "command": meta.get("command")}
+            "val_best": best, "train_time_s": meta.get("train_time_s"), "command": meta.get("command"),
+            "earlier": earlier_stages(meta.get("continued_from"))}
+
+
+def earlier_stages(record: Any) -> list[dict[str, Any]]:
+    """The runs a continued run started from (``continued_from``, oldest first): each one's steps,
+    stop, best step, schedule and time, so a report row of a file trained in stages says every
+    stage's budget and stop, not only the last one's."""
+    stages: list[dict[str, Any]] = []
+    while isinstance(record, dict):
+        cfg = record.get("train_config") if isinstance(record.get("train_config"), dict) else {}
+        stages.insert(0, {"steps": record.get("train_steps"), "stopped": record.get("stopped"),
+                          "best_step": record.get("best_step"), "schedule": cfg.get("schedule", "cosine"),
+                          "lr": cfg.get("lr"), "lr_factor": cfg.get("lr_factor"), "max_steps": cfg.get("max_steps"),
+                          "lr_cuts": record.get("lr_cuts") or [], "train_time_s": record.get("train_time_s"),
+                          "val_best": max((c["value"] for c in record.get("val_curve") or []), default=None)})
+        record = record.get("continued_from")
+    return stages
 
 
 def training_stages(meta: dict[str, Any], folder: Path, files: Sequence[Path]) -> list[dict[str, Any]]:
@@ -315,7 +332,7 @@ def earlier_run(folder: Path) -> dict[str, Any] | None:
         meta = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    keep = ("command", "train_config", "train_steps", "best_step", "stopped", "val_curve", "train_time_s",
+    keep = ("command", "train_config", "train_steps", "best_step", "stopped", "lr_cuts", "val_curve", "train_time_s",
             "continued_from")
     return {"folder": str(folder), **{k: meta[k] for k in keep if k in meta}}
 
