@@ -54,7 +54,9 @@ def describe_data(training: dict[str, Any]) -> str:
         extra.append(f"+ {training['self_prompts']} self-written")
     if training.get("summary_prompts"):
         extra.append(f"+ {training['summary_prompts']} summary requests")
-    if training.get("init_from"):
+    if training.get("earlier"):  # the stages themselves are in the stopped column
+        extra.append(f"trained in {len(training['earlier']) + 1} stages")
+    elif training.get("init_from"):
         extra.append(f"continued from {training['init_from']}")
     return files + (f" ({'; '.join(extra)})" if extra else "")
 
@@ -71,9 +73,10 @@ def describe_stop(training: dict[str, Any]) -> str:
 
 def _stage_stop(stage: dict[str, Any], with_patience: bool = False) -> str:
     """One training stage's stop, best step, patience, rate cuts and step ceiling."""
-    stop = (f"{stage.get('stopped')} (best step {stage['best_step']})" if stage.get("best_step")
+    best = stage.get("best_step")
+    stop = (f"{stage.get('stopped')} (best step {best}{', its start' if best == 0 else ''})" if best is not None
             else stage.get("stopped") or "-")
-    stop += f", patience {stage['patience']}" if with_patience and stage.get("patience") and stage.get("best_step") else ""
+    stop += f", patience {stage['patience']}" if with_patience and stage.get("patience") and best is not None else ""
     if stage.get("schedule") == "plateau":  # the rate was held and cut at each stall, not decayed
         cuts = stage.get("lr_cuts") or []
         stop += (f"; lr held, cut {stage.get('lr_factor') or 0.3:g}x at step{'s' if len(cuts) > 1 else ''} "

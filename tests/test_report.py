@@ -435,6 +435,12 @@ def test_report_says_how_each_method_was_trained_and_what_its_tree_predicted(tmp
     assert "<td>1700 + 450</td>" in table and "<td>0.001, then 0.0003</td>" in table and "<td>25.0</td>" in table
     assert ("lr held, cut 0.3x at steps 400, 650, at most 1000 steps; continued from a run of 1700 steps that stopped: budget "
             "(best step 1700); lr held, cut 0.3x at step 1450, at most 1700 steps") in table
+    assert "trained in 2 stages" in table and "continued from runs/medusa-heads-broad" not in table
+    # a continuation that never beat its start says so
+    meta.update(best_step=0)
+    manifest["methods"]["medusa"]["training"] = training_summary(meta)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert "plateau (best step 0, its start), patience 3" in build_report(run).read_text()
     assert training_summary({"fc.weight": 1}) is None  # a foreign checkpoint's config says nothing
 
 
