@@ -401,7 +401,7 @@ def test_report_says_how_each_method_was_trained_and_what_its_tree_predicted(tmp
     page = build_report(run).read_text()
     table = page[page.index('id="training-table"'):page.index("</table>", page.index('id="training-table"'))]
     assert "gsm8k/train.jsonl, boolq/dev.jsonl (first 1200 prompts)" in table and "plateau (best step 300), patience 3" in table
-    assert "<td>0.0003</td>" in table  # the peak learning rate, which methods may set apart
+    assert "<td class=\"lr\">0.0003</td>" in table  # the peak learning rate, which methods may set apart
     assert "2.070 (teacher-forced accepted length, best 12-node tree)" in table
     assert "1.61x" in table and "8 nodes, 9 processed" in table
     assert "vanilla" not in table  # untrained methods have no row
@@ -432,7 +432,7 @@ def test_report_says_how_each_method_was_trained_and_what_its_tree_predicted(tmp
     (run / "manifest.json").write_text(json.dumps(manifest))
     page = build_report(run).read_text()
     table = page[page.index('id="training-table"'):page.index("</table>", page.index('id="training-table"'))]
-    assert "<td>1700 + 450</td>" in table and "<td>0.001, then 0.0003</td>" in table and "<td>25.0</td>" in table
+    assert "<td>1700 + 450</td>" in table and "<td class=\"lr\">0.001, then 0.0003</td>" in table and "<td>25.0</td>" in table
     assert ("lr held, cut 0.3x at steps 400, 650, at most 1000 steps; continued from a run of 1700 steps that stopped: budget "
             "(best step 1700); lr held, cut 0.3x at step 1450, at most 1700 steps") in table
     assert "trained in 2 stages" in table and "continued from runs/medusa-heads-broad" not in table
