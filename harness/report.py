@@ -84,10 +84,9 @@ def _stage_stop(stage: dict[str, Any], with_patience: bool = False) -> str:
     return stop + (f", at most {stage['max_steps']} steps" if stage.get("max_steps") else "")
 
 
-def _stages_total(training: dict[str, Any], key: str) -> tuple[list[Any], float | None]:
-    """A value (steps, seconds) of every stage, oldest first, and their sum (None if any is unknown)."""
-    values = [stage.get(key) for stage in training.get("earlier") or []] + [training.get(key)]
-    return values, (None if any(v is None for v in values) else float(sum(values)))
+def _per_stage(training: dict[str, Any], key: str) -> list[Any]:
+    """A value (steps, rate, seconds) of every stage of a file's training, oldest first."""
+    return [stage.get(key) for stage in training.get("earlier") or []] + [training.get(key)]
 
 
 def training_rows(manifest: dict[str, Any], summary: pd.DataFrame) -> list[dict[str, Any]]:
@@ -107,14 +106,13 @@ def training_rows(manifest: dict[str, Any], summary: pd.DataFrame) -> list[dict[
             "method": label,
             "data": describe_data(t),
             "sequences": t.get("sequences") if t.get("sequences") is not None else "-",
-            "steps": " + ".join("?" if v is None else str(v) for v in _stages_total(t, "steps")[0])
+            "steps": " + ".join("?" if v is None else str(v) for v in _per_stage(t, "steps"))
                      if t.get("steps") is not None else "-",
-            "lr": ", then ".join("?" if v is None else f"{v:g}" for v in _stages_total(t, "lr")[0])
+            "lr": ", then ".join("?" if v is None else f"{v:g}" for v in _per_stage(t, "lr"))
                   if t.get("lr") is not None else "-",
             "stopped": describe_stop(t),
             "validation": (f"{t['val_best']:.3f} ({t.get('val_metric')})" if t.get("val_best") is not None else "-"),
-            "minutes": (f"{_stages_total(t, 'train_time_s')[1] / 60:.1f}"
-                        if _stages_total(t, "train_time_s")[1] is not None else "-"),
+            "minutes": (f"{sum(seconds) / 60:.1f}" if None not in (seconds := _per_stage(t, "train_time_s")) else "-"),
             "tree": (f"{choice['draft_size']} nodes, {choice['processed']} processed" if choice else
                      (str(info.get("draft_size", "-")))),
             "predicted": f"{choice['predicted_speedup']:.2f}x" if choice else "-",

@@ -93,32 +93,31 @@ def training_summary(meta: dict[str, Any]) -> dict[str, Any] | None:
     cfg = meta.get("train_config")
     if not isinstance(cfg, dict):
         return None
-    curve = meta.get("val_curve") or []
-    best = max((c["value"] for c in curve), default=None)
     return {"data": [Path(f).parent.name + "/" + Path(f).name for f in cfg.get("data", [])],
             "prompts": cfg.get("limit"), "self_prompts": cfg.get("self_prompts", 0),
             "summary_prompts": cfg.get("summary_prompts", 0), "init_from": cfg.get("init_from"), "answer_tokens": cfg.get("max_new_tokens"),
-            "sequences": meta.get("train_sequences"), "steps": meta.get("train_steps"),
-            "epochs_max": cfg.get("epochs"), "max_steps": cfg.get("max_steps"), "stopped": meta.get("stopped", "budget (fixed epochs)"),
-            "lr": cfg.get("lr"), "patience": cfg.get("patience"), "schedule": cfg.get("schedule", "cosine"),
-            "lr_cuts": meta.get("lr_cuts") or [], "lr_factor": cfg.get("lr_factor"),
-            "best_step": meta.get("best_step"), "val_metric": meta.get("val_metric"),
-            "val_best": best, "train_time_s": meta.get("train_time_s"), "command": meta.get("command"),
+            "sequences": meta.get("train_sequences"), "epochs_max": cfg.get("epochs"), "patience": cfg.get("patience"),
+            "val_metric": meta.get("val_metric"), "command": meta.get("command"), **_stage(meta),
             "earlier": earlier_stages(meta.get("continued_from"))}
 
 
+def _stage(record: dict[str, Any]) -> dict[str, Any]:
+    """One training run's budget, stop, rate schedule, time and best validation, from its record."""
+    cfg = record.get("train_config") if isinstance(record.get("train_config"), dict) else {}
+    return {"steps": record.get("train_steps"), "max_steps": cfg.get("max_steps"),
+            "stopped": record.get("stopped", "budget (fixed epochs)"), "best_step": record.get("best_step"),
+            "lr": cfg.get("lr"), "schedule": cfg.get("schedule", "cosine"), "lr_cuts": record.get("lr_cuts") or [],
+            "lr_factor": cfg.get("lr_factor"), "train_time_s": record.get("train_time_s"),
+            "val_best": max((c["value"] for c in record.get("val_curve") or []), default=None)}
+
+
 def earlier_stages(record: Any) -> list[dict[str, Any]]:
-    """The runs a continued run started from (``continued_from``, oldest first): each one's steps,
-    stop, best step, schedule and time, so a report row of a file trained in stages says every
-    stage's budget and stop, not only the last one's."""
+    """The runs a continued run started from (``continued_from``, oldest first), each as
+    ``_stage`` reads it, so a report row of a file trained in stages says every stage's budget
+    and stop, not only the last one's."""
     stages: list[dict[str, Any]] = []
     while isinstance(record, dict):
-        cfg = record.get("train_config") if isinstance(record.get("train_config"), dict) else {}
-        stages.insert(0, {"steps": record.get("train_steps"), "stopped": record.get("stopped"),
-                          "best_step": record.get("best_step"), "schedule": cfg.get("schedule", "cosine"),
-                          "lr": cfg.get("lr"), "lr_factor": cfg.get("lr_factor"), "max_steps": cfg.get("max_steps"),
-                          "lr_cuts": record.get("lr_cuts") or [], "train_time_s": record.get("train_time_s"),
-                          "val_best": max((c["value"] for c in record.get("val_curve") or []), default=None)})
+        stages.insert(0, _stage(record))
         record = record.get("continued_from")
     return stages
 
